@@ -1,0 +1,24 @@
+# `make demo`: set up .venv if missing, then train the tiny CoLA demo on CPU.
+# `make test`: set up .venv if missing, then run the whole test suite.
+# PYTHON=python3.12 VENV=.venv312 make test runs the suite on another Python.
+PYTHON ?= python3
+VENV ?= .venv
+PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
+CONSTRAINTS := constraints/py$(PYVER).txt
+STAMP := $(VENV)/.installed-$(PYVER)
+
+.PHONY: demo test venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml $(wildcard $(CONSTRAINTS))
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q $(if $(wildcard $(CONSTRAINTS)),-c $(CONSTRAINTS)) -e ".[dev]"
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/python train.py --config configs/tiny.py --workdir runs/tiny
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -n 2 tests

@@ -1,0 +1,83 @@
+"""The config schema, the paper's presets, and validation with one-line errors.
+
+A config is an `ml_collections.ConfigDict` with sections `model`, `data`, `optim` and `train`,
+each owned by its module (`colax.model.defaults()`, ...). Config files under configs/ return
+`preset(kind, size)` with any changes; `--config.a.b=v` overrides work on top of them.
+"""
+
+import jax
+import ml_collections
+
+from colax import data, model, optim, sharding
+from colax.errors import ConfigError
+
+# The paper's model sizes: hidden, intermediate, heads, layers, rank, CoLA peak lr, steps, warmup,
+# only_lr_act. "tiny" is the CPU demo size.
+SIZES = {
+    "tiny": (128, 344, 4, 2, 32, 0.003, 300, 30, False),
+    "60m": (512, 1376, 8, 8, 128, 0.006, 10_000, 2_000, False),
+    "130m": (768, 2048, 12, 12, 256, 0.003, 20_000, 2_000, False),
+    "350m": (1024, 2736, 16, 24, 256, 0.003, 60_000, 6_000, True),
+    "1b": (2048, 5461, 32, 24, 512, 0.002, 100_000, 10_000, True),
+    "7b": (4096, 11008, 32, 32, 1024, 0.001, 150_000, 15_000, True),
+}
+# The reference code ships no full-rank recipe: the usual peak lr for these LLaMA baselines.
+FULL_RANK_LR = 0.001
+
+
+def train_defaults():
+    """The `config.train` section."""
+    return ml_collections.ConfigDict(dict(
+        steps=10_000,           # optimizer steps
+        batch_size=512,         # sequences per optimizer step (global)
+        micro_batch_size=32,    # sequences per device per forward/backward (gradient accumulation)
+        seed=0,
+    ))
+
+
+def defaults():
+    """The full schema with default values: every key a config may set."""
+    return ml_collections.ConfigDict(dict(
+        model=model.defaults(), data=data.defaults(), optim=optim.defaults(), train=train_defaults(),
+        mesh=sharding.defaults()))
+
+
+def preset(kind, size):
+    """The paper's config for `kind` "cola" (low-rank) or "llama" (full-rank) at `size`."""
+    if kind not in ("cola", "llama") or size not in SIZES:
+        raise ConfigError(f"no preset {kind}_{size}: kinds cola, llama; sizes {', '.join(SIZES)}")
+    d, f, heads, n_layers, rank, lr, steps, warmup, only_lr_act = SIZES[size]
+    cfg = defaults()
+    cfg.model.update(projection="cola" if kind == "cola" else "dense", hidden_size=d, intermediate_size=f,
+                     num_heads=heads, num_layers=n_layers, rank=rank,
+                     only_lr_act=only_lr_act and kind == "cola")
+    cfg.optim.update(lr=lr if kind == "cola" else FULL_RANK_LR, warmup_steps=warmup)
+    cfg.train.steps = steps
+    return cfg
+
+
+def check_keys(cfg, schema=None, prefix=""):
+    """Raises ConfigError naming the first key of `cfg` that the schema does not have."""
+    schema = defaults() if schema is None else schema
+    for key, value in cfg.items():
+        name = prefix + key
+        if key not in schema:
+            raise ConfigError(f"unknown config key {name} (known here: {', '.join(schema)})")
+        if isinstance(value, ml_collections.ConfigDict) != isinstance(schema[key], ml_collections.ConfigDict):
+            raise ConfigError(f"config key {name} must {'' if isinstance(schema[key], ml_collections.ConfigDict) else 'not '}be a section")
+        if isinstance(value, ml_collections.ConfigDict):
+            check_keys(value, schema[key], name + ".")
+
+
+def validate(cfg):
+    """Checks the whole config; returns the ModelSpec. Raises ConfigError naming the bad field."""
+    check_keys(cfg)
+    sharding.mesh_shape(cfg.mesh, jax.device_count())
+    spec = model.spec_from_config(cfg.model)
+    data.validate(cfg.data)
+    t = cfg.train
+    for field in ("steps", "batch_size", "micro_batch_size"):
+        if not (isinstance(t[field], int) and t[field] > 0):
+            raise ConfigError(f"train.{field} must be a positive integer, got {t[field]!r}")
+    optim.validate(cfg.optim, t.steps)
+    return spec

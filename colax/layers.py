@@ -1,0 +1,146 @@
+"""LLaMA building blocks: RMSNorm, RoPE, projections (full-rank and CoLA), attention, MLP, block.
+
+Shapes: B batch, T sequence, D hidden size, N heads, H head size (D = N * H), F intermediate size,
+R rank. Activations are in the compute dtype (`cfg.dtype`); parameters in `cfg.param_dtype`.
+
+A projection kind is one class in `PROJECTIONS`: it maps [..., in] -> [..., out], takes
+`(in_features, out_features, rank, cfg, rngs)` and states its forward FLOPs per token. Adding a
+new low-rank method means adding one class here and a config that names it.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+# The seven projections of a decoder block, in the order the paper lists them.
+PROJECTION_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def projection_shapes(d, f):
+    """{name: (in, out)} of the seven projections for hidden size d and intermediate size f."""
+    return {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+
+
+def _normal(std):
+    return nnx.initializers.normal(stddev=std)
+
+
+class Dense(nnx.Module):
+    """Full-rank projection `y = x @ W`, W [in, out] ~ N(0, cfg.init_std), no bias."""
+
+    def __init__(self, in_features, out_features, rank, cfg, *, rngs):
+        del rank
+        self.w = nnx.Param(_normal(cfg.init_std)(rngs.params(), (in_features, out_features), cfg.param_dtype))
+
+    def __call__(self, x):
+        """x: [..., in] compute dtype -> [..., out] same dtype."""
+        return x @ self.w[...].astype(x.dtype)
+
+    @staticmethod
+    def flops_per_token(in_features, out_features, rank):
+        return 2 * in_features * out_features
+
+
+class CoLA(nnx.Module):
+    """CoLA auto-encoder projection `y = silu(x @ A) @ B`, A [in, r], B [r, out], no bias.
+
+    A and B are i.i.d. N(0, std) with std = (r * (in + out)) ** -0.25. The r-wide pre-activation
+    `z = x @ A` and `h = silu(z)` are tagged "cola_z" and "cola_h" for the CoLA-M remat policies.
+    """
+
+    def __init__(self, in_features, out_features, rank, cfg, *, rngs):
+        std = (rank * (in_features + out_features)) ** -0.25
+        self.A = nnx.Param(_normal(std)(rngs.params(), (in_features, rank), cfg.param_dtype))
+        self.B = nnx.Param(_normal(std)(rngs.params(), (rank, out_features), cfg.param_dtype))
+
+    def __call__(self, x):
+        """x: [..., in] compute dtype -> [..., out] same dtype."""
+        z = checkpoint_name(x @ self.A[...].astype(x.dtype), "cola_z")
+        h = checkpoint_name(jax.nn.silu(z), "cola_h")
+        return h @ self.B[...].astype(x.dtype)
+
+    @staticmethod
+    def flops_per_token(in_features, out_features, rank):
+        return 2 * rank * (in_features + out_features)
+
+
+PROJECTIONS = {"dense": Dense, "cola": CoLA}
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm as in Hugging Face LLaMA: normalise in fp32, cast back, scale by the weight."""
+
+    def __init__(self, dim, cfg, *, rngs):
+        del rngs
+        self.eps = cfg.norm_eps
+        self.weight = nnx.Param(jnp.ones((dim,), cfg.param_dtype))
+
+    def __call__(self, x):
+        """x: [..., D] -> [..., D] same dtype."""
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rotate_half(x):
+    """Hugging Face "rotate half": [x1, x2] -> [-x2, x1] over the last axis."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x, positions, theta):
+    """Rotary embedding, HF convention. x: [B, T, N, H]; positions: int32 [B, T]."""
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    x32 = x.astype(jnp.float32)
+    return (x32 * jnp.cos(emb) + rotate_half(x32) * jnp.sin(emb)).astype(x.dtype)
+
+
+def attention(q, k, v, segment_ids, implementation):
+    """Causal multi-head attention. q, k, v: [B, T, N, H]; segment_ids: int32 [B, T] or None.
+
+    With segment ids, a token attends only to earlier tokens of its own segment (packed rows).
+    """
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=True, implementation=implementation or None)
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.)), SwiGLU MLP.
+
+    The block input and the residual after attention are tagged "block_in" and "block_mid".
+    """
+
+    def __init__(self, cfg, *, rngs):
+        d = cfg.hidden_size
+        kind = PROJECTIONS[cfg.projection]
+        for name, (fan_in, fan_out) in projection_shapes(d, cfg.intermediate_size).items():
+            setattr(self, name, kind(fan_in, fan_out, cfg.ranks[name], cfg, rngs=rngs))
+        self.attn_norm = RMSNorm(d, cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(d, cfg, rngs=rngs)
+        self.num_heads = cfg.num_heads
+        self.rope_theta = cfg.rope_theta
+        self.attention_impl = cfg.attention_impl
+        self.only_lr_act = cfg.only_lr_act
+
+    def __call__(self, x, positions, segment_ids):
+        """x: [B, T, D] compute dtype; positions, segment_ids: int32 [B, T] -> [B, T, D]."""
+        x = checkpoint_name(x, "block_in")
+        b, t, d = x.shape
+        heads = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
+        h = self.attn_norm(x)
+        q = apply_rope(heads(self.q(h)), positions, self.rope_theta)
+        k = apply_rope(heads(self.k(h)), positions, self.rope_theta)
+        attn = attention(q, k, heads(self.v(h)), segment_ids, self.attention_impl)
+        x = checkpoint_name(x + self.o(attn.reshape(b, t, d)), "block_mid")
+        h = self.mlp_norm(x)
+        gate = self.gate(h)
+        if not self.only_lr_act:  # with only_lr_act the gate's low-rank SiLU is the only one
+            gate = jax.nn.silu(gate)
+        return x + self.down(gate * self.up(h))

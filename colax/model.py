@@ -1,0 +1,197 @@
+"""The LLaMA decoder (full-rank or CoLA), its config section and its analytic counts.
+
+`Transformer(spec, rngs=...)(tokens) -> logits`: tokens int32 [B, T] -> logits float32 [B, T, V].
+The decoder blocks are stored stacked (every block parameter has a leading [L] axis) and run
+either with `jax.lax.scan` (compile time independent of depth) or unrolled; both use the same
+parameters, so a checkpoint serves either.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from colax import layers, remat
+from colax.errors import ConfigError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def defaults():
+    """The `config.model` section: a small CoLA model (see configs/ for the paper's sizes)."""
+    return ml_collections.ConfigDict(dict(
+        projection="cola",        # a key of colax.layers.PROJECTIONS: "cola" or "dense" (full-rank)
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_heads=8,
+        num_layers=8,
+        rank=128,                 # rank of every low-rank projection ...
+        ranks=ml_collections.ConfigDict({n: 0 for n in layers.PROJECTION_NAMES}),  # ... unless > 0 here
+        only_lr_act=False,        # MLP: down(gate(x) * up(x)) if True else down(silu(gate(x)) * up(x))
+        rope_theta=10000.0,
+        norm_eps=1e-6,
+        init_std=0.02,            # embeddings, lm_head and full-rank projections
+        scan_layers=True,         # lax.scan over blocks (False: unrolled)
+        remat="none",             # a key of colax.remat.POLICIES
+        dtype="bfloat16",         # compute dtype
+        param_dtype="float32",    # "bfloat16" with dtype "bfloat16" is the paper's pure-bf16 mode
+        attention_impl="",        # jax.nn.dot_product_attention implementation: "", "xla", "cudnn"
+    ))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A validated, hashable model config with dtypes resolved and ranks per projection."""
+    projection: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_layers: int
+    ranks: tuple  # ((projection name, rank), ...) in layers.PROJECTION_NAMES order
+    only_lr_act: bool
+    rope_theta: float
+    norm_eps: float
+    init_std: float
+    scan_layers: bool
+    remat: str
+    dtype: object
+    param_dtype: object
+    attention_impl: str
+
+    @property
+    def rank(self):
+        return dict(self.ranks)
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+
+def _require(ok, field, msg, value):
+    if not ok:
+        raise ConfigError(f"model.{field} {msg}, got {value!r}")
+
+
+def spec_from_config(m):
+    """Validates the `config.model` ConfigDict `m` and returns a ModelSpec (ConfigError if bad)."""
+    _require(m.projection in layers.PROJECTIONS, "projection",
+             f"must be one of {sorted(layers.PROJECTIONS)}", m.projection)
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_layers"):
+        _require(isinstance(m[field], int) and m[field] > 0, field, "must be a positive integer", m[field])
+    _require(m.hidden_size % m.num_heads == 0, "num_heads", f"must divide hidden_size={m.hidden_size}",
+             m.num_heads)
+    _require((m.hidden_size // m.num_heads) % 2 == 0, "num_heads",
+             "must leave an even head size for RoPE", m.num_heads)
+    unknown = sorted(set(m.ranks) - set(layers.PROJECTION_NAMES))
+    _require(not unknown, "ranks", f"names unknown projections (known: {', '.join(layers.PROJECTION_NAMES)})",
+             unknown)
+    lowrank = m.projection != "dense"
+    if lowrank:
+        _require(isinstance(m.rank, int) and m.rank > 0, "rank", "must be a positive integer", m.rank)
+        for name in layers.PROJECTION_NAMES:
+            _require(isinstance(m.ranks[name], int) and m.ranks[name] >= 0, f"ranks.{name}",
+                     "must be an integer >= 0 (0: use model.rank)", m.ranks[name])
+    _require(lowrank or not m.only_lr_act, "only_lr_act",
+             "needs a low-rank projection (the full-rank MLP would have no activation)", m.only_lr_act)
+    _require(m.remat in remat.POLICIES, "remat", f"must be one of {sorted(remat.POLICIES)}", m.remat)
+    _require(lowrank or not remat.POLICIES[m.remat].lowrank, "remat",
+             "needs a low-rank projection (the full-rank model takes none or full)", m.remat)
+    for field in ("dtype", "param_dtype"):
+        _require(m[field] in DTYPES, field, f"must be one of {sorted(DTYPES)}", m[field])
+    _require(m.attention_impl in ("", "xla", "cudnn"), "attention_impl", "must be '', 'xla' or 'cudnn'",
+             m.attention_impl)
+    ranks = tuple((n, (m.ranks[n] or m.rank) if lowrank else 0) for n in layers.PROJECTION_NAMES)
+    return ModelSpec(
+        projection=m.projection, vocab_size=m.vocab_size, hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size, num_heads=m.num_heads, num_layers=m.num_layers,
+        ranks=ranks, only_lr_act=bool(m.only_lr_act), rope_theta=float(m.rope_theta),
+        norm_eps=float(m.norm_eps), init_std=float(m.init_std), scan_layers=bool(m.scan_layers),
+        remat=m.remat, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
+        attention_impl=m.attention_impl)
+
+
+class _BlockCfg:
+    """The attributes `layers.Block` reads, with `ranks` as a dict."""
+
+    def __init__(self, spec):
+        self.__dict__.update(dataclasses.asdict(spec))
+        self.ranks = spec.rank
+
+
+class Transformer(nnx.Module):
+    """LLaMA decoder: embed -> L pre-norm blocks -> RMSNorm -> lm_head (untied, full-rank)."""
+
+    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+        self.spec = spec
+        cfg = _BlockCfg(spec)
+        normal = nnx.initializers.normal(stddev=spec.init_std)
+        d, v = spec.hidden_size, spec.vocab_size
+        self.embed = nnx.Param(normal(rngs.params(), (v, d), spec.param_dtype))
+
+        @nnx.split_rngs(splits=spec.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs):
+            return layers.Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = layers.RMSNorm(d, cfg, rngs=rngs)
+        self.lm_head = nnx.Param(normal(rngs.params(), (d, v), spec.param_dtype))
+
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        """tokens: int32 [B, T]; positions, segment_ids: int32 [B, T] or None -> float32 [B, T, V].
+
+        positions default to 0..T-1 per row; segment_ids (packed rows) keep attention inside a
+        document.
+        """
+        spec = self.spec
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        x = self.embed[...].astype(spec.dtype)[tokens]
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(x, block_state):
+            return nnx.merge(graphdef, block_state)(x, positions, segment_ids), None
+
+        body = remat.checkpointed(body, spec.remat)
+        if spec.scan_layers:
+            x, _ = jax.lax.scan(body, x, stacked)
+        else:
+            for i in range(spec.num_layers):
+                x, _ = body(x, jax.tree.map(lambda a: a[i], stacked))
+        x = self.final_norm(x)
+        return (x @ self.lm_head[...].astype(spec.dtype)).astype(jnp.float32)
+
+
+def abstract_model(spec: ModelSpec):
+    """The model with ShapeDtypeStructs for parameters (nothing allocated; fine for 7B)."""
+    return nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(0)))
+
+
+def count_params(spec: ModelSpec):
+    """Parameter counts read off the model: {"total", "lowrank", "embeddings", "projections", "norms"}."""
+    counts = dict(total=0, lowrank=0, embeddings=0, projections=0, norms=0)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(abstract_model(spec)).to_pure_dict()):
+        keys = [getattr(k, "key", None) for k in path]
+        group = ("embeddings" if keys[0] in ("embed", "lm_head") else
+                 "projections" if keys[0] == "blocks" and keys[1] in layers.PROJECTION_NAMES else "norms")
+        counts[group] += leaf.size
+        counts["total"] += leaf.size
+    counts["lowrank"] = counts["projections"] if spec.projection != "dense" else 0
+    return counts
+
+
+def flops_per_token(spec: ModelSpec, seq_len):
+    """Analytic matmul FLOPs per token: {"forward", "train"} (train = 3 x forward).
+
+    Projections and lm_head: 2 FLOPs per weight; attention: QK^T and AV over the full [T, T]
+    score matrix (as XLA computes it), 4 * T * D per layer. Elementwise work is not counted.
+    """
+    kind = layers.PROJECTIONS[spec.projection]
+    shapes = layers.projection_shapes(spec.hidden_size, spec.intermediate_size)
+    proj = sum(kind.flops_per_token(i, o, spec.rank[n]) for n, (i, o) in shapes.items())
+    attn = 4 * seq_len * spec.hidden_size
+    forward = spec.num_layers * (proj + attn) + 2 * spec.hidden_size * spec.vocab_size
+    return dict(forward=forward, train=3 * forward)

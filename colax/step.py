@@ -1,0 +1,50 @@
+"""The loss and the training step: pure functions over `nnx.split` state, for plain `jax.jit`.
+
+A batch is a dict of int32/float32 arrays [B, T]: "inputs", "targets", "loss_mask", and optionally
+"positions" and "segment_ids" (packed rows). The training step takes a stack of micro-batches,
+[A, B, T] each, and accumulates gradients over A before one optimizer update.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def loss_sums(params, graphdef, batch):
+    """Summed token cross-entropy and the number of counted tokens (both float32 scalars)."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return (ce * mask).sum(), mask.sum()
+
+
+def grads(params, graphdef, batches):
+    """Token-weighted mean loss and its gradient over micro-batches stacked on axis 0."""
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def micro(carry, batch):
+        g_sum, loss_sum, count = carry
+        (loss, n), g = grad_fn(params, graphdef, batch)
+        return (jax.tree.map(jnp.add, g_sum, g), loss_sum + loss, count + n), None
+
+    if jax.tree.leaves(batches)[0].shape[0] == 1:  # no accumulation loop to compile
+        (loss_sum, count), g_sum = grad_fn(params, graphdef, jax.tree.map(lambda x: x[0], batches))
+    else:
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (g_sum, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batches)
+    count = jnp.maximum(count, 1.0)
+    return loss_sum / count, jax.tree.map(lambda g: g / count, g_sum)
+
+
+def make_train_step(graphdef, tx):
+    """Returns train_step(params, opt_state, batches) -> (params, opt_state, metrics)."""
+
+    def train_step(params, opt_state, batches):
+        loss, g = grads(params, graphdef, batches)
+        updates, opt_state = tx.update(g, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, dict(loss=loss, grad_norm=optax.global_norm(g))
+
+    return train_step

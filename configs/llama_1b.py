@@ -1,0 +1,7 @@
+"""The paper's 1B full-rank LLaMA baseline: model size and training recipe (see colax.config.SIZES)."""
+
+from colax import config
+
+
+def get_config():
+    return config.preset("llama", "1b")

@@ -1,0 +1,92 @@
+"""Presets, parameter counts and one-line config errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from colax import config, model
+from colax.errors import ConfigError
+
+# The paper's parameter counts (millions, to 0.01M): CoLA and full-rank LLaMA.
+PAPER_PARAMS = {
+    ("cola", "60m"): 42.77, ("cola", "130m"): 94.00, ("cola", "350m"): 185.22,
+    ("cola", "1b"): 609.31, ("cola", "7b"): 2820.94,
+    ("llama", "60m"): 58.07, ("llama", "130m"): 134.11, ("llama", "350m"): 367.97,
+    ("llama", "1b"): 1339.08, ("llama", "7b"): 6738.42,
+}
+
+
+@pytest.mark.parametrize("kind,size", sorted(PAPER_PARAMS))
+def test_parameter_counts_match_paper(kind, size):
+    spec = config.validate(config.preset(kind, size))
+    assert round(model.count_params(spec)["total"] / 1e6, 2) == PAPER_PARAMS[kind, size]
+
+
+def test_count_by_hand_60m():
+    # CoLA 60M: 8 blocks of 4 r(d+d) + 2 r(d+f) + r(f+d), 17 norms of d, two V x d tables.
+    d, f, r, v, layers = 512, 1376, 128, 32000, 8
+    lowrank = layers * (4 * r * 2 * d + 3 * r * (d + f))
+    counts = model.count_params(config.validate(config.preset("cola", "60m")))
+    assert counts["lowrank"] == lowrank
+    assert counts["total"] == lowrank + (2 * layers + 1) * d + 2 * v * d
+
+
+def test_recipe_in_presets():
+    c = config.preset("cola", "1b")
+    assert (c.optim.lr, c.train.steps, c.optim.warmup_steps, c.model.only_lr_act) == (0.002, 100_000, 10_000, True)
+    assert (c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay, c.optim.grad_clip) == (0.9, 0.999, 1e-8, 0.01, 0.5)
+    assert (c.optim.min_lr_ratio, c.train.batch_size, c.data.seq_len) == (0.1, 512, 256)
+    assert config.preset("cola", "60m").model.only_lr_act is False
+    llama = config.preset("llama", "1b")
+    assert (llama.model.projection, llama.optim.lr, llama.train.steps) == ("dense", 0.001, 100_000)
+
+
+def test_config_files_load_their_presets():
+    from ml_collections import config_flags  # noqa: F401  (config files are plain modules)
+    import importlib.util
+    for kind, size in PAPER_PARAMS:
+        spec = importlib.util.spec_from_file_location("c", f"configs/{kind}_{size}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        assert mod.get_config() == config.preset(kind, size)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.model.update(num_heads=7), r"^model\.num_heads must divide hidden_size=512, got 7$"),
+    (lambda c: c.model.update(rank=0), r"^model\.rank must be a positive integer, got 0$"),
+    (lambda c: c.model.update(rank=-3), r"^model\.rank must be a positive integer, got -3$"),
+    (lambda c: c.model.ranks.update(qq=4), r"^unknown config key model\.ranks\.qq \(known here: down, gate, k, o, q, up, v\)$"),
+    (lambda c: c.model.update(projection="lora"), r"^model\.projection must be one of"),
+    (lambda c: c.model.update(remat="sometimes"), r"^model\.remat must be one of"),
+    (lambda c: c.model.update(dtype="float16"), r"^model\.dtype must be one of"),
+    (lambda c: c.train.update(steps=0), r"^train\.steps must be a positive integer, got 0$"),
+    (lambda c: c.optim.update(warmup_steps=20_000), r"^optim\.warmup_steps must be in"),
+    (lambda c: c.model.update(colour="red"), r"^unknown config key model\.colour \(known here: attention_impl, "),
+    (lambda c: c.update(extra=1), r"^unknown config key extra \(known here: data, model, optim, train\)$"),
+])
+def test_bad_configs_fail_with_one_line_naming_the_field(edit, message):
+    c = config.preset("cola", "60m")
+    edit(c)
+    with pytest.raises(ConfigError, match=message) as e:
+        config.validate(c)
+    assert "\n" not in str(e.value)
+
+
+def test_full_rank_rejects_low_rank_only_options():
+    c = config.preset("llama", "60m")
+    c.model.remat = "cola_m"
+    with pytest.raises(ConfigError, match=r"^model\.remat needs a low-rank projection"):
+        config.validate(c)
+    c = config.preset("llama", "60m")
+    c.model.only_lr_act = True
+    with pytest.raises(ConfigError, match=r"^model\.only_lr_act"):
+        config.validate(c)
+
+
+def test_cli_bad_config_is_one_line():
+    out = subprocess.run([sys.executable, "-m", "colax.plan", "--config", "configs/cola_60m.py",
+                          "--config.model.num_heads=7"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "error: model.num_heads must divide hidden_size=512, got 7"
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,61 @@
+"""`colax.plan`: XLA's compiled FLOPs agree with the analytic count; the JSON interface."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from colax import config, model, plan
+
+
+def test_flops_extrapolation_equals_fully_unrolled_count():
+    cfg = config.preset("cola", "tiny")
+    cfg.model.update(num_layers=4)
+    spec = config.validate(cfg)
+    extrapolated = plan.step_flops(spec, cfg, 2, 32)
+    unrolled = plan.unrolled_flops(spec, cfg, 2, 32, 4)
+    # Equal up to how XLA fuses the stacked-parameter slicing (measured: 4e-4 relative).
+    assert extrapolated == pytest.approx(unrolled, rel=1e-3)
+
+
+def test_analytic_flops_by_hand():
+    # Full-rank 60M, T=256: per layer 2*(4 d^2 + 3 d f) + 4 T d, plus the lm_head 2 d V.
+    d, f, v, t, layers = 512, 1376, 32000, 256, 8
+    fwd = layers * (2 * (4 * d * d + 3 * d * f) + 4 * t * d) + 2 * d * v
+    got = model.flops_per_token(config.validate(config.preset("llama", "60m")), t)
+    assert got == dict(forward=fwd, train=3 * fwd)
+
+
+@pytest.mark.parametrize("kind", ["cola", "llama"])
+def test_xla_flops_within_3_percent_of_analytic(kind):
+    cfg = config.preset(kind, "60m")
+    spec = config.validate(cfg)
+    xla_per_token = plan.step_flops(spec, cfg, 2, 256) / (2 * 256)
+    assert xla_per_token == pytest.approx(model.flops_per_token(spec, 256)["train"], rel=0.03)
+
+
+def test_cola_over_full_rank_training_flops_at_1b():
+    ratios = {}
+    for source in ("analytic", "xla"):
+        per_token = {}
+        for kind in ("cola", "llama"):
+            cfg = config.preset(kind, "1b")
+            spec = config.validate(cfg)
+            per_token[kind] = (model.flops_per_token(spec, 256)["train"] if source == "analytic"
+                               else plan.step_flops(spec, cfg, 1, 256) / 256)
+        ratios[source] = per_token["cola"] / per_token["llama"]
+    assert ratios["analytic"] == pytest.approx(0.438, abs=0.0005)
+    assert ratios["xla"] <= 0.45
+
+
+def test_cli_json_has_the_documented_keys():
+    out = subprocess.run([sys.executable, "-m", "colax.plan", "--config", "configs/tiny.py", "--json"],
+                         capture_output=True, text=True, check=True)
+    p = json.loads(out.stdout)
+    assert p["params"] == model.count_params(config.validate(config.preset("cola", "tiny")))["total"]
+    for key in ("lowrank_params", "tokens_per_step", "flops_per_token", "xla_flops_per_step"):
+        assert isinstance(p[key], (int, float)) and p[key] > 0
+    assert set(p["memory"]) >= {"argument_bytes", "output_bytes", "temp_bytes"}
+    # fp32 params and two Adam moments are arguments of the step.
+    assert p["memory"]["argument_bytes"] >= 3 * 4 * p["params"] and p["memory"]["temp_bytes"] > 0
