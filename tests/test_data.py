@@ -1,0 +1,288 @@
+"""Data pipeline tests: batch layout token by token, determinism, splits, hosts, resume, errors."""
+
+import gzip
+import itertools
+import json
+import os
+
+import chex
+import grain
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from colax import data, sources
+from colax.errors import ConfigError, DataError
+
+SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                           "tinyshakespeare", "input.txt")
+
+
+class CharTokenizer:
+    """a -> 3, b -> 4, ...; other characters map into [3, 100). pad 0, eos 1."""
+    vocab_size, pad_id, eos_id, bos_id = 100, 0, 1, -1
+
+    def encode(self, text):
+        return [3 + (ord(c) - ord("a")) % 97 for c in text]
+
+
+def _cfg(**kw):
+    cfg = data.defaults()
+    cfg.update(**kw)
+    return cfg
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A text file of 40 blank-line-separated documents of different lengths."""
+    docs = [f"document {i} " + "word " * (i % 7 * 20) for i in range(40)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(docs))
+    return _cfg(source="text", path=str(path), val_docs=8, seq_len=16)
+
+
+def _take(cfg, n, **kw):
+    kw = dict(split="train", global_batch_size=4, process_index=0, process_count=1) | kw
+    return list(itertools.islice(data.make_pipeline(cfg, CharTokenizer(), **kw), n))
+
+
+def _fixed_docs(monkeypatch, docs):
+    monkeypatch.setattr(sources, "document_dataset", lambda cfg, split: grain.MapDataset.source(docs))
+
+
+def test_paper_mode_truncates_pads_and_masks(monkeypatch):
+    _fixed_docs(monkeypatch, ["abc", "abcdefg"])
+    b = _take(_cfg(seq_len=4, shuffle=False), 1, global_batch_size=2)[0]
+    # "abc" -> 3 4 5 eos pad; "abcdefg" -> first 4 tokens then eos (kept, as the T5 tokenizer does).
+    np.testing.assert_array_equal(b["inputs"], [[3, 4, 5, 1], [3, 4, 5, 6]])
+    np.testing.assert_array_equal(b["targets"], [[4, 5, 1, 0], [4, 5, 6, 1]])
+    np.testing.assert_array_equal(b["loss_mask"], [[1, 1, 1, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 1], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 3], [0, 1, 2, 3]])
+    chex.assert_trees_all_equal_dtypes(b, dict(inputs=np.int32(0), targets=np.int32(0),
+                                               loss_mask=np.float32(0), segment_ids=np.int32(0),
+                                               positions=np.int32(0)))
+
+
+def test_paper_mode_padding_row_is_empty():
+    row = data.empty_example(3)
+    for k in ("inputs", "targets", "loss_mask", "segment_ids"):
+        np.testing.assert_array_equal(row[k], [0, 0, 0])
+
+
+def test_packing_rows_and_masks(monkeypatch):
+    _fixed_docs(monkeypatch, ["abc", "de", "fghij"])
+    rows = [b for b in _take(_cfg(seq_len=4, shuffle=False, packing=True), 3, global_batch_size=1)]
+    # Stream: a b c EOS | d e EOS | f g h i j EOS | a b ... cut into rows of 5 tokens.
+    want = [  # inputs, targets, loss_mask, segment_ids, positions
+        ([3, 4, 5, 1], [4, 5, 1, 6], [1, 1, 1, 0], [1, 1, 1, 1], [0, 1, 2, 3]),
+        ([7, 1, 8, 9], [1, 8, 9, 10], [1, 0, 1, 1], [1, 1, 2, 2], [0, 1, 0, 1]),
+        ([11, 12, 1, 3], [12, 1, 3, 4], [1, 1, 0, 1], [1, 1, 1, 2], [0, 1, 2, 0]),
+    ]
+    for b, w in zip(rows, want):
+        got = tuple(b[k][0].tolist() for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions"))
+        assert got == w
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_same_seed_same_batches_other_seed_differs(corpus, packing):
+    corpus.packing = packing
+    a, b = _take(corpus, 3), _take(corpus, 3)
+    chex.assert_trees_all_equal(a, b)
+    corpus.seed = 1
+    c = _take(corpus, 3)
+    assert not all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, c))
+
+
+def test_train_val_disjoint_and_stable(corpus):
+    docs = sources.read_documents(corpus)
+    train, val = sources.split_documents(docs, 8)
+    assert len(val) == 8 and len(train) == 32
+    assert not set(train) & set(val) and set(train) | set(val) == set(docs)
+    # Independent of file order and of the shuffle seed.
+    assert set(sources.split_documents(docs[::-1], 8)[1]) == set(val)
+    corpus.seed = 7
+    assert list(sources.document_dataset(corpus, "val")) == val
+
+
+def test_val_is_one_padded_pass(corpus):
+    batches = _take(corpus, 100, split="val", global_batch_size=3)
+    assert len(batches) == 3  # 8 documents -> 3 + 3 + 2 and one empty row
+    assert batches[-1]["loss_mask"][2].sum() == 0 and batches[-1]["loss_mask"][1].sum() > 0
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_two_hosts_split_the_global_batch(corpus, split):
+    whole = _take(corpus, 3, split=split)
+    hosts = [_take(corpus, 3, split=split, global_batch_size=4, process_index=p, process_count=2)
+             for p in (0, 1)]
+    for k in range(len(whole)):
+        for key in whole[k]:
+            np.testing.assert_array_equal(
+                np.concatenate([hosts[0][k][key], hosts[1][k][key]]), whole[k][key])
+            assert hosts[0][k][key].shape == (2, 16)
+
+
+def test_two_hosts_pack_disjoint_documents(monkeypatch):
+    _fixed_docs(monkeypatch, ["ab", "cd", "ef", "gh"])
+    cfg = _cfg(seq_len=5, shuffle=False, packing=True)
+    hosts = [_take(cfg, 1, global_batch_size=2, process_index=p, process_count=2)[0] for p in (0, 1)]
+    # Host 0 packs documents 0 and 2, host 1 documents 1 and 3.
+    np.testing.assert_array_equal(hosts[0]["inputs"][0], [3, 4, 1, 7, 8])
+    np.testing.assert_array_equal(hosts[1]["inputs"][0], [5, 6, 1, 9, 10])
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_resume_from_saved_state(corpus, packing):
+    corpus.packing = packing
+    it = data.make_pipeline(corpus, CharTokenizer(), split="train", global_batch_size=4,
+                            process_index=0, process_count=1)
+    for _ in range(2):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(3)]
+    resumed = data.make_pipeline(corpus, CharTokenizer(), split="train", global_batch_size=4,
+                                 process_index=0, process_count=1)
+    resumed.set_state(state)
+    chex.assert_trees_all_equal([next(resumed) for _ in range(3)], expected)
+
+
+def test_epochs_reshuffle_and_end(corpus):
+    batches = _take(corpus, 100, global_batch_size=8, num_epochs=2)
+    assert len(batches) == 8  # 32 training documents x 2 epochs / 8
+    first = np.concatenate([b["inputs"] for b in batches[:4]])
+    second = np.concatenate([b["inputs"] for b in batches[4:]])
+    assert not np.array_equal(first, second)
+    assert sorted(map(bytes, first)) == sorted(map(bytes, second))
+
+
+def test_jsonl_gzip_and_missing_field(tmp_path):
+    path = tmp_path / "docs.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(5)))
+    cfg = _cfg(source="jsonl", path=str(tmp_path / "*.jsonl.gz"), val_docs=1)
+    assert sorted(sources.read_documents(cfg)) == [f"doc {i}" for i in range(5)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: no string field 'text'"):
+        sources.read_documents(_cfg(source="jsonl", path=str(bad)))
+
+
+def test_line_split_and_bad_utf8(tmp_path):
+    (tmp_path / "a.txt").write_text("one\ntwo\n\nthree\n")
+    (tmp_path / "b.txt").write_bytes(b"caf\xe9\n")
+    cfg = _cfg(source="text", path=f"{tmp_path}/a.txt,{tmp_path}/b.txt", doc_split="line")
+    assert sources.read_documents(cfg) == ["one", "two", "three"]
+    cfg.on_bad_utf8 = "fail"
+    with pytest.raises(DataError, match=r"b.txt: not UTF-8 at byte 3"):
+        sources.read_documents(cfg)
+
+
+def test_bad_input_errors(tmp_path):
+    with pytest.raises(DataError, match=r"data.path: no file matches '.*missing.txt'"):
+        sources.read_documents(_cfg(source="text", path=str(tmp_path / "missing.txt")))
+    (tmp_path / "empty.txt").write_text("\n\n\n")
+    with pytest.raises(DataError, match=r"no documents in source 'text'"):
+        sources.read_documents(_cfg(source="text", path=str(tmp_path / "empty.txt")))
+    with pytest.raises(DataError, match=r"data.val_docs=5 leaves no training documents"):
+        sources.split_documents(["a", "b"], 5)
+    with pytest.raises(ConfigError, match=r"data.seq_len must be >= 2, got 1"):
+        data.validate(_cfg(seq_len=1))
+    with pytest.raises(ConfigError, match=r"data.source must be one of"):
+        data.validate(_cfg(source="c4"))
+    with pytest.raises(ConfigError, match=r"data.path must be a file or glob for source 'jsonl'"):
+        data.validate(_cfg(source="jsonl"))
+    with pytest.raises(ConfigError, match=r"global batch size 5 must be divisible by the process count 2"):
+        data.validate(_cfg(), 5, 2)
+
+
+def test_hf_without_datasets_is_one_line_error():
+    try:
+        import datasets  # noqa: F401 pylint: disable=unused-import
+        pytest.skip("datasets is installed")
+    except ImportError:
+        pass
+    with pytest.raises(DataError, match=r"pip install 'colax\[hf\]'"):
+        data.make_pipeline(_cfg(source="hf"), CharTokenizer(), split="train", global_batch_size=2,
+                           process_index=0, process_count=1)
+
+
+def test_hf_streaming_local_files(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": "ab" * i}) for i in range(1, 9)))
+    cfg = _cfg(source="hf", hf_name="json", hf_config="", path=str(tmp_path / "d.jsonl"),
+               val_split="train", seq_len=4, hf_shuffle_buffer=4)
+    it = data.make_pipeline(cfg, CharTokenizer(), split="train", global_batch_size=2,
+                            process_index=0, process_count=1)
+    first = next(it)
+    assert first["inputs"].shape == (2, 4)
+    state = it.get_state()
+    rest = [next(it) for _ in range(2)]
+    again = data.make_pipeline(cfg, CharTokenizer(), split="train", global_batch_size=2,
+                               process_index=0, process_count=1)
+    again.set_state(state)
+    chex.assert_trees_all_equal([next(again) for _ in range(2)], rest)
+    val = list(data.make_pipeline(cfg, CharTokenizer(), split="val", global_batch_size=2,
+                                  process_index=0, process_count=1))
+    assert len(val) == 4
+
+
+class ColaxTinyText(tfds.core.GeneratorBasedBuilder):
+    """A 12 + 3 document text dataset written as array_record (no TensorFlow needed)."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+            {"text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(12, "t"), "validation": self._generate_examples(3, "v")}
+
+    def _generate_examples(self, n, prefix):
+        for i in range(n):
+            yield i, {"text": f"{prefix}{i} " * (i + 1)}
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tfds")
+    ColaxTinyText(data_dir=str(root), file_format="array_record").download_and_prepare()
+    return str(root)
+
+
+def test_tfds_array_record_source(tfds_dir):
+    cfg = _cfg(source="tfds", tfds_name="colax_tiny_text:1.0.0", tfds_data_dir=tfds_dir, seq_len=8)
+    assert sorted(sources.document_dataset(cfg, "val")) == ["v0 ", "v1 v1 ", "v2 v2 v2 "]
+    batches = _take(cfg, 100, split="val", global_batch_size=2)
+    assert len(batches) == 2 and batches[1]["segment_ids"][1].sum() == 0
+    assert _take(cfg, 1, global_batch_size=4)[0]["inputs"].shape == (4, 8)
+
+
+def test_tfds_errors(tfds_dir, tmp_path):
+    with pytest.raises(DataError, match=r"data.tfds_name 'no_such_dataset_xyz' .*not found"):
+        sources.document_dataset(_cfg(source="tfds", tfds_name="no_such_dataset_xyz"), "train")
+    # The same dataset, prepared as TFRecord: not readable without TensorFlow.
+    version = tmp_path / "colax_tiny_text" / "1.0.0"
+    version.mkdir(parents=True)
+    src = os.path.join(tfds_dir, "colax_tiny_text", "1.0.0")
+    for name in os.listdir(src):
+        text = open(os.path.join(src, name), "rb").read()
+        if name == "dataset_info.json":
+            text = text.replace(b'"array_record"', b'"tfrecord"')
+        (version / name.replace("array_record", "tfrecord")).write_bytes(text)
+    cfg = _cfg(source="tfds", tfds_name="colax_tiny_text", tfds_data_dir=str(tmp_path))
+    with pytest.raises(DataError, match=r"TFRECORD is not supported.*array_record"):
+        sources.document_dataset(cfg, "train")
+
+
+def test_stdlib_corpus_is_sorted_python_sources():
+    paths = sources.stdlib_paths()
+    assert len(paths) > 300 and paths == sorted(paths)
+    assert all(p.endswith(".py") and f"{os.sep}test{os.sep}" not in p for p in paths)
+
+
+def test_tinyshakespeare_blocks():
+    if not os.path.exists(SHAKESPEARE):
+        pytest.skip(f"shared data not found: {SHAKESPEARE}")
+    docs = sources.read_documents(_cfg(source="text", path=SHAKESPEARE))
+    assert len(docs) > 7000 and docs[0].startswith("First Citizen:")

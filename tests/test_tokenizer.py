@@ -1,0 +1,75 @@
+"""Tokenizer tests: train/load round trip, T5 id layout, workdir cache, CLI, errors."""
+
+import os
+
+import pytest
+
+from colax import data, sources
+from colax import tokenizer as tk
+from colax.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def stdlib_docs():
+    return [open(p, encoding="utf-8").read() for p in sources.stdlib_paths()[::20]]
+
+
+@pytest.fixture(scope="module")
+def trained(stdlib_docs, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("tok") / "small")
+    return tk.train_tokenizer(stdlib_docs, out, vocab_size=600, model_type="bpe", sample_docs=40)
+
+
+def test_train_load_round_trip(trained, stdlib_docs):
+    assert (trained.vocab_size, trained.pad_id, trained.eos_id, trained.bos_id) == (600, 0, 1, -1)
+    loaded = tk.load_tokenizer(trained.path)
+    text = stdlib_docs[-1] + "\n\tnon-ASCII: é ∑ 🚀\n"
+    ids = loaded.encode(text)
+    assert ids == trained.encode(text) and loaded.decode(ids) == text
+    assert 0 not in ids and 1 not in ids  # pad and eos never come out of encode
+
+
+def test_unigram_trains(stdlib_docs, tmp_path):
+    tok = tk.train_tokenizer(stdlib_docs, str(tmp_path / "uni"), 500, "unigram", 20)
+    assert tok.vocab_size == 500 and tok.decode(tok.encode("x = 1\n")) == "x = 1\n"
+
+
+def test_get_or_train_caches_in_workdir(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"line {i} of the corpus, word{i % 13}" for i in range(200)))
+    cfg = data.defaults()
+    cfg.update(source="text", path=str(corpus), tokenizer_vocab_size=300)
+    tok = tk.get_or_train_tokenizer(cfg, str(tmp_path / "wd"))
+    path = tmp_path / "wd" / "tokenizer.model"
+    assert tok.path == str(path) and tok.vocab_size == 300
+    path.write_bytes(path.read_bytes())  # same bytes, newer mtime
+    mtime = path.stat().st_mtime_ns
+    assert tk.get_or_train_tokenizer(cfg, str(tmp_path / "wd")).vocab_size == 300
+    assert path.stat().st_mtime_ns == mtime  # reused, not retrained
+    cfg.tokenizer = str(path)
+    assert tk.get_or_train_tokenizer(cfg, str(tmp_path / "other")).path == str(path)
+
+
+def test_check_vocab(trained):
+    tk.check_vocab(trained, 600)
+    with pytest.raises(ConfigError, match=r"model.vocab_size=32000 but tokenizer .* has 600 pieces"):
+        tk.check_vocab(trained, 32000)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(DataError, match=r"tokenizer .*nope.model: cannot load"):
+        tk.load_tokenizer(str(tmp_path / "nope.model"))
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(DataError, match=r"tokenizer .*junk.model: cannot load"):
+        tk.load_tokenizer(str(tmp_path / "junk.model"))
+
+
+def test_cli(tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(f"row {i} with some words w{i % 17}" for i in range(300)))
+    out = str(tmp_path / "cli" / "tok")
+    assert tk.main(["train", "--source", "text", "--path", str(corpus), "--doc-split", "line",
+                    "--vocab-size", "300", "--out", out]) == 0
+    assert os.path.exists(out + ".model") and "300 pieces" in capsys.readouterr().out
+    assert tk.main(["train", "--source", "text", "--path", str(tmp_path / "none*"), "--out", out]) == 2
+    assert "data.path: no file matches" in capsys.readouterr().err
