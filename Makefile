@@ -7,7 +7,7 @@ PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}{sys.ver
 CONSTRAINTS := constraints/py$(PYVER).txt
 STAMP := $(VENV)/.installed-$(PYVER)
 
-.PHONY: demo test venv
+.PHONY: demo test venv lock
 
 venv: $(STAMP)
 
@@ -22,3 +22,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -n 2 tests
+
+# Record the versions of the current venv as the verified set for this Python.
+lock: $(STAMP)
+	{ echo "# Versions CI verified on Python $(PYVER) (pip freeze of the test venv); regenerate with \`make lock\`."; \
+	  $(VENV)/bin/python -m pip freeze --exclude-editable | grep -v '^colax'; } > $(CONSTRAINTS)
