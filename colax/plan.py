@@ -10,7 +10,7 @@ import json
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
@@ -112,6 +112,7 @@ def format_text(p):
 @exit_on_error
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)
     cfg = _CONFIG.value
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config configs/cola_1b.py")
