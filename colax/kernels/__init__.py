@@ -1,0 +1,56 @@
+"""CoLA projection kernels: `cola_matmul(x, A, B, kernel=...)` with kernel "xla" or "pallas".
+
+"xla" is the plain-jnp projection (the default); "pallas" runs z = x @ A in XLA and the fused
+silu(z) @ B in a Pallas Triton kernel (`cola_pallas`), GPU only (or interpret mode on CPU).
+Both tag z = x @ A "cola_z"; "xla" also tags h = silu(z) "cola_h" (the Pallas path never has h).
+"""
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+
+from colax.errors import ConfigError
+from colax.kernels import cola_pallas
+from colax.kernels.cola_pallas import Blocks, silu_matmul, silu_matmul_fwd_kernel, silu_matmul_sharded
+from colax.kernels.reference import cola_reference, silu_matmul_bwd, silu_matmul_reference
+
+KERNELS = ("xla", "pallas")
+BATCH_AXES = ("data", "fsdp")  # the mesh axes that split tokens (as colax.sharding.BATCH_AXES)
+
+__all__ = ["KERNELS", "Blocks", "check_kernel", "cola_matmul", "cola_reference", "silu_matmul",
+           "silu_matmul_bwd", "silu_matmul_fwd_kernel", "silu_matmul_reference", "silu_matmul_sharded"]
+
+
+def check_kernel(kernel, interpret=False):
+    """ConfigError (one line) unless `kernel` is known and can run on this backend."""
+    if kernel not in KERNELS:
+        raise ConfigError(f"model.kernel must be one of {list(KERNELS)}, got {kernel!r}")
+    backend = jax.default_backend()
+    if kernel == "pallas" and backend != "gpu" and not interpret:
+        raise ConfigError(f"model.kernel='pallas' needs a GPU (found {backend}); use 'xla'")
+
+
+def _batch_axes(mesh):
+    """The token-splitting axes of the context mesh that have more than one device."""
+    return tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+
+
+def cola_matmul(x, a, b, *, kernel, interpret=None, blocks=Blocks()):
+    """The CoLA projection silu(x @ A) @ B. x: [..., I], A: [I, R], B: [R, O] -> [..., O], x's dtype.
+
+    A and B are cast to x's dtype. kernel: "xla" or "pallas"; `interpret` (default
+    `cola_pallas.INTERPRET`) runs the Pallas kernel in interpret mode, e.g. on CPU. Under a context
+    mesh (`jax.set_mesh`) whose "data"/"fsdp" axes split x's leading axis, the kernel runs per
+    device via `silu_matmul_sharded`.
+    """
+    interpret = cola_pallas.INTERPRET if interpret is None else interpret
+    check_kernel(kernel, interpret)
+    a, b = a.astype(x.dtype), b.astype(x.dtype)
+    z = checkpoint_name(x @ a, "cola_z")
+    if kernel == "xla":
+        return checkpoint_name(jax.nn.silu(z), "cola_h") @ b
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else _batch_axes(mesh)
+    if axes and x.ndim > 1:
+        return silu_matmul_sharded(z, b, mesh, axes, blocks, interpret)
+    y = silu_matmul(z.reshape(-1, z.shape[-1]), b, blocks, interpret)
+    return y.reshape(*x.shape[:-1], b.shape[1])
