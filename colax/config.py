@@ -31,7 +31,17 @@ def train_defaults():
         steps=10_000,           # optimizer steps
         batch_size=512,         # sequences per optimizer step (global)
         micro_batch_size=32,    # sequences per device per forward/backward (gradient accumulation)
-        seed=0,
+        seed=0,                 # parameter initialisation (and sampling)
+        log_every=10,           # steps between metrics.jsonl lines
+        eval_every=1000,        # steps between validation passes (0: only at the end)
+        eval_batches=50,        # validation batches of micro_batch_size x data-parallel rows (0: whole split)
+        baseline_batches=200,   # train batches counted for the unigram perplexity baseline (0: none)
+        checkpoint_every=1000,  # steps between (async) checkpoints; one is always saved at the end
+        keep_checkpoints=3,     # checkpoints kept (the newest)
+        on_nonfinite="stop",    # non-finite loss/gradients: "stop" the run or "skip" the update
+        sample_prompt="def ",   # generated from at the end of training ("" : no sample)
+        sample_tokens=64,       # tokens generated (prompt + sample at most data.seq_len)
+        sample_temperature=0.0, # 0: greedy
     ))
 
 
@@ -79,5 +89,26 @@ def validate(cfg):
     for field in ("steps", "batch_size", "micro_batch_size"):
         if not (isinstance(t[field], int) and t[field] > 0):
             raise ConfigError(f"train.{field} must be a positive integer, got {t[field]!r}")
+    for field in ("log_every", "keep_checkpoints", "checkpoint_every"):
+        if not (isinstance(t[field], int) and t[field] > 0):
+            raise ConfigError(f"train.{field} must be a positive integer, got {t[field]!r}")
+    for field in ("eval_every", "eval_batches", "baseline_batches", "sample_tokens"):
+        if not (isinstance(t[field], int) and t[field] >= 0):
+            raise ConfigError(f"train.{field} must be an integer >= 0, got {t[field]!r}")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nonfinite must be 'stop' or 'skip', got {t.on_nonfinite!r}")
+    if t.sample_temperature < 0:
+        raise ConfigError(f"train.sample_temperature must be >= 0, got {t.sample_temperature!r}")
+    accum_steps(cfg)
     optim.validate(cfg.optim, t.steps)
     return spec
+
+
+def accum_steps(cfg):
+    """Micro-batches per optimizer step: batch_size / (micro_batch_size * data-parallel devices)."""
+    data_size, fsdp, _ = sharding.mesh_shape(cfg.mesh, jax.device_count())
+    rows = cfg.train.micro_batch_size * data_size * fsdp
+    if cfg.train.batch_size % rows:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
+                          f"train.micro_batch_size * data-parallel devices = {rows}")
+    return cfg.train.batch_size // rows

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from colax import sharding
+
 # The seven projections of a decoder block, in the order the paper lists them.
 PROJECTION_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -47,6 +49,7 @@ class CoLA(nnx.Module):
 
     A and B are i.i.d. N(0, std) with std = (r * (in + out)) ** -0.25. The r-wide pre-activation
     `z = x @ A` and `h = silu(z)` are tagged "cola_z" and "cola_h" for the CoLA-M remat policies.
+    On a mesh z is whole on every tensor device (the tensor-parallel layout in docs/sharding.md).
     """
 
     def __init__(self, in_features, out_features, rank, cfg, *, rngs):
@@ -56,7 +59,8 @@ class CoLA(nnx.Module):
 
     def __call__(self, x):
         """x: [..., in] compute dtype -> [..., out] same dtype."""
-        z = checkpoint_name(x @ self.A[...].astype(x.dtype), "cola_z")
+        z = sharding.constrain(x @ self.A[...].astype(x.dtype), ("batch", "length", "act_rank"))
+        z = checkpoint_name(z, "cola_z")
         h = checkpoint_name(jax.nn.silu(z), "cola_h")
         return h @ self.B[...].astype(x.dtype)
 
@@ -115,6 +119,7 @@ class Block(nnx.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.)), SwiGLU MLP.
 
     The block input and the residual after attention are tagged "block_in" and "block_mid".
+    On a mesh, q/k/v are split by heads and gate/up by mlp over "tensor"; the residual is whole.
     """
 
     def __init__(self, cfg, *, rngs):
@@ -131,16 +136,19 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, segment_ids):
         """x: [B, T, D] compute dtype; positions, segment_ids: int32 [B, T] -> [B, T, D]."""
-        x = checkpoint_name(x, "block_in")
+        x = checkpoint_name(sharding.constrain(x, sharding.BTD), "block_in")
         b, t, d = x.shape
-        heads = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
+        bthh = ("batch", "length", "act_heads", None)
+        heads = lambda y: sharding.constrain(y.reshape(b, t, self.num_heads, d // self.num_heads), bthh)
+        mlp = lambda y: sharding.constrain(y, ("batch", "length", "act_mlp"))
+        residual = lambda y: sharding.constrain(y, sharding.BTD)
         h = self.attn_norm(x)
         q = apply_rope(heads(self.q(h)), positions, self.rope_theta)
         k = apply_rope(heads(self.k(h)), positions, self.rope_theta)
         attn = attention(q, k, heads(self.v(h)), segment_ids, self.attention_impl)
-        x = checkpoint_name(x + self.o(attn.reshape(b, t, d)), "block_mid")
+        x = checkpoint_name(x + residual(self.o(attn.reshape(b, t, d))), "block_mid")
         h = self.mlp_norm(x)
-        gate = self.gate(h)
+        gate = mlp(self.gate(h))
         if not self.only_lr_act:  # with only_lr_act the gate's low-rank SiLU is the only one
             gate = jax.nn.silu(gate)
-        return x + self.down(gate * self.up(h))
+        return x + residual(self.down(gate * mlp(self.up(h))))

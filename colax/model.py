@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from colax import layers, remat
+from colax import layers, remat, sharding
 from colax.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -61,6 +61,7 @@ class ModelSpec:
     dtype: object
     param_dtype: object
     attention_impl: str
+    scan_unroll: int = 1  # blocks per scan iteration; colax.plan sets 2 to count one block's FLOPs
 
     @property
     def rank(self):
@@ -149,20 +150,22 @@ class Transformer(nnx.Module):
         spec = self.spec
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        x = self.embed[...].astype(spec.dtype)[tokens]
+        table = sharding.constrain(self.embed[...].astype(spec.dtype), ("vocab", "act_embed"))  # FSDP-gathered
+        x = sharding.constrain(table[tokens], sharding.BTD)
         graphdef, stacked = nnx.split(self.blocks)
 
         def body(x, block_state):
             return nnx.merge(graphdef, block_state)(x, positions, segment_ids), None
 
-        body = remat.checkpointed(body, spec.remat)
+        body = remat.checkpointed(body, spec.remat, prevent_cse=not spec.scan_layers)
         if spec.scan_layers:
-            x, _ = jax.lax.scan(body, x, stacked)
+            x, _ = jax.lax.scan(body, x, stacked, unroll=spec.scan_unroll)
         else:
             for i in range(spec.num_layers):
                 x, _ = body(x, jax.tree.map(lambda a: a[i], stacked))
         x = self.final_norm(x)
-        return (x @ self.lm_head[...].astype(spec.dtype)).astype(jnp.float32)
+        logits = sharding.constrain(x @ self.lm_head[...].astype(spec.dtype), ("batch", "length", "act_vocab"))
+        return logits.astype(jnp.float32)
 
 
 def abstract_model(spec: ModelSpec):

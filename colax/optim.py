@@ -1,5 +1,6 @@
 """The optimizer: AdamW with global-norm clipping and a linear-warmup + cosine schedule (optax)."""
 
+import jax
 import ml_collections
 import optax
 
@@ -16,6 +17,7 @@ def defaults():
         b2=0.999,
         eps=1e-8,
         weight_decay=0.01,
+        decay_norms=True,     # decay RMSNorm weights too (as the reference's torch AdamW does)
         grad_clip=0.5,        # global-norm clipping threshold (0: off)
     ))
 
@@ -40,8 +42,16 @@ def schedule(o, total_steps):
         end_value=o.lr * o.min_lr_ratio)
 
 
+def decay_mask(params):
+    """True for the parameters weight decay applies to: all, or all but the RMSNorm weights.
+
+    params: the model's pure-dict state; RMSNorm weights are the leaves named "weight".
+    """
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key != "weight", params)
+
+
 def make(o, total_steps):
     """optax transformation: clip_by_global_norm (if grad_clip > 0) then AdamW on the schedule."""
     adamw = optax.adamw(schedule(o, total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
-                        weight_decay=o.weight_decay)
+                        weight_decay=o.weight_decay, mask=None if o.decay_norms else decay_mask)
     return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip > 0 else adamw

@@ -1,17 +1,24 @@
 """`python -m colax.plan --config C [--remat a,b] [--json]`: sizes, FLOPs and memory before a run.
 
 Everything is compiled from abstract shapes (`jax.eval_shape`), so a 7B plan runs on a laptop
-without allocating weights. XLA's cost analysis counts a `scan` body once, so the step's FLOPs are
-counted on unrolled 1- and 2-layer copies of the model and extrapolated to L layers:
-flops(L) = flops(1) + (L - 1) * (flops(2) - flops(1)), which is exact for identical blocks.
+without allocating weights. XLA's cost analysis counts a `scan` body once, so for a scanned model
+one block's FLOPs are counted as flops(2 blocks per iteration) - flops(1 block per iteration) and
+flops(L) = flops(model) + (L - 1) * flops(block), which is exact for identical blocks; an
+unrolled model is counted as compiled.
+`--remat a,b` adds one row per policy: temp memory, FLOPs and what one block saves for the backward.
 """
 
+import collections
 import json
+import math
+import re
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 from flax import nnx
+# Public only through print_saved_residuals, which prints this list of (aval, description).
+from jax._src.ad_checkpoint import saved_residuals as _saved_residuals
 from ml_collections import config_flags
 
 from colax import config as config_lib
@@ -43,24 +50,29 @@ def xla_flops(compiled):
     return float(cost["flops"])
 
 
-def unrolled_flops(spec, cfg, batch_size, seq_len, num_layers):
-    """XLA FLOPs of the step with `num_layers` unrolled blocks."""
-    return xla_flops(compile_step(spec.replace(num_layers=num_layers, scan_layers=False), cfg,
-                                  batch_size, seq_len))
+def step_flops(spec, cfg, batch_size, seq_len, compiled=None):
+    """XLA FLOPs of one training step as the model runs (`compiled`: its step, if at hand).
 
-
-def step_flops(spec, cfg, batch_size, seq_len):
-    """XLA FLOPs of one step at spec.num_layers, extrapolated from unrolled 1- and 2-layer models."""
-    f1 = unrolled_flops(spec, cfg, batch_size, seq_len, 1)
-    f2 = unrolled_flops(spec, cfg, batch_size, seq_len, 2)
-    return f1 + (spec.num_layers - 1) * (f2 - f1)
+    XLA counts a loop body once. For a scanned model, one block's forward and backward are
+    counted as the difference of 4-layer copies with one and two blocks per scan iteration: the
+    backward's recomputation stays in its own loop, as in training, where an unrolled copy would
+    let XLA merge it with the forward.
+    """
+    compiled = compiled or compile_step(spec, cfg, batch_size, seq_len)
+    flops = xla_flops(compiled)
+    if spec.scan_layers:
+        per_unroll = [xla_flops(compile_step(spec.replace(num_layers=4, scan_unroll=u), cfg, batch_size, seq_len))
+                      for u in (1, 2)]
+        flops += (spec.num_layers - 1) * (per_unroll[1] - per_unroll[0])
+    return flops
 
 
 def memory(compiled):
     """Argument, output, temp and alias bytes of a compiled step."""
     m = compiled.memory_analysis()
     return dict(argument_bytes=int(m.argument_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
-                temp_bytes=int(m.temp_size_in_bytes), alias_bytes=int(m.alias_size_in_bytes))
+                temp_bytes=int(m.temp_size_in_bytes), alias_bytes=int(m.alias_size_in_bytes),
+                host_temp_bytes=int(m.host_temp_size_in_bytes))
 
 
 def plan(cfg, remats=()):
@@ -70,21 +82,73 @@ def plan(cfg, remats=()):
     counts = model_lib.count_params(spec)
     analytic = model_lib.flops_per_token(spec, seq_len)
     tokens = batch_size * seq_len
+    compiled = compile_step(spec, cfg, batch_size, seq_len)
     result = dict(
         params=counts["total"], lowrank_params=counts["lowrank"], embedding_params=counts["embeddings"],
         tokens_per_step=tokens, flops_per_token=analytic["train"], forward_flops_per_token=analytic["forward"],
-        xla_flops_per_step=step_flops(spec, cfg, batch_size, seq_len),
-        memory=memory(compile_step(spec, cfg, batch_size, seq_len)))
+        xla_flops_per_step=step_flops(spec, cfg, batch_size, seq_len, compiled), memory=memory(compiled))
     result["xla_flops_per_token"] = result["xla_flops_per_step"] / tokens
-    result["remat"] = [remat_row(spec.replace(remat=name), cfg, batch_size, seq_len) for name in remats]
+    result["remat"] = [remat_row(cfg, name) for name in remats]
     return result
 
 
-def remat_row(spec, cfg, batch_size, seq_len):
-    """Temp memory, FLOPs and the per-block saved residuals of the step under spec.remat."""
+def remat_row(cfg, name):
+    """Temp memory, FLOPs and the per-block saved values of the step under remat policy `name`.
+
+    An offloading policy that leaves host memory unused (the CPU backend) gets a "note" saying so.
+    """
+    m = cfg.model.copy_and_resolve_references()
+    m.remat = name
+    spec = model_lib.spec_from_config(m)  # ConfigError for a CoLA-M policy on a full-rank model
+    batch_size, seq_len = cfg.train.micro_batch_size, cfg.data.seq_len
     compiled = compile_step(spec, cfg, batch_size, seq_len)
-    return dict(remat=spec.remat, temp_bytes=memory(compiled)["temp_bytes"],
-                xla_flops_per_step=step_flops(spec, cfg, batch_size, seq_len))
+    mem = memory(compiled)
+    saved = saved_per_block(spec, batch_size, seq_len)
+    count, formula = per_token(spec, saved, batch_size, seq_len)
+    row = dict(remat=name, temp_bytes=mem["temp_bytes"], host_temp_bytes=mem["host_temp_bytes"],
+               xla_flops_per_step=step_flops(spec, cfg, batch_size, seq_len, compiled),
+               saved_per_block=saved, saved_values_per_token=count, saved_values_formula=formula)
+    if remat.POLICIES[name].offload and not mem["host_temp_bytes"]:
+        row["note"] = f"nothing offloaded on {jax.default_backend()}: the saved values stay in temp memory"
+    return row
+
+
+def _source(description):
+    """`saved_residuals`' description -> "argument <name>", the tag, or "<primitive>"."""
+    if description.startswith("from the argument"):
+        return "argument " + re.sub(r"\W.*", "", description.removeprefix("from the argument "))
+    if description.startswith("named '"):
+        return description.split("'")[1]
+    return description.split(" from ")[0]
+
+
+def saved_per_block(spec, batch_size, seq_len):
+    """What one block keeps for its backward under spec.remat: [{shape, dtype, source}].
+
+    From `saved_residuals` of the block's VJP, called as f(x, positions, params); the parameters
+    and positions (shared by all blocks) are left out; source is "argument x", a tag like
+    "cola_z", or the producing primitive.
+    """
+    graphdef, stacked = nnx.split(model_lib.abstract_model(spec).blocks)
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked)
+    x = jax.ShapeDtypeStruct((batch_size, seq_len, spec.hidden_size), spec.dtype)
+    positions = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    block = remat.checkpointed(lambda x, positions, params: nnx.merge(graphdef, params)(x, positions, None),
+                               spec.remat)
+    saved = [dict(shape=list(aval.shape), dtype=str(aval.dtype), source=_source(description))
+             for aval, description in _saved_residuals(block, x, positions, params)]
+    return [row for row in saved if row["source"] not in ("argument params", "argument positions")]
+
+
+def per_token(spec, saved, batch_size, seq_len):
+    """Saved values per token: (count, formula), e.g. (7680, "2d+7r") with d hidden, r rank, f mlp;
+    widths that are none of these are summed into one number at the end."""
+    symbols = {spec.hidden_size: "d", spec.intermediate_size: "f", **{r: "r" for _, r in spec.ranks if r}}
+    widths = [math.prod(row["shape"]) // (batch_size * seq_len) for row in saved]
+    counts = collections.Counter(symbols[w] for w in widths if w in symbols)
+    terms = [f"{n if n > 1 else ''}{s}" for s, n in counts.items()]
+    other = sum(w for w in widths if w not in symbols)
+    return sum(widths), "+".join(terms + ([str(other)] if other else [])) or "0"
 
 
 def _gib(n):
@@ -103,10 +167,15 @@ def format_text(p):
         "memory            " + ", ".join(f"{k.replace('_bytes', '')} {_gib(v).strip()}"
                                           for k, v in p["memory"].items()),
     ]
-    for row in p["remat"]:
-        lines.append(f"remat {row['remat']:<14s} temp {_gib(row['temp_bytes'])}  "
-                     f"FLOPs/step {row['xla_flops_per_step'] / 1e12:8.2f} T")
-    return "\n".join(lines)
+    return "\n".join(lines + [_remat_line(row, p["tokens_per_step"]) for row in p["remat"]])
+
+
+def _remat_line(row, tokens):
+    host = f" (+{_gib(row['host_temp_bytes']).strip()} host)" if row["host_temp_bytes"] else ""
+    return (f"remat {row['remat']:<14s} temp {_gib(row['temp_bytes'])}{host}  "
+            f"FLOPs/token {row['xla_flops_per_step'] / tokens / 1e9:7.3f} G  "
+            f"saved per block and token {row['saved_values_formula']} = {row['saved_values_per_token']}"
+            + (f"  ({row['note']})" if "note" in row else ""))
 
 
 @exit_on_error

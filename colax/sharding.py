@@ -1,9 +1,14 @@
-"""The device mesh, where parameters, optimizer state and batches live, and the jitted step.
+"""The device mesh, where parameters, optimizer state, activations and batches live, and the jitted step.
 
 Mesh axes: "data" (batch), "fsdp" (batch, and parameters sharded), "tensor" (tensor parallel).
+Every array axis has a logical name (`PARAM_AXES`, and the activation names used with
+`constrain`); `RULES` is the one table mapping logical names to mesh axes. The tensor-parallel
+layout it encodes for CoLA, and the collectives it costs, are in docs/sharding.md.
 """
 
+import functools
 import math
+import os
 
 import jax
 import ml_collections
@@ -15,6 +20,43 @@ from colax.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axes. A mesh axis shards at most one dimension of an array: a dimension
+# whose mesh axes an earlier dimension already took stays whole.
+RULES = {
+    # parameters
+    "layers": (),                   # the stacked-block axis [L]
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),             # d: the FSDP axis of every matrix that has a free d
+    "heads": ("tensor",),           # q/k/v outputs and o input (head-major: heads never split)
+    "mlp": ("tensor",),             # gate/up outputs and down input
+    "rank": ("fsdp",),              # r: FSDP where d is not free; never tensor (docs/sharding.md)
+    "norm": (),
+    # activations
+    "batch": BATCH_AXES,
+    "length": (),
+    "act_embed": (),                # the residual stream is whole on every tensor device
+    "act_heads": ("tensor",),
+    "act_mlp": ("tensor",),
+    "act_rank": (),                 # the CoLA bottleneck silu(x @ A) is whole on every tensor device
+    "act_vocab": ("tensor",),
+}
+
+# (in, out) logical axes of each projection; a CoLA A is (in, rank), B (rank, out), a dense w (in, out).
+PROJECTION_AXES = {"q": ("embed", "heads"), "k": ("embed", "heads"), "v": ("embed", "heads"),
+                   "o": ("heads", "embed"), "gate": ("embed", "mlp"), "up": ("embed", "mlp"),
+                   "down": ("mlp", "embed")}
+PARAM_AXES = {
+    ("embed",): ("vocab", "embed"),
+    ("lm_head",): ("embed", "vocab"),
+    ("final_norm", "weight"): ("norm",),
+    ("blocks", "attn_norm", "weight"): ("layers", "norm"),
+    ("blocks", "mlp_norm", "weight"): ("layers", "norm"),
+    **{("blocks", name, leaf): ("layers", *axes)
+       for name, (i, o) in PROJECTION_AXES.items()
+       for leaf, axes in (("A", (i, "rank")), ("B", ("rank", o)), ("w", (i, o)))},
+}
+BTD = ("batch", "length", "act_embed")
 
 
 def defaults():
@@ -47,10 +89,34 @@ def make_mesh(cfg_mesh, devices=None):
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
+def logical_spec(logical_axes):
+    """The PartitionSpec for an array whose dimensions have these logical names (None: whole)."""
+    used, spec = set(), []
+    for name in logical_axes:
+        axes = tuple(a for a in RULES[name] if a not in used) if name else ()
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else axes or None)
+    return P(*spec)
+
+
+def param_logical_axes(path):
+    """Logical axes of a parameter, or of an optimizer-state leaf that mirrors one (Adam mu, nu).
+
+    Such leaves sit at the parameter's dict-key path inside the optimizer's (named) tuples, so
+    the dict keys alone name the parameter. Leaves with no dict key (step counts) get ().
+    """
+    keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+    if not keys:
+        return ()
+    if keys not in PARAM_AXES:
+        raise ValueError(f"no logical axes for parameter {'/'.join(map(str, keys))}: add it to sharding.PARAM_AXES")
+    return PARAM_AXES[keys]
+
+
 def param_sharding(path, leaf, mesh):
-    """Where a parameter (or an optimizer-state leaf shaped like one) lives: replicated for now."""
-    del path, leaf
-    return NamedSharding(mesh, P())
+    """Where a parameter (or an optimizer-state leaf shaped like one) lives, by `RULES`."""
+    del leaf
+    return NamedSharding(mesh, logical_spec(param_logical_axes(path)))
 
 
 def tree_shardings(tree, mesh):
@@ -63,24 +129,102 @@ def batch_sharding(mesh):
     return NamedSharding(mesh, P(None, BATCH_AXES))
 
 
-def init_state(spec, tx, mesh, seed):
-    """(graphdef, params, opt_state), created on the mesh already sharded (never on one device)."""
-    graphdef = nnx.graphdef(model_lib.abstract_model(spec))
+def global_batch(local_batch, mesh):
+    """This process's [A, B_local, T] arrays joined into global [A, B, T] arrays on the mesh."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh), x), local_batch)
 
+
+def constrain(x, logical_axes):
+    """`x` pinned to the layout of its logical axes on the context mesh; `x` itself without one.
+
+    The context mesh is set by `on_mesh` (and by `jax.set_mesh`).
+    """
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_spec(logical_axes))
+
+
+def on_mesh(fn, mesh):
+    """`fn` traced with `mesh` as the context mesh, so the model's `constrain` calls take effect."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def validate(spec, mesh, batch_size=None):
+    """ConfigError unless `spec` (and a global batch of `batch_size` rows) splits evenly on `mesh`."""
+    sizes = dict(mesh.shape)
+    if spec.num_heads % sizes["tensor"]:
+        raise ConfigError(f"mesh.tensor={sizes['tensor']} must divide model.num_heads={spec.num_heads}")
+    params = nnx.state(model_lib.abstract_model(spec)).to_pure_dict()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        for dim, (n, axes) in enumerate(zip(leaf.shape, logical_spec(param_logical_axes(path)))):
+            axes = (axes,) if isinstance(axes, str) else axes or ()
+            if n % math.prod(sizes[a] for a in axes):
+                name = "/".join(k.key for k in path)
+                raise ConfigError(f"mesh: {name} dimension {dim} (size {n}) is not divisible by "
+                                  f"{'*'.join(f'{a}={sizes[a]}' for a in axes)}")
+    shards = sizes["data"] * sizes["fsdp"]
+    if batch_size is not None and batch_size % shards:
+        raise ConfigError(f"train batch of {batch_size} rows is not divisible by mesh data*fsdp={shards}")
+
+
+def _init_fn(spec, tx, seed):
     def init():
         params = nnx.state(model_lib.Transformer(spec, rngs=nnx.Rngs(seed))).to_pure_dict()
         return params, tx.init(params)
 
-    shapes = jax.eval_shape(init)
-    shardings = tree_shardings(shapes, mesh)
-    params, opt_state = jax.jit(init, out_shardings=shardings)()
+    return init
+
+
+def abstract_state(spec, tx, mesh):
+    """(params, opt_state) as ShapeDtypeStructs carrying their shardings on `mesh` (restore targets)."""
+    shapes = jax.eval_shape(_init_fn(spec, tx, 0))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, tree_shardings(shapes, mesh))
+
+
+def init_state(spec, tx, mesh, seed):
+    """(graphdef, params, opt_state), created on the mesh already sharded (never on one device)."""
+    validate(spec, mesh)
+    graphdef = nnx.graphdef(model_lib.abstract_model(spec))
+    shardings = jax.tree.map(lambda s: s.sharding, abstract_state(spec, tx, mesh))
+    params, opt_state = jax.jit(_init_fn(spec, tx, seed), out_shardings=shardings)()
     return graphdef, params, opt_state
 
 
 def jit_train_step(train_step, params, opt_state, mesh):
-    """`train_step` jitted with explicit in/out shardings; params and opt_state donated."""
+    """`train_step` jitted on `mesh` with explicit in/out shardings; params and opt_state donated."""
     state_shardings = tree_shardings((params, opt_state), mesh)
     replicated = NamedSharding(mesh, P())
-    return jax.jit(train_step, donate_argnums=(0, 1),
+    return jax.jit(on_mesh(train_step, mesh), donate_argnums=(0, 1),
                    in_shardings=(*state_shardings, batch_sharding(mesh)),
                    out_shardings=(*state_shardings, replicated))
+
+
+def _cluster_launch():
+    """Whether the environment is a multi-process launch that jax can join by itself."""
+    env = os.environ
+    return ("JAX_COORDINATOR_ADDRESS" in env
+            or int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_NODELIST" in env
+            or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+            or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+            or "MEGASCALE_COORDINATOR_ADDRESS" in env)
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None, auto=False):
+    """Joins the processes of a multi-host run; call first, before any other jax call.
+
+    Explicit arguments (the --coordinator_address/--num_processes/--process_id flags) win. Else
+    jax's cluster detection runs when `auto` is set (Cloud TPU pod slices, GKE, Kubernetes) or the
+    environment is a multi-process launch (JAX_COORDINATOR_ADDRESS, SLURM srun with several tasks,
+    Open MPI, multi-host TPU env vars). Else it is a single process and nothing happens.
+    Returns (process_index, process_count).
+    """
+    if coordinator_address is not None or auto or _cluster_launch():
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return jax.process_index(), jax.process_count()

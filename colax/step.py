@@ -38,13 +38,28 @@ def grads(params, graphdef, batches):
     return loss_sum / count, jax.tree.map(lambda g: g / count, g_sum)
 
 
-def make_train_step(graphdef, tx):
-    """Returns train_step(params, opt_state, batches) -> (params, opt_state, metrics)."""
+def make_train_step(graphdef, tx, skip_nonfinite=False):
+    """Returns train_step(params, opt_state, batches) -> (params, opt_state, metrics).
+
+    metrics: float32 scalars "loss", "grad_norm". With `skip_nonfinite`, a step whose loss or
+    gradient norm is not finite leaves params and opt_state unchanged.
+    """
 
     def train_step(params, opt_state, batches):
         loss, g = grads(params, graphdef, batches)
-        updates, opt_state = tx.update(g, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, dict(loss=loss, grad_norm=optax.global_norm(g))
+        grad_norm = optax.tree.norm(g)
+        updates, new_opt_state = tx.update(g, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if skip_nonfinite:
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jnp.where(ok, new, old)
+            new_params, new_opt_state = jax.tree.map(keep, (new_params, new_opt_state), (params, opt_state))
+        return new_params, new_opt_state, dict(loss=loss, grad_norm=grad_norm)
 
     return train_step
+
+
+def eval_sums(params, graphdef, batches):
+    """Summed token cross-entropy and token count over micro-batches stacked on axis 0 [A, B, T]."""
+    sums = jax.lax.map(lambda batch: loss_sums(params, graphdef, batch), batches)
+    return jax.tree.map(jnp.sum, sums)

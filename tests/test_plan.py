@@ -7,16 +7,18 @@ import sys
 import pytest
 
 from colax import config, model, plan
+from conftest import load_config_file
 
 
-def test_flops_extrapolation_equals_fully_unrolled_count():
+def test_scanned_flops_count_equals_the_unrolled_count():
     cfg = config.preset("cola", "tiny")
     cfg.model.update(num_layers=4)
     spec = config.validate(cfg)
     extrapolated = plan.step_flops(spec, cfg, 2, 32)
-    unrolled = plan.unrolled_flops(spec, cfg, 2, 32, 4)
-    # Equal up to how XLA fuses the stacked-parameter slicing (measured: 4e-4 relative).
-    assert extrapolated == pytest.approx(unrolled, rel=1e-3)
+    unrolled = plan.step_flops(spec.replace(scan_layers=False), cfg, 2, 32)
+    # Same matmuls per block; the scanned program has a little more elementwise work (measured:
+    # 0.85% here, 1.25% for 60M at 2 x 256, 0.2% per block at 1B).
+    assert extrapolated == pytest.approx(unrolled, rel=0.015)
 
 
 def test_analytic_flops_by_hand():
@@ -29,9 +31,12 @@ def test_analytic_flops_by_hand():
 
 @pytest.mark.parametrize("kind", ["cola", "llama"])
 def test_xla_flops_within_3_percent_of_analytic(kind):
+    # At the config's micro-batch (32 x 256). The analytic count has no elementwise work and no
+    # optimizer update; XLA counts both (measured at 60M: CoLA 2.6%, full-rank 1.4%).
     cfg = config.preset(kind, "60m")
     spec = config.validate(cfg)
-    xla_per_token = plan.step_flops(spec, cfg, 2, 256) / (2 * 256)
+    batch = cfg.train.micro_batch_size
+    xla_per_token = plan.step_flops(spec, cfg, batch, 256) / (batch * 256)
     assert xla_per_token == pytest.approx(model.flops_per_token(spec, 256)["train"], rel=0.03)
 
 
@@ -53,7 +58,7 @@ def test_cli_json_has_the_documented_keys():
     out = subprocess.run([sys.executable, "-m", "colax.plan", "--config", "configs/tiny.py", "--json"],
                          capture_output=True, text=True, check=True)
     p = json.loads(out.stdout)
-    assert p["params"] == model.count_params(config.validate(config.preset("cola", "tiny")))["total"]
+    assert p["params"] == model.count_params(config.validate(load_config_file("configs/tiny.py")))["total"]
     for key in ("lowrank_params", "tokens_per_step", "flops_per_token", "xla_flops_per_step"):
         assert isinstance(p[key], (int, float)) and p[key] > 0
     assert set(p["memory"]) >= {"argument_bytes", "output_bytes", "temp_bytes"}

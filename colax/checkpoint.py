@@ -1,0 +1,94 @@
+"""The run's workdir: its config (config.json) and its orbax checkpoints (checkpoints/<step>/).
+
+A checkpoint holds "state" (params and optimizer state, the step count inside) and "data" (the
+grain train iterator's position). Saves are asynchronous and atomic (orbax writes to a temporary
+folder and renames it when complete), so a run killed during a save resumes from the previous one.
+"""
+
+import json
+import shutil
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from colax.errors import ConfigError
+
+CONFIG_NAME = "config.json"
+# Keys that may change between a run and its resumption (they do not change the trained model).
+FREE_KEYS = ("mesh.", "train.micro_batch_size", "train.log_every", "train.eval_every", "train.eval_batches",
+             "train.baseline_batches", "train.checkpoint_every", "train.keep_checkpoints", "train.on_nonfinite",
+             "train.sample_", "data.worker_count", "data.read_threads", "data.prefetch")
+# What --overwrite deletes: everything a run writes into its workdir.
+RUN_FILES = (CONFIG_NAME, "checkpoints", "metrics.jsonl", "tokenizer.model")
+
+
+def _flat(tree, prefix=""):
+    """{"a.b": leaf} of a nested dict."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+
+
+def config_diff(old, new):
+    """The first key (sorted) outside FREE_KEYS where two config dicts differ, or None."""
+    old, new = _flat(old), _flat(new)
+    keys = sorted(k for k in old.keys() | new.keys() if not k.startswith(FREE_KEYS))
+    return next((k for k in keys if old.get(k) != new.get(k)), None)
+
+
+def prepare_workdir(workdir, cfg: ml_collections.ConfigDict, overwrite=False):
+    """Creates `workdir` and writes config.json; refuses a workdir that holds a different run.
+
+    A workdir whose config.json differs from `cfg` outside FREE_KEYS raises ConfigError, unless
+    `overwrite`, which deletes the old run's files first.
+    """
+    workdir = epath.Path(workdir)
+    path = workdir / CONFIG_NAME
+    new = json.loads(cfg.to_json_best_effort())
+    if path.exists():
+        key = config_diff(json.loads(path.read_text()), new)
+        if key and not overwrite:
+            old = _flat(json.loads(path.read_text())).get(key)
+            raise ConfigError(f"workdir {workdir} holds a run with another config ({key}: {old!r} -> "
+                              f"{_flat(new).get(key)!r}); pass --overwrite to start over")
+        if key and jax.process_index() == 0:
+            for name in RUN_FILES:
+                target = workdir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(new, indent=2) + "\n")
+
+
+def manager(workdir, cfg_train):
+    """An orbax CheckpointManager over workdir/checkpoints keeping `train.keep_checkpoints`."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg_train.keep_checkpoints,
+                                           enable_async_checkpointing=True)
+    return ocp.CheckpointManager(epath.Path(workdir).absolute() / "checkpoints", options=options)
+
+
+def save(mngr, step, params, opt_state, data_iter):
+    """Starts an async save of the state after `step` optimizer steps (returns once copied to host)."""
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(dict(params=params, opt_state=opt_state)),
+        data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+
+
+def restore(mngr, step, target, data_iter):
+    """(params, opt_state) of checkpoint `step`, restored into `target`.
+
+    target: `(params, opt_state)` of ShapeDtypeStructs with shardings (`sharding.abstract_state`),
+    so each device reads only its shards, on any mesh. The data iterator is moved in place to its
+    saved position.
+    """
+    params, opt_state = target
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(dict(params=params, opt_state=opt_state)),
+        data=grain.checkpoint.CheckpointRestore(data_iter)))
+    return restored.state["params"], restored.state["opt_state"]

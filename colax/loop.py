@@ -1,0 +1,191 @@
+"""The training loop: `run(cfg, workdir)` pre-trains from scratch or resumes the run in `workdir`.
+
+Every check that can fail on a bad config or bad data (config, workdir, tokenizer vocab) runs
+before anything is compiled. Each optimizer step takes `train.batch_size` sequences from the train
+pipeline, reshaped on the host from [B, T] to [A, B / A, T] micro-batches (A = accumulation steps).
+The metrics of step t are fetched only after step t + 1 is dispatched, except before a checkpoint
+or an evaluation, which wait for the step's metrics so that no non-finite state is ever saved.
+"""
+
+import itertools
+import math
+import signal
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from colax import checkpoint, data, generate, metrics, optim, sharding, step, tokenizer
+from colax import config as config_lib
+from colax import model as model_lib
+from colax.errors import NonFiniteError
+
+
+def device_batch(batch, accum, mesh):
+    """A host batch (dict of [b, T] numpy arrays) -> global [A, B / A, T] arrays on the mesh."""
+    return sharding.global_batch({k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}, mesh)
+
+
+def eval_batches(cfg, tok, rows):
+    """The first `train.eval_batches` validation batches ([rows, T] host arrays; 0: all)."""
+    it = data.make_pipeline(cfg.data, tok, split="val", global_batch_size=rows)
+    return list(itertools.islice(it, cfg.train.eval_batches or None))
+
+
+def make_evaluate(graphdef, params, mesh, batches):
+    """evaluate(params) -> {"eval_loss", "eval_ppl"}: token-weighted mean over `batches`."""
+    fn = jax.jit(sharding.on_mesh(lambda p, b: step.eval_sums(p, graphdef, b), mesh),
+                 in_shardings=(sharding.tree_shardings(params, mesh), sharding.batch_sharding(mesh)))
+
+    def evaluate(params):
+        sums = [fn(params, device_batch(b, 1, mesh)) for b in batches]
+        loss_sum, count = np.sum(jax.device_get(sums), axis=0)
+        loss = float(loss_sum / max(count, 1.0))
+        return dict(eval_loss=loss, eval_ppl=math.exp(min(loss, 700.0)))
+
+    return evaluate
+
+
+def unigram_ppl(cfg, tok, val):
+    """Perplexity on `val` of the add-one-smoothed unigram model of `train.baseline_batches` train batches."""
+    counts = np.ones(tok.vocab_size)
+    train = data.make_pipeline(cfg.data, tok, split="train", global_batch_size=cfg.train.batch_size,
+                               num_epochs=1)
+    for b in itertools.islice(train, cfg.train.baseline_batches):
+        counts += np.bincount(b["targets"][b["loss_mask"] > 0], minlength=tok.vocab_size)
+    logp = np.log(counts / counts.sum())
+    nll = sum(-(logp[b["targets"]] * b["loss_mask"]).sum() for b in val)
+    return math.exp(nll / max(sum(b["loss_mask"].sum() for b in val), 1.0))
+
+
+class StopOnSignal:
+    """While active, SIGTERM and SIGINT set `requested` (the loop then saves and returns); a second
+    signal raises KeyboardInterrupt at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Logger:
+    """Checks each step's metrics for non-finite values, feeds the progress bar, writes metrics.jsonl."""
+
+    def __init__(self, cfg, workdir, spec, start):
+        t = cfg.train
+        self.cfg, self.skip = cfg, t.on_nonfinite == "skip"
+        self.schedule = optim.schedule(cfg.optim, t.steps)
+        self.tokens_per_step = t.batch_size * cfg.data.seq_len
+        self.flops_per_token = model_lib.flops_per_token(spec, cfg.data.seq_len)["train"]
+        self.writer = metrics.Writer(workdir, start)
+        self.progress = metrics.Progress(start, t.steps)
+        self.mark = None  # (time, step) where the current throughput window starts
+        self.tokens_per_s = None
+        self.skipped = 0
+
+    def step(self, s, device_metrics, extra=None):
+        """Fetches step s's metrics; raises NonFiniteError (stop mode) or counts a skipped step."""
+        m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            if not self.skip:
+                raise NonFiniteError(f"step {s}: loss {m['loss']}, gradient norm {m['grad_norm']} "
+                                     "(train.on_nonfinite='stop'; the last checkpoint was not touched)")
+            self.skipped += 1
+        now = time.time()
+        log = s % self.cfg.train.log_every == 0 or s == self.cfg.train.steps or extra
+        if self.mark is None:
+            self.mark = (now, s)
+        elif log:
+            self.tokens_per_s = (s - self.mark[1]) * self.tokens_per_step / (now - self.mark[0])
+            self.mark = (now, s)
+        self.progress.update(s, m["loss"], self.tokens_per_s)
+        if log:
+            rate = self.tokens_per_s
+            self.writer.write(dict(
+                step=s, **m, lr=float(self.schedule(s - 1)), tokens_per_s=rate, skipped_steps=self.skipped,
+                mfu=None if rate is None else metrics.mfu(self.flops_per_token, rate), **(extra or {})))
+
+
+def run(cfg, workdir, overwrite=False, stop_after=None):
+    """Trains `cfg` in `workdir` (resuming its latest checkpoint) to `train.steps`.
+
+    `stop_after` (a step) behaves like a SIGTERM after that step: save, then return.
+    Returns the final {"eval_loss", "eval_ppl"}, or None when stopped early.
+    """
+    spec = config_lib.validate(cfg)
+    accum, t = config_lib.accum_steps(cfg), cfg.train
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.validate(spec, mesh, t.batch_size)
+    checkpoint.prepare_workdir(workdir, cfg, overwrite)
+    tok = tokenizer.get_or_train_tokenizer(cfg.data, workdir)
+    tokenizer.check_vocab(tok, spec.vocab_size)
+    tx = optim.make(cfg.optim, t.steps)
+    train_it = data.make_pipeline(cfg.data, tok, split="train", global_batch_size=t.batch_size)
+    mngr = checkpoint.manager(workdir, t)
+    start = mngr.latest_step() or 0
+    if start:  # restored straight into the shardings: no fresh parameters are created
+        graphdef = nnx.graphdef(model_lib.abstract_model(spec))
+        params, opt_state = checkpoint.restore(mngr, start, sharding.abstract_state(spec, tx, mesh), train_it)
+    else:
+        graphdef, params, opt_state = sharding.init_state(spec, tx, mesh, t.seed)
+    val = eval_batches(cfg, tok, t.batch_size // accum)
+    evaluate = make_evaluate(graphdef, params, mesh, val)
+    train_step = sharding.jit_train_step(step.make_train_step(graphdef, tx, t.on_nonfinite == "skip"),
+                                         params, opt_state, mesh)
+    log = Logger(cfg, workdir, spec, start)
+    log.progress.write(f"{'resuming at' if start else 'starting'} step {start}/{t.steps}: "
+                       f"{model_lib.count_params(spec)['total'] / 1e6:.2f}M parameters, {accum} micro-batch(es) "
+                       f"of {t.batch_size // accum} x {cfg.data.seq_len} tokens per step")
+    pending, s, result = None, start, None
+    with StopOnSignal() as stop:
+        try:
+            for s in range(start + 1, t.steps + 1):
+                params, opt_state, m = train_step(params, opt_state, device_batch(next(train_it), accum, mesh))
+                if pending:
+                    log.step(*pending)
+                pending = (s, m)
+                stopping = stop.requested or s == stop_after
+                evaluating = s == t.steps or (t.eval_every and s % t.eval_every == 0)
+                saving = s == t.steps or stopping or s % t.checkpoint_every == 0
+                if evaluating or saving:  # wait for step s's metrics: a NaN state is never saved
+                    result = evaluate(params) if evaluating else None
+                    log.step(*pending, extra=result)
+                    pending = None
+                if saving:
+                    checkpoint.save(mngr, s, params, opt_state, train_it)
+                if stopping:
+                    break
+        finally:
+            log.progress.close()
+            mngr.wait_until_finished()
+    if s < t.steps:
+        log.progress.write(f"stopped after step {s} ({stop.requested or 'stop_after'}); checkpoint saved, "
+                           "run the same command to resume")
+        return None
+    return _report(cfg, tok, graphdef, params, result or evaluate(params), val, log)
+
+
+def _report(cfg, tok, graphdef, params, result, val, log):
+    """Prints the final validation perplexity against the unigram baseline and a sample; returns `result`."""
+    line = f"validation: loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}"
+    if cfg.train.baseline_batches:
+        line += f" (unigram baseline {unigram_ppl(cfg, tok, val):.2f})"
+    log.progress.write(line)
+    t = cfg.train
+    if t.sample_prompt and t.sample_tokens:
+        prompt = tok.encode(t.sample_prompt)
+        ids = generate.generate(params, graphdef, prompt, min(len(prompt) + t.sample_tokens, cfg.data.seq_len),
+                                tok.eos_id, t.sample_temperature, t.seed)
+        log.progress.write(f"sample: {t.sample_prompt + tok.decode(ids)!r}")
+    return result

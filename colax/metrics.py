@@ -1,0 +1,87 @@
+"""Training metrics: MFU, the metrics.jsonl file and the progress display.
+
+MFU = flops_per_token * tokens_per_s / (peak FLOP/s per device * devices), with the analytic
+training FLOPs per token of `colax.model.flops_per_token` (3 x forward matmul FLOPs; remat
+recomputation is not counted) and the dense bf16 peak of the device kind (None where unknown,
+e.g. CPU).
+"""
+
+import json
+import math
+import sys
+import time
+
+import jax
+import tqdm
+from etils import epath
+
+# Dense bf16 peak FLOP/s per device, by a substring of `jax.devices()[0].device_kind` (first match).
+PEAK_FLOPS = (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("TPU v4", 275e12),
+              ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v6", 918e12))
+
+
+def peak_flops(device_kind):
+    """The per-device peak of PEAK_FLOPS for a device kind string, or None."""
+    return next((peak for name, peak in PEAK_FLOPS if name in device_kind), None)
+
+
+def mfu(flops_per_token, tokens_per_s, devices=None):
+    """Model FLOPs utilisation in [0, 1], or None on devices without a known peak (CPU)."""
+    devices = jax.devices() if devices is None else devices
+    peak = peak_flops(devices[0].device_kind)
+    return None if peak is None else flops_per_token * tokens_per_s / (peak * len(devices))
+
+
+def _json_value(x):
+    """Floats for JSON; NaN and inf as null (metrics.jsonl stays strict JSON)."""
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+class Writer:
+    """Appends one JSON object per call to workdir/metrics.jsonl (process 0 only).
+
+    On resume from step `start`, lines of later steps (logged after the last checkpoint) are dropped.
+    """
+
+    def __init__(self, workdir, start):
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self.active = jax.process_index() == 0
+        if self.active and self.path.exists():
+            lines = self.path.read_text().splitlines()
+            self.path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= start))
+
+    def write(self, record):
+        if self.active:
+            with self.path.open("a") as f:
+                f.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")
+
+
+class Progress:
+    """Step, loss, tokens/s and ETA: a tqdm bar on a terminal, else one plain line every `every_s`."""
+
+    def __init__(self, start, total, every_s=30.0):
+        self.tty = sys.stderr.isatty() and jax.process_index() == 0
+        self.bar = tqdm.tqdm(total=total, initial=start, disable=not self.tty, dynamic_ncols=True,
+                             unit="step", file=sys.stderr)
+        self.total, self.every_s, self.last_print = total, every_s, -math.inf
+        self.t0, self.step0 = time.time(), start
+
+    def update(self, step, loss, tokens_per_s):
+        """Called once per step with that step's loss and the latest throughput (None: unknown)."""
+        rate = f"{tokens_per_s:,.0f}" if tokens_per_s else "-"
+        if self.tty:
+            self.bar.set_postfix_str(f"loss {loss:.4f}, {rate} tok/s", refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif jax.process_index() == 0 and (time.time() - self.last_print >= self.every_s or step == self.total):
+            elapsed = time.time() - self.t0
+            eta = elapsed / max(step - self.step0, 1) * (self.total - step)
+            print(f"step {step}/{self.total}  loss {loss:.4f}  {rate} tok/s  ETA {eta:.0f}s", flush=True)
+            self.last_print = time.time()
+
+    def write(self, line):
+        """Prints a line (process 0) without breaking the bar."""
+        if jax.process_index() == 0:
+            self.bar.write(line, file=sys.stdout)
+
+    def close(self):
+        self.bar.close()

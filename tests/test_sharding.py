@@ -1,0 +1,71 @@
+"""Sharding rules, activation constraints and multi-host start-up; the 8-device tests run in a
+subprocess (tests/multidevice_sharding.py) so that this process keeps its single device."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from colax import model, sharding
+from conftest import small_spec
+
+TESTS = Path(__file__).parent
+
+
+def test_multidevice_suite_passes():
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
+         str(TESTS / "multidevice_sharding.py")],
+        cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("projection", ["cola", "dense"])
+def test_every_parameter_has_logical_axes(projection):
+    params = nnx.state(model.abstract_model(small_spec(projection=projection))).to_pure_dict()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        assert len(sharding.param_logical_axes(path)) == leaf.ndim, jax.tree_util.keystr(path)
+
+
+def test_a_mesh_axis_shards_one_dimension_only():
+    assert sharding.logical_spec(("layers", "rank", "embed")) == P(None, "fsdp", None)
+    assert sharding.logical_spec(("batch", "length", "act_heads", None)) == P(("data", "fsdp"), None, "tensor", None)
+
+
+def test_unknown_parameter_is_named():
+    path = (jax.tree_util.DictKey("blocks"), jax.tree_util.DictKey("extra"))
+    with pytest.raises(ValueError, match="blocks/extra"):
+        sharding.param_logical_axes(path)
+
+
+def test_constrain_without_mesh_is_identity():
+    x = jax.numpy.ones((2, 3, 4))
+    assert sharding.constrain(x, sharding.BTD) is x
+
+
+def test_single_process_needs_no_distributed_init(monkeypatch):
+    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a: pytest.fail("initialize called"))
+    assert sharding.initialize_distributed() == (0, 1)
+
+
+@pytest.mark.parametrize("env, args", [
+    ({"SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "node[1-2]"}, ()),
+    ({}, ("10.0.0.1:1234", 2, 1)),
+])
+def test_multi_process_launch_initializes(monkeypatch, env, args):
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a: calls.append(a))
+    sharding.initialize_distributed(*args)
+    assert calls == [args + (None,) * (3 - len(args))]

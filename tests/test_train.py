@@ -1,0 +1,286 @@
+"""The training loop, checkpoints/resume, NaN policy, optimizer schedule and the train.py CLI.
+
+End-to-end tests train a micro CoLA model (d=32, 2 layers, vocab 512, seq_len 32) on the stdlib
+corpus with a test-local 512-piece tokenizer.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from colax import checkpoint, data, generate, loop, metrics, model, optim, step, tokenizer
+from colax.errors import ConfigError, NonFiniteError
+from conftest import small_spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MICRO_CONFIG = '''
+from colax import config
+
+
+def get_config():
+    cfg = config.preset("cola", "tiny")
+    cfg.model.update(vocab_size=512, hidden_size=32, intermediate_size=64, num_heads=4, num_layers=2,
+                     rank=8, dtype="float32")
+    cfg.data.update(seq_len=32, tokenizer_vocab_size=512, tokenizer_sample_docs=20, val_docs=16)
+    cfg.optim.update(lr=0.01, warmup_steps=2)
+    cfg.train.update(steps=8, batch_size=8, micro_batch_size=4, log_every=1, eval_every=4, eval_batches=2,
+                     baseline_batches=4, checkpoint_every=2, sample_tokens=4)
+    return cfg
+'''
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache: the runs of this file (and its subprocesses) compile the same steps."""
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=path, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", None)
+    for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        del os.environ[name]
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory):
+    cfg = micro_config()
+    out = str(tmp_path_factory.mktemp("tok") / "micro")
+    return tokenizer.train_tokenizer(data.train_documents(cfg.data, 20), out, 512, "bpe", 20).path
+
+
+def micro_config(**train):
+    namespace = {}
+    exec(MICRO_CONFIG, namespace)
+    cfg = namespace["get_config"]()
+    cfg.train.update(**train)
+    return cfg
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def full_run(tok_path, tmp_path_factory):
+    """8 steps of the micro config without interruption: (workdir, final eval)."""
+    cfg = micro_config()
+    cfg.data.tokenizer = tok_path
+    workdir = str(tmp_path_factory.mktemp("full"))
+    return workdir, loop.run(cfg, workdir)
+
+
+def test_loss_decreases(full_run):
+    workdir, result = full_run
+    losses = [r["loss"] for r in read_metrics(workdir)]
+    assert len(losses) == 8
+    assert np.mean(losses[-2:]) < losses[0] - 0.5
+    assert result["eval_ppl"] == pytest.approx(math.exp(result["eval_loss"]))
+
+
+def test_exact_resume(full_run, tok_path, tmp_path):
+    cfg = micro_config()
+    cfg.data.tokenizer = tok_path
+    assert loop.run(cfg, str(tmp_path), stop_after=3) is None  # like a SIGTERM after step 3
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
+    resumed = loop.run(cfg, str(tmp_path))
+    full = read_metrics(full_run[0])
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in full], rtol=1e-6)
+    np.testing.assert_allclose([r["grad_norm"] for r in records], [r["grad_norm"] for r in full], rtol=1e-5)
+    assert resumed["eval_loss"] == pytest.approx(full_run[1]["eval_loss"], rel=1e-6)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6", "8"]  # keep_checkpoints=3
+
+
+def test_metrics_records(full_run):
+    records = read_metrics(full_run[0])
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(records[0])
+    assert records[0]["tokens_per_s"] is None and records[-1]["tokens_per_s"] > 0
+    assert all(r["mfu"] is None for r in records)  # CPU: no peak FLOP/s
+    assert [r["step"] for r in records if "eval_ppl" in r] == [4, 8]
+    assert records[0]["lr"] == 0.0 and records[1]["lr"] == pytest.approx(0.005)
+
+
+def test_lr_schedule():
+    o = optim.defaults()
+    o.update(lr=2.0, warmup_steps=10, min_lr_ratio=0.1)
+    lr = optim.schedule(o, 110)
+    for s in (0, 5, 10):
+        assert float(lr(s)) == pytest.approx(2.0 * s / 10)
+    for s in (10, 35, 60, 109, 110):
+        cosine = 0.5 * (1 + math.cos(math.pi * (s - 10) / 100))
+        assert float(lr(s)) == pytest.approx(0.2 + (2.0 - 0.2) * cosine, rel=1e-5)
+
+
+@pytest.mark.parametrize("decay_norms", [True, False])
+def test_weight_decay_mask(decay_norms):
+    o = optim.defaults()
+    o.update(lr=1.0, warmup_steps=0, weight_decay=0.1, grad_clip=0.0, decay_norms=decay_norms)
+    params = dict(embed=jnp.ones(3), blocks=dict(attn_norm=dict(weight=jnp.ones(3)), q=dict(A=jnp.ones(3))))
+    tx = optim.make(o, 100)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    assert float(updates["embed"][0]) == pytest.approx(-0.1)  # -lr * wd * p: zero grads, step 0 of cosine
+    assert float(updates["blocks"]["q"]["A"][0]) == pytest.approx(-0.1)
+    assert float(updates["blocks"]["attn_norm"]["weight"][0]) == pytest.approx(-0.1 if decay_norms else 0.0)
+
+
+def _batch(key, shape, vocab):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return dict(inputs=jax.random.randint(k1, shape, 0, vocab), targets=jax.random.randint(k2, shape, 0, vocab),
+                loss_mask=(jax.random.uniform(k3, shape) < 0.7).astype(jnp.float32))
+
+
+def test_grad_accumulation_equals_big_batch(spec):
+    graphdef, state = nnx.split(model.Transformer(spec, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(state)
+    big = _batch(jax.random.key(1), (8, 16), spec.vocab_size)
+    stacked = jax.tree.map(lambda x: x.reshape(4, 2, 16), big)
+    loss_acc, g_acc = jax.jit(step.grads, static_argnums=1)(params, graphdef, stacked)
+
+    def reference(p):  # token-weighted mean cross-entropy over the whole batch, written out
+        logits = nnx.merge(graphdef, p)(big["inputs"])
+        logp = jax.nn.log_softmax(logits)
+        nll = -jnp.take_along_axis(logp, big["targets"][..., None], -1)[..., 0]
+        return (nll * big["loss_mask"]).sum() / big["loss_mask"].sum()
+
+    loss_ref, g_ref = jax.jit(jax.value_and_grad(reference))(params)
+    assert float(loss_acc) == pytest.approx(float(loss_ref), rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g_acc, g_ref)
+
+
+def test_skipped_step_keeps_state(spec):
+    graphdef, state = nnx.split(model.Transformer(spec, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(state)
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(params)
+    batch = jax.tree.map(lambda x: x[None], _batch(jax.random.key(2), (2, 8), spec.vocab_size))
+    batch["loss_mask"] = batch["loss_mask"].at[0, 0, 0].set(jnp.nan)  # a poisoned batch
+    new_params, new_opt_state, m = jax.jit(step.make_train_step(graphdef, tx, True))(params, opt_state, batch)
+    assert not np.isfinite(float(m["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, (new_params, new_opt_state), (params, opt_state))
+
+
+def test_nonfinite_stop_keeps_last_good_checkpoint(tok_path, tmp_path):
+    cfg = micro_config(checkpoint_every=1)
+    cfg.data.tokenizer = tok_path
+    cfg.optim.update(lr=1e30, warmup_steps=0)  # step 1 blows the weights up, step 2 is NaN
+    with pytest.raises(NonFiniteError, match="step 2:"):
+        loop.run(cfg, str(tmp_path))
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]
+
+
+def test_nonfinite_skip(tok_path, tmp_path):
+    cfg = micro_config(on_nonfinite="skip", steps=4, eval_every=0, baseline_batches=0, sample_prompt="")
+    cfg.data.tokenizer = tok_path
+    cfg.optim.update(lr=1e30, warmup_steps=0)
+    loop.run(cfg, str(tmp_path))
+    records = read_metrics(tmp_path)
+    assert records[-1]["skipped_steps"] == 3 and records[-1]["grad_norm"] is None  # NaN written as null
+    restored = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "4" / "state")
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored["params"]))
+
+
+def test_config_saved_and_different_config_refused(tmp_path):
+    cfg = micro_config()
+    checkpoint.prepare_workdir(tmp_path, cfg)
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f) == json.loads(cfg.to_json_best_effort())
+    checkpoint.prepare_workdir(tmp_path, cfg)  # the same run resumes
+    cfg.train.log_every = 5  # keys that do not change the trained model may differ
+    checkpoint.prepare_workdir(tmp_path, cfg)
+    (tmp_path / "checkpoints").mkdir()
+    cfg.optim.lr = 0.5
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.01 -> 0.5\); pass --overwrite"):
+        checkpoint.prepare_workdir(tmp_path, cfg)
+    checkpoint.prepare_workdir(tmp_path, cfg, overwrite=True)
+    assert os.listdir(tmp_path) == ["config.json"]
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["optim"]["lr"] == 0.5
+
+
+def test_mfu():
+    assert metrics.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert metrics.peak_flops("TPU v5 lite") == 197e12 and metrics.peak_flops("TPU v5") == 459e12
+    assert metrics.mfu(1e9, 1e4) is None  # CPU
+    fake = [type("D", (), dict(device_kind="TPU v4"))()] * 2
+    assert metrics.mfu(6e9, 1e4, fake) == pytest.approx(6e9 * 1e4 / (2 * 275e12))
+
+
+def test_greedy_generation_matches_argmax_loop():
+    spec = small_spec()
+    graphdef, state = nnx.split(model.Transformer(spec, rngs=nnx.Rngs(3)))
+    params = nnx.to_pure_dict(state)
+    out = generate.generate(params, graphdef, [5, 7], 10, eos_id=-1)
+    forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
+    tokens = np.zeros((1, 10), np.int32)
+    tokens[0, :2] = [5, 7]
+    for i in range(2, 10):  # causal: the zeros after position i - 1 do not change its logits
+        tokens[0, i] = np.argmax(forward(params, tokens)[0, i - 1])
+    assert list(out) == list(tokens[0, 2:])
+
+
+def _cli(workdir, config_file, *overrides, **kw):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--config={config_file}",
+                           f"--workdir={workdir}", *overrides], capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "micro.py"
+    path.write_text(MICRO_CONFIG)
+    return str(path)
+
+
+def test_cli_end_to_end(tmp_path, config_file):
+    proc = _cli(tmp_path / "run", config_file, "--config.train.steps=4")
+    assert proc.returncode == 0, proc.stderr
+    assert "validation: loss" in proc.stdout and "unigram baseline" in proc.stdout and "sample:" in proc.stdout
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoints", "config.json", "metrics.jsonl", "tokenizer.model"]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
+    records = read_metrics(tmp_path / "run")
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "eval_loss", "eval_ppl"} <= set(records[-1])
+    proc = _cli(tmp_path / "run", config_file, "--config.train.steps=4", "--config.optim.lr=0.1")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: workdir") and "optim.lr" in proc.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.batch_size=7", "error: train.batch_size=7 must be divisible by"),
+    ("--config.train.bogus=1", "error: --config.train.bogus: no such config key"),
+])
+def test_cli_one_line_errors(tmp_path, config_file, override, message):
+    proc = _cli(tmp_path / "run", config_file, override)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_sigterm_saves_and_stops(tok_path, tmp_path):
+    cfg = micro_config(steps=100_000, checkpoint_every=100_000, eval_every=0)
+    cfg.data.tokenizer = tok_path
+
+    def kill_after_first_step():
+        while not os.path.exists(tmp_path / "metrics.jsonl"):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=kill_after_first_step, daemon=True).start()
+    assert loop.run(cfg, str(tmp_path)) is None
+    saved = int(os.listdir(tmp_path / "checkpoints")[0])
+    assert 1 <= saved < 100_000 and read_metrics(tmp_path)[-1]["step"] == saved
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is removed again

@@ -1,0 +1,38 @@
+"""Pre-trains a (CoLA) LLaMA model from scratch, or resumes the run in --workdir.
+
+  python train.py --config configs/cola_350m.py --workdir runs/cola_350m [--config.train.steps=1000]
+
+Rerunning the same command resumes from the newest checkpoint; SIGTERM/SIGINT save and exit.
+A workdir holding a run of another config is refused unless --overwrite. Multi-host: run the same
+command on every host (docs/sharding.md). See docs/training.md.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from colax import loop, sharding
+from colax.errors import exit_on_error, parse_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: config, tokenizer, checkpoints, metrics.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete a run of another config in --workdir.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-host run by jax's cluster detection.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+@exit_on_error
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:  # library INFO logs (orbax: several per save) with -v 0
+        logging.set_verbosity(logging.WARNING)
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    auto=_DISTRIBUTED.value)
+    loop.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
