@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from colax import sharding
+from colax import kernels, sharding
 
 # The seven projections of a decoder block, in the order the paper lists them.
 PROJECTION_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -48,7 +48,8 @@ class CoLA(nnx.Module):
     """CoLA auto-encoder projection `y = silu(x @ A) @ B`, A [in, r], B [r, out], no bias.
 
     A and B are i.i.d. N(0, std) with std = (r * (in + out)) ** -0.25. The r-wide pre-activation
-    `z = x @ A` and `h = silu(z)` are tagged "cola_z" and "cola_h" for the CoLA-M remat policies.
+    `z = x @ A` and `h = silu(z)` are tagged "cola_z" and "cola_h" for the CoLA-M remat policies
+    (the Pallas kernel, `cfg.kernel="pallas"`, fuses silu(z) @ B, so it has no h to tag).
     On a mesh z is whole on every tensor device (the tensor-parallel layout in docs/sharding.md).
     """
 
@@ -56,13 +57,13 @@ class CoLA(nnx.Module):
         std = (rank * (in_features + out_features)) ** -0.25
         self.A = nnx.Param(_normal(std)(rngs.params(), (in_features, rank), cfg.param_dtype))
         self.B = nnx.Param(_normal(std)(rngs.params(), (rank, out_features), cfg.param_dtype))
+        self.kernel = cfg.kernel
 
     def __call__(self, x):
         """x: [..., in] compute dtype -> [..., out] same dtype."""
         z = sharding.constrain(x @ self.A[...].astype(x.dtype), ("batch", "length", "act_rank"))
         z = checkpoint_name(z, "cola_z")
-        h = checkpoint_name(jax.nn.silu(z), "cola_h")
-        return h @ self.B[...].astype(x.dtype)
+        return kernels.silu_matmul_any(z, self.B[...].astype(x.dtype), kernel=self.kernel)
 
     @staticmethod
     def flops_per_token(in_features, out_features, rank):

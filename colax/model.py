@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from colax import layers, remat, sharding
+from colax import kernels, layers, remat, sharding
 from colax.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -39,6 +39,7 @@ def defaults():
         dtype="bfloat16",         # compute dtype
         param_dtype="float32",    # "bfloat16" with dtype "bfloat16" is the paper's pure-bf16 mode
         attention_impl="",        # jax.nn.dot_product_attention implementation: "", "xla", "cudnn"
+        kernel="xla",             # CoLA silu(z) @ B kernel: "xla" or "pallas" (GPU; docs/kernels.md)
     ))
 
 
@@ -61,6 +62,7 @@ class ModelSpec:
     dtype: object
     param_dtype: object
     attention_impl: str
+    kernel: str
     scan_unroll: int = 1  # blocks per scan iteration; colax.plan sets 2 to count one block's FLOPs
 
     @property
@@ -104,6 +106,7 @@ def spec_from_config(m):
         _require(m[field] in DTYPES, field, f"must be one of {sorted(DTYPES)}", m[field])
     _require(m.attention_impl in ("", "xla", "cudnn"), "attention_impl", "must be '', 'xla' or 'cudnn'",
              m.attention_impl)
+    kernels.check_kernel(m.kernel, kernels.cola_pallas.INTERPRET)
     ranks = tuple((n, (m.ranks[n] or m.rank) if lowrank else 0) for n in layers.PROJECTION_NAMES)
     return ModelSpec(
         projection=m.projection, vocab_size=m.vocab_size, hidden_size=m.hidden_size,
@@ -111,7 +114,7 @@ def spec_from_config(m):
         ranks=ranks, only_lr_act=bool(m.only_lr_act), rope_theta=float(m.rope_theta),
         norm_eps=float(m.norm_eps), init_std=float(m.init_std), scan_layers=bool(m.scan_layers),
         remat=m.remat, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
-        attention_impl=m.attention_impl)
+        attention_impl=m.attention_impl, kernel=m.kernel)
 
 
 class _BlockCfg:

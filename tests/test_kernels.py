@@ -133,3 +133,24 @@ def test_shard_map_on_four_host_devices():
     out = subprocess.run([sys.executable, "-c", _FOUR_DEVICES], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("policy", ["none", "cola_m"])
+def test_model_with_pallas_kernel_matches_xla(monkeypatch, policy):
+    from flax import nnx
+
+    from colax import model, step
+    from colax.kernels import cola_pallas
+    from conftest import small_spec
+
+    monkeypatch.setattr(cola_pallas, "INTERPRET", True)
+    xla = small_spec(remat=policy)
+    net = model.Transformer(xla, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(net)
+    params = params.to_pure_dict()
+    pallas_graphdef = nnx.graphdef(model.Transformer(small_spec(remat=policy, kernel="pallas"), rngs=nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, xla.vocab_size)
+    batch = dict(inputs=tokens, targets=jnp.roll(tokens, -1, axis=1), loss_mask=jnp.ones(tokens.shape))
+    want = jax.value_and_grad(lambda p: step.loss_sums(p, graphdef, batch)[0])(params)
+    got = jax.value_and_grad(lambda p: step.loss_sums(p, pallas_graphdef, batch)[0])(params)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5), got, want)

@@ -16,7 +16,7 @@ from colax.kernels.reference import cola_reference, silu_matmul_bwd, silu_matmul
 KERNELS = ("xla", "pallas")
 BATCH_AXES = ("data", "fsdp")  # the mesh axes that split tokens (as colax.sharding.BATCH_AXES)
 
-__all__ = ["KERNELS", "Blocks", "check_kernel", "cola_matmul", "cola_reference", "silu_matmul",
+__all__ = ["KERNELS", "Blocks", "check_kernel", "cola_matmul", "cola_reference", "silu_matmul_any", "silu_matmul",
            "silu_matmul_bwd", "silu_matmul_fwd_kernel", "silu_matmul_reference", "silu_matmul_sharded"]
 
 
@@ -37,20 +37,27 @@ def _batch_axes(mesh):
 def cola_matmul(x, a, b, *, kernel, interpret=None, blocks=Blocks()):
     """The CoLA projection silu(x @ A) @ B. x: [..., I], A: [I, R], B: [R, O] -> [..., O], x's dtype.
 
-    A and B are cast to x's dtype. kernel: "xla" or "pallas"; `interpret` (default
+    A and B are cast to x's dtype; z = x @ A is tagged "cola_z", then `silu_matmul_any` runs.
+    """
+    z = checkpoint_name(x @ a.astype(x.dtype), "cola_z")
+    return silu_matmul_any(z, b.astype(x.dtype), kernel=kernel, interpret=interpret, blocks=blocks)
+
+
+def silu_matmul_any(z, b, *, kernel, interpret=None, blocks=Blocks()):
+    """silu(z) @ B with the chosen kernel. z: [..., R], B: [R, O] -> [..., O], z's dtype.
+
+    kernel: "xla" (tags h = silu(z) "cola_h") or "pallas"; `interpret` (default
     `cola_pallas.INTERPRET`) runs the Pallas kernel in interpret mode, e.g. on CPU. Under a context
-    mesh (`jax.set_mesh`) whose "data"/"fsdp" axes split x's leading axis, the kernel runs per
+    mesh (`jax.set_mesh`) whose "data"/"fsdp" axes split z's leading axis, the kernel runs per
     device via `silu_matmul_sharded`.
     """
     interpret = cola_pallas.INTERPRET if interpret is None else interpret
     check_kernel(kernel, interpret)
-    a, b = a.astype(x.dtype), b.astype(x.dtype)
-    z = checkpoint_name(x @ a, "cola_z")
     if kernel == "xla":
         return checkpoint_name(jax.nn.silu(z), "cola_h") @ b
     mesh = jax.sharding.get_abstract_mesh()
     axes = () if mesh.empty else _batch_axes(mesh)
-    if axes and x.ndim > 1:
+    if axes and z.ndim > 1:
         return silu_matmul_sharded(z, b, mesh, axes, blocks, interpret)
     y = silu_matmul(z.reshape(-1, z.shape[-1]), b, blocks, interpret)
-    return y.reshape(*x.shape[:-1], b.shape[1])
+    return y.reshape(*z.shape[:-1], b.shape[1])
