@@ -4,9 +4,16 @@ For activations X [N, D] (N tokens), the singular values s_1 >= ... >= s_min(N,D
 matrix give:
 - the energy rank at fraction f: the smallest k with sum_{i<=k} s_i^2 >= f * sum_i s_i^2;
 - the entropy effective rank (Roy & Vetterli, 2007): exp(-sum_i p_i log p_i), p_i = s_i / sum_j s_j.
+
+`projection_activations` runs a model and returns what its projections sow: every projection's
+output "y" [L, B, T, out] and, for CoLA, its bottleneck pre-activation "z" [L, B, T, r].
 """
 
+import functools
+
+import jax
 import numpy as np
+from flax import nnx
 
 
 def singular_values(x, center=True):
@@ -36,3 +43,24 @@ def rank_summary(x, fractions=(0.9, 0.95)):
     summary = dict(dim=int(np.shape(x)[-1]), entropy_rank=entropy_rank(s))
     summary.update({f"energy_rank_{round(f * 100)}": energy_rank(s, f) for f in fractions})
     return summary
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _capture(params, graphdef, tokens):
+    return nnx.merge(graphdef, params)(tokens, capture=True)[1]
+
+
+def projection_activations(params, graphdef, tokens):
+    """{projection: {"y" | "z": float32 numpy [L, B, T, width]}} of the model on tokens int32 [B, T]."""
+    acts = _capture(params, graphdef, tokens)
+    return jax.tree.map(lambda a: np.asarray(a, np.float32), acts)
+
+
+def rank_table(acts, value="y", fractions=(0.9, 0.95)):
+    """One row per (layer, projection): `rank_summary` of acts[projection][value][layer]."""
+    rows = []
+    for name, values in acts.items():
+        if value in values:
+            for layer, x in enumerate(values[value]):
+                rows.append(dict(layer=layer, projection=name, **rank_summary(x, fractions)))
+    return rows

@@ -36,8 +36,10 @@ class Dense(nnx.Module):
         self.w = nnx.Param(_normal(cfg.init_std)(rngs.params(), (in_features, out_features), cfg.param_dtype))
 
     def __call__(self, x):
-        """x: [..., in] compute dtype -> [..., out] same dtype."""
-        return x @ self.w[...].astype(x.dtype)
+        """x: [..., in] compute dtype -> [..., out] same dtype (sown as "y")."""
+        y = x @ self.w[...].astype(x.dtype)
+        self.sow(nnx.Intermediate, "y", y, reduce_fn=lambda _, v: v)
+        return y
 
     @staticmethod
     def flops_per_token(in_features, out_features, rank):
@@ -60,10 +62,13 @@ class CoLA(nnx.Module):
         self.kernel = cfg.kernel
 
     def __call__(self, x):
-        """x: [..., in] compute dtype -> [..., out] same dtype."""
+        """x: [..., in] compute dtype -> [..., out] same dtype (z and y sown as "z", "y")."""
         z = sharding.constrain(x @ self.A[...].astype(x.dtype), ("batch", "length", "act_rank"))
         z = checkpoint_name(z, "cola_z")
-        return kernels.silu_matmul_any(z, self.B[...].astype(x.dtype), kernel=self.kernel)
+        y = kernels.silu_matmul_any(z, self.B[...].astype(x.dtype), kernel=self.kernel)
+        self.sow(nnx.Intermediate, "z", z, reduce_fn=lambda _, v: v)
+        self.sow(nnx.Intermediate, "y", y, reduce_fn=lambda _, v: v)
+        return y
 
     @staticmethod
     def flops_per_token(in_features, out_features, rank):

@@ -144,11 +144,12 @@ class Transformer(nnx.Module):
         self.final_norm = layers.RMSNorm(d, cfg, rngs=rngs)
         self.lm_head = nnx.Param(normal(rngs.params(), (d, v), spec.param_dtype))
 
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, capture=False):
         """tokens: int32 [B, T]; positions, segment_ids: int32 [B, T] or None -> float32 [B, T, V].
 
         positions default to 0..T-1 per row; segment_ids (packed rows) keep attention inside a
-        document.
+        document. With `capture`, returns (logits, acts): acts[projection][name] [L, B, T, width]
+        are the values the projections sow (see `colax.layers`), for `colax.analysis`.
         """
         spec = self.spec
         if positions is None:
@@ -158,17 +159,23 @@ class Transformer(nnx.Module):
         graphdef, stacked = nnx.split(self.blocks)
 
         def body(x, block_state):
-            return nnx.merge(graphdef, block_state)(x, positions, segment_ids), None
+            block = nnx.merge(graphdef, block_state)
+            x = block(x, positions, segment_ids)
+            return x, (nnx.state(block, nnx.Intermediate).to_pure_dict() if capture else None)
 
         body = remat.checkpointed(body, spec.remat, prevent_cse=not spec.scan_layers)
         if spec.scan_layers:
-            x, _ = jax.lax.scan(body, x, stacked, unroll=spec.scan_unroll)
+            x, acts = jax.lax.scan(body, x, stacked, unroll=spec.scan_unroll)
         else:
+            per_layer = []
             for i in range(spec.num_layers):
-                x, _ = body(x, jax.tree.map(lambda a: a[i], stacked))
+                x, layer_acts = body(x, jax.tree.map(lambda a: a[i], stacked))
+                per_layer.append(layer_acts)
+            acts = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
         x = self.final_norm(x)
         logits = sharding.constrain(x @ self.lm_head[...].astype(spec.dtype), ("batch", "length", "act_vocab"))
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        return (logits, acts) if capture else logits
 
 
 def abstract_model(spec: ModelSpec):

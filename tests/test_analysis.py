@@ -48,3 +48,31 @@ def test_rank_summary_of_low_rank_activations_in_batches():
     assert summary["dim"] == 16
     assert summary["energy_rank_90"] <= 3 and summary["energy_rank_95"] <= 3
     assert 1.0 < summary["entropy_rank"] < 3.5
+
+
+def test_projection_activations_are_the_projection_outputs():
+    import jax
+    from flax import nnx
+
+    from colax import model
+    from conftest import small_spec
+
+    spec = small_spec(projection="dense", rank=0)
+    graphdef, state = nnx.split(model.Transformer(spec, rngs=nnx.Rngs(0)))
+    p = state.to_pure_dict()
+    tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, spec.vocab_size)
+    acts = analysis.projection_activations(p, graphdef, tokens)
+    assert acts["q"]["y"].shape == (2, 2, 7, 32) and acts["up"]["y"].shape == (2, 2, 7, 48)
+    # Layer 0's q projection by hand: RMSNorm of the embeddings, then x @ W_q.
+    x = np.asarray(p["embed"])[np.asarray(tokens)]
+    h = x / np.sqrt((x * x).mean(-1, keepdims=True) + spec.norm_eps) * np.asarray(p["blocks"]["attn_norm"]["weight"][0])
+    np.testing.assert_allclose(acts["q"]["y"][0], h @ np.asarray(p["blocks"]["q"]["w"][0]), rtol=1e-4, atol=1e-5)
+    rows = analysis.rank_table(acts)
+    assert len(rows) == 7 * spec.num_layers
+    assert {r["projection"] for r in rows} == {"q", "k", "v", "o", "gate", "up", "down"}
+
+    cola = small_spec()
+    graphdef, state = nnx.split(model.Transformer(cola, rngs=nnx.Rngs(0)))
+    acts = analysis.projection_activations(state.to_pure_dict(), graphdef, tokens)
+    assert acts["down"]["z"].shape == (2, 2, 7, 8)
+    assert all(r["dim"] == 8 for r in analysis.rank_table(acts, "z"))
