@@ -79,6 +79,11 @@ def check_keys(cfg, schema=None, prefix=""):
             check_keys(value, schema[key], name + ".")
 
 
+# The integer fields of `train` and their smallest allowed value.
+_TRAIN_MINIMUM = dict(steps=1, batch_size=1, micro_batch_size=1, log_every=1, keep_checkpoints=1,
+                      checkpoint_every=1, eval_every=0, eval_batches=0, baseline_batches=0, sample_tokens=0)
+
+
 def validate(cfg):
     """Checks the whole config; returns the ModelSpec. Raises ConfigError naming the bad field."""
     check_keys(cfg)
@@ -86,15 +91,10 @@ def validate(cfg):
     spec = model.spec_from_config(cfg.model)
     data.validate(cfg.data)
     t = cfg.train
-    for field in ("steps", "batch_size", "micro_batch_size"):
-        if not (isinstance(t[field], int) and t[field] > 0):
-            raise ConfigError(f"train.{field} must be a positive integer, got {t[field]!r}")
-    for field in ("log_every", "keep_checkpoints", "checkpoint_every"):
-        if not (isinstance(t[field], int) and t[field] > 0):
-            raise ConfigError(f"train.{field} must be a positive integer, got {t[field]!r}")
-    for field in ("eval_every", "eval_batches", "baseline_batches", "sample_tokens"):
-        if not (isinstance(t[field], int) and t[field] >= 0):
-            raise ConfigError(f"train.{field} must be an integer >= 0, got {t[field]!r}")
+    for field, low in _TRAIN_MINIMUM.items():
+        if not (isinstance(t[field], int) and t[field] >= low):
+            raise ConfigError(f"train.{field} must be {'a positive integer' if low else 'an integer >= 0'}, "
+                              f"got {t[field]!r}")
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.on_nonfinite must be 'stop' or 'skip', got {t.on_nonfinite!r}")
     if t.sample_temperature < 0:
