@@ -4,8 +4,9 @@ Shapes: B batch, T sequence, D hidden size, N heads, H head size (D = N * H), F 
 R rank. Activations are in the compute dtype (`cfg.dtype`); parameters in `cfg.param_dtype`.
 
 A projection kind is one class in `PROJECTIONS`: it maps [..., in] -> [..., out], takes
-`(in_features, out_features, rank, cfg, rngs)` and states its forward FLOPs per token. Adding a
-new low-rank method means adding one class here and a config that names it.
+`(in_features, out_features, rank, cfg, rngs)`, states its forward FLOPs per token and the logical
+axes of its parameters (for sharding). Adding a new low-rank method means adding one class here
+and a config that names it.
 """
 
 import jax
@@ -45,6 +46,11 @@ class Dense(nnx.Module):
     def flops_per_token(in_features, out_features, rank):
         return 2 * in_features * out_features
 
+    @staticmethod
+    def param_axes(in_axis, out_axis):
+        """Logical axes of each parameter, for colax.sharding."""
+        return {"w": (in_axis, out_axis)}
+
 
 class CoLA(nnx.Module):
     """CoLA auto-encoder projection `y = silu(x @ A) @ B`, A [in, r], B [r, out], no bias.
@@ -73,6 +79,11 @@ class CoLA(nnx.Module):
     @staticmethod
     def flops_per_token(in_features, out_features, rank):
         return 2 * rank * (in_features + out_features)
+
+    @staticmethod
+    def param_axes(in_axis, out_axis):
+        """Logical axes of each parameter, for colax.sharding: the rank axis is never split by tensor."""
+        return {"A": (in_axis, "rank"), "B": ("rank", out_axis)}
 
 
 PROJECTIONS = {"dense": Dense, "cola": CoLA}

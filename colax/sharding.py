@@ -1,7 +1,7 @@
 """The device mesh, where parameters, optimizer state, activations and batches live, and the jitted step.
 
 Mesh axes: "data" (batch), "fsdp" (batch, and parameters sharded), "tensor" (tensor parallel).
-Every array axis has a logical name (`PARAM_AXES`, and the activation names used with
+Every array axis has a logical name (`param_axes_table()`, and the activation names used with
 `constrain`); `RULES` is the one table mapping logical names to mesh axes. The tensor-parallel
 layout it encodes for CoLA, and the collectives it costs, are in docs/sharding.md.
 """
@@ -42,21 +42,25 @@ RULES = {
     "act_vocab": ("tensor",),
 }
 
-# (in, out) logical axes of each projection; a CoLA A is (in, rank), B (rank, out), a dense w (in, out).
+# (in, out) logical axes of each projection; each projection kind maps them to its parameters'
+# axes (`param_axes` of the classes in colax.layers.PROJECTIONS: CoLA A (in, rank), B (rank, out)).
 PROJECTION_AXES = {"q": ("embed", "heads"), "k": ("embed", "heads"), "v": ("embed", "heads"),
                    "o": ("heads", "embed"), "gate": ("embed", "mlp"), "up": ("embed", "mlp"),
                    "down": ("mlp", "embed")}
-PARAM_AXES = {
-    ("embed",): ("vocab", "embed"),
-    ("lm_head",): ("embed", "vocab"),
-    ("final_norm", "weight"): ("norm",),
-    ("blocks", "attn_norm", "weight"): ("layers", "norm"),
-    ("blocks", "mlp_norm", "weight"): ("layers", "norm"),
-    **{("blocks", name, leaf): ("layers", *axes)
-       for name, (i, o) in PROJECTION_AXES.items()
-       for leaf, axes in (("A", (i, "rank")), ("B", ("rank", o)), ("w", (i, o)))},
-}
 BTD = ("batch", "length", "act_embed")
+
+
+@functools.cache
+def param_axes_table():
+    """{parameter dict-key path: logical axes} for every parameter of every projection kind."""
+    table = {("embed",): ("vocab", "embed"), ("lm_head",): ("embed", "vocab"), ("final_norm", "weight"): ("norm",),
+             ("blocks", "attn_norm", "weight"): ("layers", "norm"),
+             ("blocks", "mlp_norm", "weight"): ("layers", "norm")}
+    for kind in model_lib.layers.PROJECTIONS.values():
+        for name, (fan_in, fan_out) in PROJECTION_AXES.items():
+            for leaf, axes in kind.param_axes(fan_in, fan_out).items():
+                table["blocks", name, leaf] = ("layers", *axes)
+    return table
 
 
 def defaults():
@@ -108,9 +112,11 @@ def param_logical_axes(path):
     keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
     if not keys:
         return ()
-    if keys not in PARAM_AXES:
-        raise ValueError(f"no logical axes for parameter {'/'.join(map(str, keys))}: add it to sharding.PARAM_AXES")
-    return PARAM_AXES[keys]
+    table = param_axes_table()
+    if keys not in table:
+        raise ValueError(f"no logical axes for parameter {'/'.join(map(str, keys))}: give its projection kind "
+                         "a param_axes or add it to sharding.param_axes_table")
+    return table[keys]
 
 
 def param_sharding(path, leaf, mesh):
