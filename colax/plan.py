@@ -24,7 +24,7 @@ from ml_collections import config_flags
 from colax import config as config_lib
 from colax import model as model_lib
 from colax import optim, remat, step
-from colax.errors import exit_on_error
+from colax.errors import exit_on_error, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _REMAT = flags.DEFINE_string("remat", "", "Comma-separated remat policies to compare (default: the config's).")
@@ -194,4 +194,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

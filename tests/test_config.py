@@ -86,3 +86,11 @@ def test_cli_bad_config_is_one_line():
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == "error: model.num_heads must divide hidden_size=512, got 7"
     assert "Traceback" not in out.stderr
+
+
+def test_cli_unknown_override_is_one_line():
+    out = subprocess.run([sys.executable, "-m", "colax.plan", "--config", "configs/cola_60m.py",
+                          "--config.model.bogus=1"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("error: --config.model.bogus: no such config key")
+    assert "Traceback" not in out.stderr
