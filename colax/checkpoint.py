@@ -22,7 +22,7 @@ FREE_KEYS = ("mesh.", "train.micro_batch_size", "train.log_every", "train.eval_e
              "train.baseline_batches", "train.checkpoint_every", "train.keep_checkpoints", "train.on_nonfinite",
              "train.sample_", "data.worker_count", "data.read_threads", "data.prefetch")
 # What --overwrite deletes: everything a run writes into its workdir.
-RUN_FILES = (CONFIG_NAME, "checkpoints", "metrics.jsonl", "tokenizer.model")
+RUN_FILES = (CONFIG_NAME, "checkpoints", "metrics.jsonl", "tensorboard", "tokenizer.model")
 
 
 def _flat(tree, prefix=""):

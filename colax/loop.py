@@ -168,6 +168,7 @@ def run(cfg, workdir, overwrite=False, stop_after=None):
                     break
         finally:
             log.progress.close()
+            log.writer.close()
             mngr.wait_until_finished()
     if s < t.steps:
         log.progress.write(f"stopped after step {s} ({stop.requested or 'stop_after'}); checkpoint saved, "

@@ -1,4 +1,4 @@
-"""Training metrics: MFU, the metrics.jsonl file and the progress display.
+"""Training metrics: MFU, the metrics.jsonl file, TensorBoard events and the progress display.
 
 MFU = flops_per_token * tokens_per_s / (peak FLOP/s per device * devices), with the analytic
 training FLOPs per token of `colax.model.flops_per_token` (3 x forward matmul FLOPs; remat
@@ -14,6 +14,7 @@ import time
 import jax
 import tqdm
 from etils import epath
+from tensorboardX import SummaryWriter
 
 # Dense bf16 peak FLOP/s per device, by a substring of `jax.devices()[0].device_kind` (first match).
 PEAK_FLOPS = (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("TPU v4", 275e12),
@@ -38,7 +39,8 @@ def _json_value(x):
 
 
 class Writer:
-    """Appends one JSON object per call to workdir/metrics.jsonl (process 0 only).
+    """Appends one JSON object per call to workdir/metrics.jsonl and its numbers as TensorBoard
+    scalars to workdir/tensorboard/ (process 0 only).
 
     On resume from step `start`, lines of later steps (logged after the last checkpoint) are dropped.
     """
@@ -46,14 +48,26 @@ class Writer:
     def __init__(self, workdir, start):
         self.path = epath.Path(workdir) / "metrics.jsonl"
         self.active = jax.process_index() == 0
-        if self.active and self.path.exists():
-            lines = self.path.read_text().splitlines()
-            self.path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= start))
+        self.tensorboard = None
+        if self.active:
+            self.tensorboard = SummaryWriter(str(epath.Path(workdir) / "tensorboard"), purge_step=start + 1)
+            if self.path.exists():
+                lines = self.path.read_text().splitlines()
+                self.path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= start))
 
     def write(self, record):
+        """record: {"step": int, name: number or None, ...}."""
         if self.active:
+            record = {k: _json_value(v) for k, v in record.items()}
             with self.path.open("a") as f:
-                f.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")
+                f.write(json.dumps(record) + "\n")
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(name, value, record["step"])
+
+    def close(self):
+        if self.tensorboard:
+            self.tensorboard.close()
 
 
 class Progress:

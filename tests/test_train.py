@@ -7,6 +7,7 @@ corpus with a test-local 512-piece tokenizer.
 import json
 import math
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -105,6 +106,34 @@ def test_exact_resume(full_run, tok_path, tmp_path):
     np.testing.assert_allclose([r["grad_norm"] for r in records], [r["grad_norm"] for r in full], rtol=1e-5)
     assert resumed["eval_loss"] == pytest.approx(full_run[1]["eval_loss"], rel=1e-6)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6", "8"]  # keep_checkpoints=3
+
+
+def read_tensorboard_scalars(logdir):
+    """{tag: [(step, value)]} from the TFRecord-framed Event protos of every events file in logdir."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        raw = path.read_bytes()
+        offset = 0
+        while offset < len(raw):
+            (length,) = struct.unpack("<Q", raw[offset:offset + 8])
+            event = event_pb2.Event.FromString(raw[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return scalars
+
+
+def test_tensorboard_events_match_metrics_jsonl(full_run):
+    workdir, _ = full_run
+    scalars = read_tensorboard_scalars(pathlib.Path(workdir) / "tensorboard")
+    records = read_metrics(workdir)
+    assert [s for s, _ in scalars["loss"]] == [r["step"] for r in records]
+    np.testing.assert_allclose([v for _, v in scalars["loss"]], [r["loss"] for r in records], rtol=1e-6)
+    assert [s for s, _ in scalars["eval_ppl"]] == [r["step"] for r in records if "eval_ppl" in r]
 
 
 def test_metrics_records(full_run):

@@ -1,0 +1,93 @@
+"""benchmarks/compare.py: full-rank, CoLA and CoLA-M on the same data, checked against independent counts.
+
+One comparison of a micro size (d=32, 1 unrolled layer, vocab 512, 4 steps of 4 x 32 tokens) runs
+once for the module; unrolled layers keep `colax.plan` to a single compile per model.
+"""
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from colax import config, model
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import compare  # noqa: E402
+
+STEPS, BATCH, SEQ = 4, 4, 32
+MICRO = [f"--steps={STEPS}", f"--batch_size={BATCH}", f"--micro_batch_size={BATCH}", f"--seq_len={SEQ}",
+         "--vocab_size=512", "--log_every=1", "--eval_every=0", "--eval_batches=1",
+         "--config.model.hidden_size=32", "--config.model.intermediate_size=64", "--config.model.rank=8",
+         "--config.model.num_layers=1",
+         "--config.model.scan_layers=False", "--config.model.dtype=float32",
+         "--config.data.tokenizer_sample_docs=20", "--config.data.val_docs=16"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    return out, compare.main(MICRO + [f"--out={out}"])
+
+
+def trained_spec(out, name):
+    """The ModelSpec of the config the loop wrote into the run's workdir."""
+    with open(out / name / "config.json") as f:
+        cfg = ml_collections.ConfigDict(json.load(f))
+    return model.spec_from_config(cfg.model), cfg
+
+
+def test_files_and_table_structure(report):
+    out, r = report
+    assert [row["label"] for row in r["runs"]] == ["full-rank", "CoLA", "CoLA-M"]
+    lines = r["table"].splitlines()
+    assert len(lines) == 5 and all(line.count("|") == 21 for line in lines)
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["full-rank", "CoLA", "CoLA-M"]
+    assert r["table"] in (out / "compare.md").read_text()
+    assert json.loads((out / "compare.json").read_text())["table"] == r["table"]
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    for line in lines[2:]:  # measured peak memory: CPU reports none
+        assert line.split("|")[17].strip() == "n/a"
+
+
+def test_numbers_match_independent_counts(report):
+    out, r = report
+    rows = {row["name"]: row for row in r["runs"]}
+    flops = {}
+    for name, row in rows.items():
+        spec, cfg = trained_spec(out, name)
+        counts = model.count_params(spec)
+        assert (row["params"], row["embedding_params"]) == (counts["total"], counts["embeddings"])
+        flops[name] = model.flops_per_token(spec, SEQ)["train"]
+        assert row["flops_per_token"] == flops[name]
+        assert row["remat"] == spec.remat == {"llama": "none", "cola": "none", "cola_m": "cola_m"}[name]
+        assert cfg.data.tokenizer == str(out / "tokenizer.model")
+        assert row["eval_ppl"] == pytest.approx(math.exp(row["eval_loss"]))
+        assert row["eval_loss"] == row["metrics"][-1]["eval_loss"]
+    assert rows["llama"]["lr"] == config.FULL_RANK_LR and rows["cola"]["lr"] == config.SIZES["tiny"][5]
+    cells = [line.split("|") for line in r["table"].splitlines()[2:]]
+    assert cells[1][9].strip() == f"{flops['cola'] / flops['llama']:.2f}"
+    assert cells[1][5].strip() == f"{rows['cola']['params'] / rows['llama']['params']:.2f}"
+    assert rows["cola_m"]["params"] == rows["cola"]["params"]
+
+
+def test_same_tokens_and_same_start(report):
+    """Same tokens for all; CoLA and CoLA-M (same init, same batches) log the same losses."""
+    _, r = report
+    rows = {row["name"]: row for row in r["runs"]}
+    assert {row["tokens"] for row in r["runs"]} == {STEPS * BATCH * SEQ}
+    for row in r["runs"]:
+        assert [m["step"] for m in row["metrics"]] == list(range(1, STEPS + 1))
+    cola, cola_m = ([m["loss"] for m in rows[n]["metrics"]] for n in ("cola", "cola_m"))
+    assert cola_m[0] == pytest.approx(cola[0], rel=1e-6)
+    assert cola_m == pytest.approx(cola, rel=1e-4)
+    assert rows["llama"]["metrics"][0]["loss"] != pytest.approx(cola[0], rel=1e-6)
+
+
+def test_bad_override_is_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="no such config key"):
+        compare.main(MICRO + ["--config.model.bogus=1", f"--out={tmp_path}"])
+    assert not os.listdir(tmp_path)
