@@ -37,10 +37,8 @@ class Dense(nnx.Module):
         self.w = nnx.Param(_normal(cfg.init_std)(rngs.params(), (in_features, out_features), cfg.param_dtype))
 
     def __call__(self, x):
-        """x: [..., in] compute dtype -> [..., out] same dtype (sown as "y")."""
-        y = x @ self.w[...].astype(x.dtype)
-        self.sow(nnx.Intermediate, "y", y, reduce_fn=lambda _, v: v)
-        return y
+        """x: [..., in] compute dtype -> [..., out] same dtype."""
+        return x @ self.w[...].astype(x.dtype)
 
     @staticmethod
     def flops_per_token(in_features, out_features, rank):
@@ -67,14 +65,14 @@ class CoLA(nnx.Module):
         self.B = nnx.Param(_normal(std)(rngs.params(), (rank, out_features), cfg.param_dtype))
         self.kernel = cfg.kernel
 
-    def __call__(self, x):
-        """x: [..., in] compute dtype -> [..., out] same dtype (z and y sown as "z", "y")."""
+    def bottleneck(self, x):
+        """z = x @ A: x [..., in] compute dtype -> [..., r] same dtype, tagged "cola_z"."""
         z = sharding.constrain(x @ self.A[...].astype(x.dtype), ("batch", "length", "act_rank"))
-        z = checkpoint_name(z, "cola_z")
-        y = kernels.silu_matmul_any(z, self.B[...].astype(x.dtype), kernel=self.kernel)
-        self.sow(nnx.Intermediate, "z", z, reduce_fn=lambda _, v: v)
-        self.sow(nnx.Intermediate, "y", y, reduce_fn=lambda _, v: v)
-        return y
+        return checkpoint_name(z, "cola_z")
+
+    def __call__(self, x):
+        """x: [..., in] compute dtype -> [..., out] same dtype."""
+        return kernels.silu_matmul_any(self.bottleneck(x), self.B[...].astype(x.dtype), kernel=self.kernel)
 
     @staticmethod
     def flops_per_token(in_features, out_features, rank):

@@ -148,8 +148,9 @@ class Transformer(nnx.Module):
         """tokens: int32 [B, T]; positions, segment_ids: int32 [B, T] or None -> float32 [B, T, V].
 
         positions default to 0..T-1 per row; segment_ids (packed rows) keep attention inside a
-        document. With `capture`, returns (logits, acts): acts[projection][name] [L, B, T, width]
-        are the values the projections sow (see `colax.layers`), for `colax.analysis`.
+        document. With `capture`, returns (logits, acts): acts[projection]["y"] [L, B, T, out] is
+        each projection's output and, for CoLA, acts[projection]["z"] [L, B, T, r] its bottleneck
+        (`bottleneck` method), for `colax.analysis`.
         """
         spec = self.spec
         if positions is None:
@@ -160,8 +161,11 @@ class Transformer(nnx.Module):
 
         def body(x, block_state):
             block = nnx.merge(graphdef, block_state)
-            x = block(x, positions, segment_ids)
-            return x, (nnx.state(block, nnx.Intermediate).to_pure_dict() if capture else None)
+            if not capture:
+                return block(x, positions, segment_ids), None
+            x, outputs = nnx.capture(block, nnx.Intermediate, method_outputs=nnx.Intermediate)(
+                x, positions, segment_ids)
+            return x, _projection_values(nnx.to_pure_dict(outputs))
 
         body = remat.checkpointed(body, spec.remat, prevent_cse=not spec.scan_layers)
         if spec.scan_layers:
@@ -178,6 +182,13 @@ class Transformer(nnx.Module):
         return (logits, acts) if capture else logits
 
 
+def _projection_values(outputs):
+    """Method outputs captured in a block -> {projection: {"y": output, "z": bottleneck (CoLA)}}."""
+    names = {"__call__": "y", "bottleneck": "z"}
+    return {p: {names[m]: values[0] for m, values in outputs[p].items() if m in names}
+            for p in layers.PROJECTION_NAMES}
+
+
 def abstract_model(spec: ModelSpec):
     """The model with ShapeDtypeStructs for parameters (nothing allocated; fine for 7B)."""
     return nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(0)))
@@ -186,7 +197,7 @@ def abstract_model(spec: ModelSpec):
 def count_params(spec: ModelSpec):
     """Parameter counts read off the model: {"total", "lowrank", "embeddings", "projections", "norms"}."""
     counts = dict(total=0, lowrank=0, embeddings=0, projections=0, norms=0)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(abstract_model(spec)).to_pure_dict()):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(abstract_model(spec)))):
         keys = [getattr(k, "key", None) for k in path]
         group = ("embeddings" if keys[0] in ("embed", "lm_head") else
                  "projections" if keys[0] == "blocks" and keys[1] in layers.PROJECTION_NAMES else "norms")

@@ -34,7 +34,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.
 def compile_step(spec, cfg, batch_size, seq_len):
     """Compiles one training step (one micro-batch [batch_size, seq_len]) from abstract shapes."""
     graphdef, state = nnx.split(model_lib.abstract_model(spec))
-    params = state.to_pure_dict()
+    params = nnx.to_pure_dict(state)
     tx = optim.make(cfg.optim, cfg.train.steps)
     opt_state = jax.eval_shape(tx.init, params)
     tokens = jax.ShapeDtypeStruct((1, batch_size, seq_len), jnp.int32)

@@ -166,7 +166,7 @@ def validate(spec, mesh, batch_size=None):
     sizes = dict(mesh.shape)
     if spec.num_heads % sizes["tensor"]:
         raise ConfigError(f"mesh.tensor={sizes['tensor']} must divide model.num_heads={spec.num_heads}")
-    params = nnx.state(model_lib.abstract_model(spec)).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model_lib.abstract_model(spec)))
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         for dim, (n, axes) in enumerate(zip(leaf.shape, logical_spec(param_logical_axes(path)))):
             axes = (axes,) if isinstance(axes, str) else axes or ()
@@ -181,7 +181,7 @@ def validate(spec, mesh, batch_size=None):
 
 def _init_fn(spec, tx, seed):
     def init():
-        params = nnx.state(model_lib.Transformer(spec, rngs=nnx.Rngs(seed))).to_pure_dict()
+        params = nnx.to_pure_dict(nnx.state(model_lib.Transformer(spec, rngs=nnx.Rngs(seed))))
         return params, tx.init(params)
 
     return init

@@ -59,7 +59,7 @@ def test_projection_activations_are_the_projection_outputs():
 
     spec = small_spec(projection="dense", rank=0)
     graphdef, state = nnx.split(model.Transformer(spec, rngs=nnx.Rngs(0)))
-    p = state.to_pure_dict()
+    p = nnx.to_pure_dict(state)
     tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, spec.vocab_size)
     acts = analysis.projection_activations(p, graphdef, tokens)
     assert acts["q"]["y"].shape == (2, 2, 7, 32) and acts["up"]["y"].shape == (2, 2, 7, 48)
@@ -73,6 +73,6 @@ def test_projection_activations_are_the_projection_outputs():
 
     cola = small_spec()
     graphdef, state = nnx.split(model.Transformer(cola, rngs=nnx.Rngs(0)))
-    acts = analysis.projection_activations(state.to_pure_dict(), graphdef, tokens)
+    acts = analysis.projection_activations(nnx.to_pure_dict(state), graphdef, tokens)
     assert acts["down"]["z"].shape == (2, 2, 7, 8)
     assert all(r["dim"] == 8 for r in analysis.rank_table(acts, "z"))

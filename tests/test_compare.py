@@ -22,8 +22,7 @@ STEPS, BATCH, SEQ = 4, 4, 32
 MICRO = [f"--steps={STEPS}", f"--batch_size={BATCH}", f"--micro_batch_size={BATCH}", f"--seq_len={SEQ}",
          "--vocab_size=512", "--log_every=1", "--eval_every=0", "--eval_batches=1",
          "--config.model.hidden_size=32", "--config.model.intermediate_size=64", "--config.model.rank=8",
-         "--config.model.num_layers=1",
-         "--config.model.scan_layers=False", "--config.model.dtype=float32",
+         "--config.model.num_layers=1", "--config.model.scan_layers=False", "--config.model.dtype=float32",
          "--config.data.tokenizer_sample_docs=20", "--config.data.val_docs=16"]
 
 

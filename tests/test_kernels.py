@@ -147,7 +147,7 @@ def test_model_with_pallas_kernel_matches_xla(monkeypatch, policy):
     xla = small_spec(remat=policy)
     net = model.Transformer(xla, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(net)
-    params = params.to_pure_dict()
+    params = nnx.to_pure_dict(params)
     pallas_graphdef = nnx.graphdef(model.Transformer(small_spec(remat=policy, kernel="pallas"), rngs=nnx.Rngs(0)))
     tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, xla.vocab_size)
     batch = dict(inputs=tokens, targets=jnp.roll(tokens, -1, axis=1), loss_mask=jnp.ones(tokens.shape))

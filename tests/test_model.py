@@ -126,7 +126,7 @@ def test_forward_matches_reference(overrides):
     got = net(tokens)
     chex.assert_shape(got, (2, 12, spec.vocab_size))
     chex.assert_type(got, jnp.float32)
-    want = ref_forward(nnx.state(net).to_pure_dict(), np.asarray(tokens), spec)
+    want = ref_forward(nnx.to_pure_dict(nnx.state(net)), np.asarray(tokens), spec)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -136,7 +136,7 @@ def test_packed_segments_match_reference_and_separate_documents(spec):
     segments = jnp.array([[1] * 4 + [2] * 6])
     positions = jnp.array([list(range(4)) + list(range(6))])
     got = net(tokens, positions, segments)
-    want = ref_forward(nnx.state(net).to_pure_dict(), np.asarray(tokens), spec, positions, segments)
+    want = ref_forward(nnx.to_pure_dict(nnx.state(net)), np.asarray(tokens), spec, positions, segments)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     # The second document alone gives the same logits as inside the packed row.
     np.testing.assert_allclose(got[:, 4:], net(tokens[:, 4:]), rtol=1e-5, atol=1e-5)

@@ -29,7 +29,7 @@ def test_multidevice_suite_passes():
 
 @pytest.mark.parametrize("projection", ["cola", "dense"])
 def test_every_parameter_has_logical_axes(projection):
-    params = nnx.state(model.abstract_model(small_spec(projection=projection))).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model.abstract_model(small_spec(projection=projection))))
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         assert len(sharding.param_logical_axes(path)) == leaf.ndim, jax.tree_util.keystr(path)
 
