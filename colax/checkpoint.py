@@ -13,8 +13,11 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 
-from colax.errors import ConfigError
+from colax import config as config_lib
+from colax import model, optim, sharding
+from colax.errors import ConfigError, DataError
 
 CONFIG_NAME = "config.json"
 # Keys that may change between a run and its resumption (they do not change the trained model).
@@ -92,3 +95,21 @@ def restore(mngr, step, target, data_iter):
         state=ocp.args.StandardRestore(dict(params=params, opt_state=opt_state)),
         data=grain.checkpoint.CheckpointRestore(data_iter)))
     return restored.state["params"], restored.state["opt_state"]
+
+
+def load_params(cfg, workdir, step=None):
+    """(graphdef, params) of checkpoint `step` (default: the newest) of the run of `cfg` in `workdir`.
+
+    The parameters are restored onto `cfg`'s mesh without the optimizer state being kept or the
+    data iterator being built: for evaluation, sampling and analysis of a trained model.
+    """
+    spec = config_lib.validate(cfg)
+    mngr = manager(workdir, cfg.train)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise DataError(f"no checkpoint in {epath.Path(workdir) / 'checkpoints'}")
+    params, opt_state = sharding.abstract_state(spec, optim.make(cfg.optim, cfg.train.steps),
+                                                sharding.make_mesh(cfg.mesh))
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(dict(params=params, opt_state=opt_state))))
+    return nnx.graphdef(model.abstract_model(spec)), restored.state["params"]

@@ -5,6 +5,8 @@ each owned by its module (`colax.model.defaults()`, ...). Config files under con
 `preset(kind, size)` with any changes; `--config.a.b=v` overrides work on top of them.
 """
 
+import importlib.util
+
 import jax
 import ml_collections
 
@@ -64,6 +66,17 @@ def preset(kind, size):
     cfg.optim.update(lr=lr if kind == "cola" else FULL_RANK_LR, warmup_steps=warmup)
     cfg.train.steps = steps
     return cfg
+
+
+def from_file(path):
+    """The ConfigDict that `get_config()` of a config file (e.g. configs/tiny.py) returns, as
+    `--config path` loads it."""
+    module_spec = importlib.util.spec_from_file_location("colax_config_file", path)
+    if module_spec is None:
+        raise ConfigError(f"config file {path} is not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def check_keys(cfg, schema=None, prefix=""):

@@ -6,6 +6,7 @@ random access (no TensorFlow); `hf` streams a Hugging Face dataset (optional
 extra, imported lazily).
 """
 
+import functools
 import glob
 import gzip
 import hashlib
@@ -21,8 +22,9 @@ from colax.errors import DataError
 STDLIB_EXCLUDE = ("site-packages", "test", "tests", "idle_test")
 
 
-def stdlib_paths() -> list[str]:
-    """Sorted `*.py` paths of the running interpreter's standard library.
+@functools.cache
+def stdlib_paths() -> tuple[str, ...]:
+    """Sorted `*.py` paths of the running interpreter's standard library (listed once per process).
 
     This is the embedded corpus ("Python standard library sources"): test
     folders and site-packages are excluded, each file is one document.
@@ -31,7 +33,7 @@ def stdlib_paths() -> list[str]:
     paths = glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
     keep = lambda p: not set(os.path.relpath(p, root).split(os.sep)) & set(
         STDLIB_EXCLUDE)
-    return sorted(p for p in paths if keep(p))
+    return tuple(sorted(p for p in paths if keep(p)))
 
 
 def expand_paths(pattern: str) -> list[str]:

@@ -1,6 +1,4 @@
-"""Shared fixtures: small model specs built through the real config path; config files."""
-
-import importlib.util
+"""Shared fixtures: small model specs built through the real config path."""
 
 import pytest
 
@@ -23,10 +21,3 @@ def spec():
     return small_spec()
 
 
-
-def load_config_file(path):
-    """The ConfigDict returned by `get_config()` of a config file such as configs/tiny.py."""
-    module_spec = importlib.util.spec_from_file_location("config_file", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config()

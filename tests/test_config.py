@@ -7,7 +7,6 @@ import pytest
 
 from colax import config, model
 from colax.errors import ConfigError
-from conftest import load_config_file
 
 # The paper's parameter counts (millions, to 0.01M): CoLA and full-rank LLaMA.
 PAPER_PARAMS = {
@@ -45,7 +44,7 @@ def test_recipe_in_presets():
 
 def test_config_files_load_their_presets():
     for kind, size in PAPER_PARAMS:
-        assert load_config_file(f"configs/{kind}_{size}.py") == config.preset(kind, size)
+        assert config.from_file(f"configs/{kind}_{size}.py") == config.preset(kind, size)
 
 
 @pytest.mark.parametrize("edit,message", [

@@ -277,7 +277,7 @@ def test_tfds_errors(tfds_dir, tmp_path):
 
 def test_stdlib_corpus_is_sorted_python_sources():
     paths = sources.stdlib_paths()
-    assert len(paths) > 300 and paths == sorted(paths)
+    assert len(paths) > 300 and list(paths) == sorted(paths)
     assert all(p.endswith(".py") and f"{os.sep}test{os.sep}" not in p for p in paths)
 
 

@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from colax import config, model, plan
-from conftest import load_config_file
 
 
 def test_scanned_flops_count_equals_the_unrolled_count():
@@ -58,7 +57,7 @@ def test_cli_json_has_the_documented_keys():
     out = subprocess.run([sys.executable, "-m", "colax.plan", "--config", "configs/tiny.py", "--json"],
                          capture_output=True, text=True, check=True)
     p = json.loads(out.stdout)
-    assert p["params"] == model.count_params(config.validate(load_config_file("configs/tiny.py")))["total"]
+    assert p["params"] == model.count_params(config.validate(config.from_file("configs/tiny.py")))["total"]
     for key in ("lowrank_params", "tokens_per_step", "flops_per_token", "xla_flops_per_step"):
         assert isinstance(p[key], (int, float)) and p[key] > 0
     assert set(p["memory"]) >= {"argument_bytes", "output_bytes", "temp_bytes"}

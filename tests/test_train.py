@@ -22,8 +22,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from colax import checkpoint, data, generate, loop, metrics, model, optim, step, tokenizer
-from colax.errors import ConfigError, NonFiniteError
+from colax import checkpoint, config, data, generate, loop, metrics, model, optim, step, tokenizer
+from colax.errors import ConfigError, DataError, NonFiniteError
 from conftest import small_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,6 +106,21 @@ def test_exact_resume(full_run, tok_path, tmp_path):
     np.testing.assert_allclose([r["grad_norm"] for r in records], [r["grad_norm"] for r in full], rtol=1e-5)
     assert resumed["eval_loss"] == pytest.approx(full_run[1]["eval_loss"], rel=1e-6)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6", "8"]  # keep_checkpoints=3
+
+
+def test_load_params_evaluates_to_the_final_eval(full_run, tok_path):
+    workdir, result = full_run
+    cfg = micro_config()
+    cfg.data.tokenizer = tok_path
+    graphdef, params = checkpoint.load_params(cfg, workdir)
+    val = loop.eval_batches(cfg, tokenizer.load_tokenizer(tok_path), cfg.train.batch_size // config.accum_steps(cfg))
+    loss_sum = count = 0.0
+    for b in val:  # token-weighted mean written out here, not through loop.make_evaluate
+        sums = step.loss_sums(params, graphdef, {k: jnp.asarray(v) for k, v in b.items()})
+        loss_sum, count = loss_sum + float(sums[0]), count + float(sums[1])
+    assert loss_sum / count == pytest.approx(result["eval_loss"], rel=1e-5)
+    with pytest.raises(DataError, match="no checkpoint in"):
+        checkpoint.load_params(cfg, workdir + "/empty")
 
 
 def read_tensorboard_scalars(logdir):
@@ -280,7 +295,8 @@ def test_cli_end_to_end(tmp_path, config_file):
     proc = _cli(tmp_path / "run", config_file, "--config.train.steps=4")
     assert proc.returncode == 0, proc.stderr
     assert "validation: loss" in proc.stdout and "unigram baseline" in proc.stdout and "sample:" in proc.stdout
-    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoints", "config.json", "metrics.jsonl", "tokenizer.model"]
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoints", "config.json", "metrics.jsonl", "tensorboard",
+                                                  "tokenizer.model"]
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
     records = read_metrics(tmp_path / "run")
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "eval_loss", "eval_ppl"} <= set(records[-1])
