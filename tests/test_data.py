@@ -132,19 +132,25 @@ def test_two_hosts_pack_disjoint_documents(monkeypatch):
     np.testing.assert_array_equal(hosts[1]["inputs"][0], [5, 6, 1, 9, 10])
 
 
+def assert_resumes(cfg, global_batch_size, skip, take):
+    """A train pipeline restored from its state after `skip` batches yields the same next `take`
+    batches as the original; returns the skipped batches."""
+    make = lambda: data.make_pipeline(cfg, CharTokenizer(), split="train", global_batch_size=global_batch_size,
+                                      process_index=0, process_count=1)
+    it = make()
+    skipped = [next(it) for _ in range(skip)]
+    state = it.get_state()
+    expected = [next(it) for _ in range(take)]
+    resumed = make()
+    resumed.set_state(state)
+    chex.assert_trees_all_equal([next(resumed) for _ in range(take)], expected)
+    return skipped
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_resume_from_saved_state(corpus, packing):
     corpus.packing = packing
-    it = data.make_pipeline(corpus, CharTokenizer(), split="train", global_batch_size=4,
-                            process_index=0, process_count=1)
-    for _ in range(2):
-        next(it)
-    state = it.get_state()
-    expected = [next(it) for _ in range(3)]
-    resumed = data.make_pipeline(corpus, CharTokenizer(), split="train", global_batch_size=4,
-                                 process_index=0, process_count=1)
-    resumed.set_state(state)
-    chex.assert_trees_all_equal([next(resumed) for _ in range(3)], expected)
+    assert_resumes(corpus, 4, skip=2, take=3)
 
 
 def test_epochs_reshuffle_and_end(corpus):
@@ -212,16 +218,8 @@ def test_hf_streaming_local_files(tmp_path):
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": "ab" * i}) for i in range(1, 9)))
     cfg = _cfg(source="hf", hf_name="json", hf_config="", path=str(tmp_path / "d.jsonl"),
                val_split="train", seq_len=4, hf_shuffle_buffer=4)
-    it = data.make_pipeline(cfg, CharTokenizer(), split="train", global_batch_size=2,
-                            process_index=0, process_count=1)
-    first = next(it)
+    (first,) = assert_resumes(cfg, 2, skip=1, take=2)
     assert first["inputs"].shape == (2, 4)
-    state = it.get_state()
-    rest = [next(it) for _ in range(2)]
-    again = data.make_pipeline(cfg, CharTokenizer(), split="train", global_batch_size=2,
-                               process_index=0, process_count=1)
-    again.set_state(state)
-    chex.assert_trees_all_equal([next(again) for _ in range(2)], rest)
     val = list(data.make_pipeline(cfg, CharTokenizer(), split="val", global_batch_size=2,
                                   process_index=0, process_count=1))
     assert len(val) == 4
