@@ -1,6 +1,7 @@
-"""Tokens/s of the input pipeline alone (no model) on the embedded stdlib corpus.
+"""Tokens/s of the input pipeline alone (no model), on the embedded stdlib corpus by default.
 
   python benchmarks/data_pipeline.py [--batches 200] [--batch-size 64] [--seq-len 256]
+  python benchmarks/data_pipeline.py --source text --path FILE [--doc-split blank_line|line]
 
 Trains (or reuses) a tokenizer in --workdir, then times `make_pipeline` batches for each mode and
 thread/worker setting and prints a table. Tokens = batch x seq_len input positions per batch.
@@ -30,12 +31,15 @@ def main():
     p.add_argument("--batches", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--source", default="stdlib", help="data.source: stdlib, text or jsonl")
+    p.add_argument("--path", default="", help="data.path for text / jsonl")
+    p.add_argument("--doc-split", default="blank_line", help="data.doc_split for text")
     p.add_argument("--workdir", default="/tmp/colax_bench_data")
     args = p.parse_args()
     cfg = data.defaults()
-    cfg.seq_len = args.seq_len
-    tok = tk.get_or_train_tokenizer(cfg, args.workdir)
-    print(f"stdlib corpus, tokenizer {tok.vocab_size} pieces, batch {args.batch_size} x "
+    cfg.update(seq_len=args.seq_len, source=args.source, path=args.path, doc_split=args.doc_split)
+    tok = tk.get_or_train_tokenizer(cfg, os.path.join(args.workdir, args.source))
+    print(f"{args.source} corpus {args.path}, tokenizer {tok.vocab_size} pieces, batch {args.batch_size} x "
           f"{args.seq_len}, {args.batches} batches, {os.cpu_count()} CPUs")
     print(f"{'mode':<8} {'read_threads':>12} {'worker_count':>12} {'tokens/s':>12}")
     for packing, threads, workers in [(False, 1, 0), (False, 4, 0), (False, 4, 2),
