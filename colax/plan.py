@@ -27,7 +27,8 @@ from colax import optim, remat, step
 from colax.errors import exit_on_error, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
-_REMAT = flags.DEFINE_string("remat", "", "Comma-separated remat policies to compare (default: the config's).")
+_REMAT = flags.DEFINE_string("remat", "", "Comma-separated remat policies to compare, one row each: " + "; ".join(
+    f"{name}: {r.doc}" for name, r in remat.POLICIES.items()))
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
 
 
