@@ -28,16 +28,16 @@ FREE_KEYS = ("mesh.", "train.micro_batch_size", "train.log_every", "train.eval_e
 RUN_FILES = (CONFIG_NAME, "checkpoints", "metrics.jsonl", "tensorboard", "tokenizer.model")
 
 
-def _flat(tree, prefix=""):
+def flatten(tree, prefix=""):
     """{"a.b": leaf} of a nested dict."""
     if not isinstance(tree, dict):
         return {prefix[:-1]: tree}
-    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
 
 
 def config_diff(old, new):
     """The first key (sorted) outside FREE_KEYS where two config dicts differ, or None."""
-    old, new = _flat(old), _flat(new)
+    old, new = flatten(old), flatten(new)
     keys = sorted(k for k in old.keys() | new.keys() if not k.startswith(FREE_KEYS))
     return next((k for k in keys if old.get(k) != new.get(k)), None)
 
@@ -54,9 +54,9 @@ def prepare_workdir(workdir, cfg: ml_collections.ConfigDict, overwrite=False):
     if path.exists():
         key = config_diff(json.loads(path.read_text()), new)
         if key and not overwrite:
-            old = _flat(json.loads(path.read_text())).get(key)
+            old = flatten(json.loads(path.read_text())).get(key)
             raise ConfigError(f"workdir {workdir} holds a run with another config ({key}: {old!r} -> "
-                              f"{_flat(new).get(key)!r}); pass --overwrite to start over")
+                              f"{flatten(new).get(key)!r}); pass --overwrite to start over")
         if key and jax.process_index() == 0:
             for name in RUN_FILES:
                 target = workdir / name
@@ -97,19 +97,53 @@ def restore(mngr, step, target, data_iter):
     return restored.state["params"], restored.state["opt_state"]
 
 
+def read_config(workdir):
+    """The ConfigDict of the run in `workdir` (its config.json); DataError if it has none."""
+    path = epath.Path(workdir) / CONFIG_NAME
+    if not path.exists():
+        raise DataError(f"{path}: no such file (not a colax workdir)")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def check_shapes(expected, found, where):
+    """DataError naming the first key whose shape differs, is missing or is extra.
+
+    expected, found: nested dicts of arrays (or anything with `.shape`), compared by `flatten` key.
+    """
+    want = {k: tuple(v.shape) for k, v in flatten(expected).items()}
+    have = {k: tuple(v.shape) for k, v in flatten(found).items()}
+    for key in sorted(want.keys() | have.keys()):
+        if key not in have:
+            raise DataError(f"{where}: missing {key} (expected shape {list(want[key])})")
+        if key not in want:
+            raise DataError(f"{where}: unexpected {key} (shape {list(have[key])})")
+        if want[key] != have[key]:
+            raise DataError(f"{where}: {key} has shape {list(have[key])}, expected {list(want[key])}")
+
+
+def save_params(workdir, step, params):
+    """Writes a checkpoint of `params` alone (no optimizer state, no data position) as `step`."""
+    mngr = ocp.CheckpointManager(epath.Path(workdir).absolute() / "checkpoints")
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(dict(params=params))), force=True)
+    mngr.wait_until_finished()
+
+
 def load_params(cfg, workdir, step=None):
     """(graphdef, params) of checkpoint `step` (default: the newest) of the run of `cfg` in `workdir`.
 
-    The parameters are restored onto `cfg`'s mesh without the optimizer state being kept or the
-    data iterator being built: for evaluation, sampling and analysis of a trained model.
+    Only the parameters are read (checkpoints from `save_params` have nothing else), straight onto
+    `cfg`'s mesh: for evaluation, sampling, analysis, export and `train.init_from`. A checkpoint
+    whose parameters do not have `cfg`'s shapes is a DataError naming the parameter.
     """
     spec = config_lib.validate(cfg)
     mngr = manager(workdir, cfg.train)
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise DataError(f"no checkpoint in {epath.Path(workdir) / 'checkpoints'}")
-    params, opt_state = sharding.abstract_state(spec, optim.make(cfg.optim, cfg.train.steps),
-                                                sharding.make_mesh(cfg.mesh))
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(dict(params=params, opt_state=opt_state))))
+    params, _ = sharding.abstract_state(spec, optim.make(cfg.optim, cfg.train.steps), sharding.make_mesh(cfg.mesh))
+    stored = ocp.StandardCheckpointer().metadata(mngr.directory / str(step) / "state").item_metadata.tree
+    check_shapes(params, stored["params"], f"checkpoint {mngr.directory / str(step)}")
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=dict(params=params), restore_args=ocp.checkpoint_utils.construct_restore_args(dict(params=params)),
+        partial_restore=True)))
     return nnx.graphdef(model.abstract_model(spec)), restored.state["params"]

@@ -34,6 +34,7 @@ def train_defaults():
         batch_size=512,         # sequences per optimizer step (global)
         micro_batch_size=32,    # sequences per device per forward/backward (gradient accumulation)
         seed=0,                 # parameter initialisation (and sampling)
+        init_from="",           # a new run starts from these parameters: a colax workdir or safetensors
         log_every=10,           # steps between metrics.jsonl lines
         eval_every=1000,        # steps between validation passes (0: only at the end)
         eval_batches=50,        # validation batches of micro_batch_size x data-parallel rows (0: whole split)

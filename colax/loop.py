@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from colax import checkpoint, data, generate, metrics, optim, sharding, step, tokenizer
+from colax import checkpoint, convert, data, generate, metrics, optim, sharding, step, tokenizer
 from colax import config as config_lib
 from colax import model as model_lib
 from colax.errors import NonFiniteError
@@ -57,6 +57,17 @@ def unigram_ppl(cfg, tok, val):
     logp = np.log(counts / counts.sum())
     nll = sum(-(logp[b["targets"]] * b["loss_mask"]).sum() for b in val)
     return math.exp(nll / max(sum(b["loss_mask"].sum() for b in val), 1.0))
+
+
+def init_from(cfg, workdir, mngr, tx, params, opt_state):
+    """(params, opt_state) a new run starts from: `train.init_from`'s parameters (a colax workdir or
+    safetensors, `convert.init_params`), else those of a workdir that `colax.convert import` wrote
+    (its only checkpoint is step 0), else the freshly initialised `params`."""
+    source = cfg.train.init_from or (workdir if mngr.latest_step() == 0 else "")
+    if not source:
+        return params, opt_state
+    params = convert.init_params(cfg, params, source)
+    return params, jax.jit(tx.init, out_shardings=jax.tree.map(lambda x: x.sharding, opt_state))(params)
 
 
 class StopOnSignal:
@@ -139,6 +150,7 @@ def run(cfg, workdir, overwrite=False, stop_after=None):
         params, opt_state = checkpoint.restore(mngr, start, sharding.abstract_state(spec, tx, mesh), train_it)
     else:
         graphdef, params, opt_state = sharding.init_state(spec, tx, mesh, t.seed)
+        params, opt_state = init_from(cfg, workdir, mngr, tx, params, opt_state)
     val = eval_batches(cfg, tok, t.batch_size // accum)
     evaluate = make_evaluate(graphdef, params, mesh, val)
     train_step = sharding.jit_train_step(step.make_train_step(graphdef, tx, t.on_nonfinite == "skip"),

@@ -40,6 +40,7 @@ def defaults():
         param_dtype="float32",    # "bfloat16" with dtype "bfloat16" is the paper's pure-bf16 mode
         attention_impl="",        # jax.nn.dot_product_attention implementation: "", "xla", "cudnn"
         kernel="xla",             # CoLA silu(z) @ B kernel: "xla" or "pallas" (GPU; docs/kernels.md)
+        pad_id=ml_collections.FieldReference(None, field_type=int),  # embedding row kept at 0, never trained
     ))
 
 
@@ -63,6 +64,7 @@ class ModelSpec:
     param_dtype: object
     attention_impl: str
     kernel: str
+    pad_id: object = None  # int or None
     scan_unroll: int = 1  # blocks per scan iteration; colax.plan sets 2 to count one block's FLOPs
 
     @property
@@ -107,6 +109,8 @@ def spec_from_config(m):
     _require(m.attention_impl in ("", "xla", "cudnn"), "attention_impl", "must be '', 'xla' or 'cudnn'",
              m.attention_impl)
     kernels.check_kernel(m.kernel, kernels.cola_pallas.INTERPRET)
+    _require(m.pad_id is None or 0 <= m.pad_id < m.vocab_size, "pad_id",
+             f"must be None or an id in [0, vocab_size={m.vocab_size})", m.pad_id)
     ranks = tuple((n, (m.ranks[n] or m.rank) if lowrank else 0) for n in layers.PROJECTION_NAMES)
     return ModelSpec(
         projection=m.projection, vocab_size=m.vocab_size, hidden_size=m.hidden_size,
@@ -114,7 +118,7 @@ def spec_from_config(m):
         ranks=ranks, only_lr_act=bool(m.only_lr_act), rope_theta=float(m.rope_theta),
         norm_eps=float(m.norm_eps), init_std=float(m.init_std), scan_layers=bool(m.scan_layers),
         remat=m.remat, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
-        attention_impl=m.attention_impl, kernel=m.kernel)
+        attention_impl=m.attention_impl, kernel=m.kernel, pad_id=m.pad_id)
 
 
 class _BlockCfg:
@@ -126,14 +130,19 @@ class _BlockCfg:
 
 
 class Transformer(nnx.Module):
-    """LLaMA decoder: embed -> L pre-norm blocks -> RMSNorm -> lm_head (untied, full-rank)."""
+    """LLaMA decoder: embed -> L pre-norm blocks -> RMSNorm -> lm_head (untied, full-rank).
+
+    With `spec.pad_id`, that embedding row starts at zero and gets no gradient (torch's
+    `padding_idx`, as the reference code's embedding): AdamW then leaves it at zero.
+    """
 
     def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
         self.spec = spec
         cfg = _BlockCfg(spec)
         normal = nnx.initializers.normal(stddev=spec.init_std)
         d, v = spec.hidden_size, spec.vocab_size
-        self.embed = nnx.Param(normal(rngs.params(), (v, d), spec.param_dtype))
+        embed = normal(rngs.params(), (v, d), spec.param_dtype)
+        self.embed = nnx.Param(embed if spec.pad_id is None else embed.at[spec.pad_id].set(0))
 
         @nnx.split_rngs(splits=spec.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -156,7 +165,7 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         table = sharding.constrain(self.embed[...].astype(spec.dtype), ("vocab", "act_embed"))  # FSDP-gathered
-        x = sharding.constrain(table[tokens], sharding.BTD)
+        x = sharding.constrain(self._embed_rows(table, tokens), sharding.BTD)
         graphdef, stacked = nnx.split(self.blocks)
 
         def body(x, block_state):
@@ -180,6 +189,14 @@ class Transformer(nnx.Module):
         logits = sharding.constrain(x @ self.lm_head[...].astype(spec.dtype), ("batch", "length", "act_vocab"))
         logits = logits.astype(jnp.float32)
         return (logits, acts) if capture else logits
+
+
+    def _embed_rows(self, table, tokens):
+        """table [V, D], tokens int32 [B, T] -> [B, T, D]; rows of `spec.pad_id` pass no gradient."""
+        x = table[tokens]
+        if self.spec.pad_id is None:
+            return x
+        return jnp.where((tokens == self.spec.pad_id)[..., None], jax.lax.stop_gradient(x), x)
 
 
 def _projection_values(outputs):
