@@ -199,7 +199,9 @@ _HF_CHECKS = (("hidden_act", lambda v, c: v == "silu", "must be 'silu'"),
               ("num_key_value_heads", lambda v, c: v == c.get("num_attention_heads"),
                "must equal num_attention_heads (colax has no grouped-query attention)"),
               ("tie_word_embeddings", lambda v, c: not v, "must be false (colax's lm_head is untied)"),
-              ("rope_scaling", lambda v, c: v is None, "is not supported (plain RoPE only)"))
+              ("rope_scaling", lambda v, c: v is None, "is not supported (plain RoPE only)"),
+              ("rope_parameters", lambda v, c: v.get("rope_type", "default") == "default",
+               "must have rope_type 'default' (plain RoPE only)"))
 
 
 def _need(conf, key, where):

@@ -228,6 +228,14 @@ def test_full_rank_export_is_a_hugging_face_llama(tmp_path):
     assert "_attn_implementation_autoset" not in conf
     ref = reference_logits(sd, conf)  # q/k/v/o are square: only the function tells [out, in] from [in, out]
     np.testing.assert_allclose(colax_logits(cfg.model, params), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    # transformers 5 re-saves RoPE as rope_parameters: read the same; scaled RoPE is refused.
+    conf["rope_parameters"] = dict(rope_type="default", rope_theta=conf.pop("rope_theta"))
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    assert convert.read(tmp_path, cfg.model)[0]["rope_theta"] == 1000.0
+    conf["rope_parameters"]["rope_type"] = "llama3"
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(DataError, match="rope_parameters must have rope_type 'default'"):
+        convert.read(tmp_path, cfg.model)
 
 
 def test_sharded_files_with_index(cola_export, tmp_path):
