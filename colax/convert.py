@@ -34,7 +34,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 from safetensors import numpy as st_numpy
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from colax import checkpoint, layers, model, sharding, tokenizer
 from colax import config as config_lib
@@ -246,7 +246,7 @@ def _weight_files(path):
     if path.is_file():
         return path.parent, [path]
     if (path / INDEX_NAME).exists():
-        weight_map = json.loads((path / INDEX_NAME).read_text()).get("weight_map", {})
+        weight_map = _read_json(path / INDEX_NAME).get("weight_map", {})
         files = [path / name for name in sorted(set(weight_map.values()))]
         missing = [f for f in files if not f.exists()]
         if missing or not files:
@@ -261,12 +261,22 @@ def read_tensors(files):
     """{key: numpy array} of safetensors files (a key found in two files is a DataError)."""
     out = {}
     for f in files:
-        with safe_open(str(f), framework="np") as handle:
-            for key in handle.keys():
-                if key in out:
-                    raise DataError(f"{f}: key {key} is also in another shard")
-                out[key] = handle.get_tensor(key)
+        try:
+            with safe_open(str(f), framework="np") as handle:
+                for key in handle.keys():
+                    if key in out:
+                        raise DataError(f"{f}: key {key} is also in another shard")
+                    out[key] = handle.get_tensor(key)
+        except (SafetensorError, TypeError) as e:  # TypeError: a dtype numpy does not know
+            raise DataError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
     return out
+
+
+def _read_json(path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
 
 
 def read(path, cfg_model=None):
@@ -279,7 +289,7 @@ def read(path, cfg_model=None):
     conf_path = directory / CONFIG_NAME
     if not conf_path.exists():
         raise DataError(f"{conf_path}: no such file (the weights need their config.json)")
-    conf = json.loads(conf_path.read_text())
+    conf = _read_json(conf_path)
     fields = model_fields(conf, str(conf_path))
     m = ml_collections.ConfigDict(cfg_model or model.defaults())
     try:
@@ -325,6 +335,9 @@ def export(cfg, params, out, fmt="auto", tok=None, max_shard_bytes=5 * 10**9):
                           f"{LAYOUTS[fmt].projection!r} models); use --format colax")
     out = epath.Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("model*.safetensors"), out / INDEX_NAME]:  # an earlier export's files
+        if stale.exists():
+            stale.unlink()
     write_tensors(to_tensors(params, fmt), out, max_shard_bytes)
     (out / CONFIG_NAME).write_text(json.dumps(hf_config(cfg, fmt, tok), indent=2) + "\n")
     return fmt

@@ -246,6 +246,8 @@ def test_sharded_files_with_index(cola_export, tmp_path):
     assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
     assert not (tmp_path / "model.safetensors").exists()
     assert_same_params(convert.read(tmp_path, cfg.model)[1], params)
+    convert.export(cfg, params, tmp_path)  # one file now: the shards and index of before are gone
+    assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
 
 
 def test_bad_checkpoints_give_one_line_errors(cola_export, tmp_path):
@@ -268,6 +270,13 @@ def test_bad_checkpoints_give_one_line_errors(cola_export, tmp_path):
         {**sd, key: np.zeros((R, F + 1), np.float32)})
     assert "unknown model_type 'gpt2'" in read_bad(sd, {**conf, "model_type": "gpt2"})
     assert "num_key_value_heads must equal" in read_bad(sd, {**conf, "num_key_value_heads": 2})
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    with pytest.raises(DataError, match="not a readable safetensors file"):
+        convert.read(tmp_path)
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(DataError, match="config.json: not valid JSON"):
+        convert.read(tmp_path)
     with pytest.raises(ConfigError, match="projection kind 'dense' has no 'cola' layout"):
         convert.export(tiny_cfg("dense"), random_params(tiny_cfg("dense").model), tmp_path / "x", "cola")
 
