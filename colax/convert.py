@@ -56,6 +56,8 @@ COLA_M_MODULES = {
     **{(p, "A"): f"pre_mlp.pre_{p}_proj" for p in ("gate", "up")},
     **{(p, "B"): f"self_mlp.post_{p}_proj" for p in ("gate", "up")},
     ("down", "A"): "self_mlp.pre_down_proj"}
+# Where some CoLA-M checkpoints may keep the last layer's down B: the model's, not the layer's, post_mlp.
+COLA_M_TOP_DOWN_B = "model.post_mlp.post_down_proj.cola_b"
 
 
 def _cola_key(name, leaf, i, num_layers):
@@ -301,6 +303,8 @@ def read(path, cfg_model=None):
     fmt = conf["model_type"]
     if fmt == "cola" and any(".pre_attn." in k for k in tensors):
         fmt = "cola_m"
+    if fmt == "cola_m" and COLA_M_TOP_DOWN_B in tensors:  # the last down B stored beside the layers
+        tensors[_cola_m_key("down", "B", fields["num_layers"] - 1, fields["num_layers"])] = tensors.pop(COLA_M_TOP_DOWN_B)
     return fields, from_tensors(tensors, fmt, abstract, str(path))
 
 

@@ -205,6 +205,11 @@ def test_cola_m_file_imports_to_the_same_function(cola_export, tmp_path):
     m = model.defaults()
     m.update(fields, dtype="float32")
     np.testing.assert_allclose(colax_logits(m, loaded), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    # The last layer's down B may also sit in the model's post_mlp rather than the last layer's.
+    last = f"model.layers.{L - 1}.post_mlp.post_down_proj.cola_b"
+    save_file({**{k: v for k, v in cola_m.items() if k != last}, "model.post_mlp.post_down_proj.cola_b": cola_m[last]},
+              str(tmp_path / "model.safetensors"))
+    assert_same_params(convert.read(tmp_path)[1], params)
 
 
 def test_full_rank_export_is_a_hugging_face_llama(tmp_path):
