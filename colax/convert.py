@@ -304,7 +304,8 @@ def read(path, cfg_model=None):
     if fmt == "cola" and any(".pre_attn." in k for k in tensors):
         fmt = "cola_m"
     if fmt == "cola_m" and COLA_M_TOP_DOWN_B in tensors:  # the last down B stored beside the layers
-        tensors[_cola_m_key("down", "B", fields["num_layers"] - 1, fields["num_layers"])] = tensors.pop(COLA_M_TOP_DOWN_B)
+        last = fields["num_layers"] - 1
+        tensors[_cola_m_key("down", "B", last, last + 1)] = tensors.pop(COLA_M_TOP_DOWN_B)
     return fields, from_tensors(tensors, fmt, abstract, str(path))
 
 

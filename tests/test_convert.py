@@ -172,8 +172,10 @@ def test_cola_export_has_the_reference_names_shapes_config_and_function(cola_exp
 
 def to_cola_m(sd):
     """The CoLA-M names of a CoLA state dict (issue 11): same factors, layer i's down B in layer i + 1."""
-    names = {"q": ("pre_attn.pre_q_proj", "self_attn.post_q_proj"), "k": ("pre_attn.pre_k_proj", "self_attn.post_k_proj"),
-             "v": ("pre_attn.pre_v_proj", "self_attn.post_v_proj"), "o": ("self_attn.pre_o_proj", "post_attn.post_o_proj"),
+    names = {"q": ("pre_attn.pre_q_proj", "self_attn.post_q_proj"),
+             "k": ("pre_attn.pre_k_proj", "self_attn.post_k_proj"),
+             "v": ("pre_attn.pre_v_proj", "self_attn.post_v_proj"),
+             "o": ("self_attn.pre_o_proj", "post_attn.post_o_proj"),
              "gate": ("pre_mlp.pre_gate_proj", "self_mlp.post_gate_proj"),
              "up": ("pre_mlp.pre_up_proj", "self_mlp.post_up_proj"), "down": ("self_mlp.pre_down_proj", None)}
     out = {}
@@ -363,7 +365,8 @@ def test_import_then_load_continue_training_and_export(micro, tmp_path):
     # The trained run exports with its tokenizer (ids in config.json) and reads back as its checkpoint.
     assert convert.export_run(str(tmp_path / "run"), str(tmp_path / "back")) == "cola"
     conf = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert (conf["eos_token_id"], conf["bos_token_id"]) == (1, None) and (tmp_path / "back" / "tokenizer.model").exists()
+    assert (conf["eos_token_id"], conf["bos_token_id"]) == (1, None)
+    assert (tmp_path / "back" / "tokenizer.model").exists()
     trained = jax.device_get(checkpoint.load_params(micro, str(tmp_path / "run"))[1])
     assert_same_params(convert.read(tmp_path / "back", micro.model)[1], trained)
 
