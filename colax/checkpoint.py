@@ -12,11 +12,13 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import flags
 from etils import epath
 from flax import nnx
+from ml_collections import config_flags
 
 from colax import config as config_lib
-from colax import model, optim, sharding
+from colax import model, optim, sharding, tokenizer
 from colax.errors import ConfigError, DataError
 
 CONFIG_NAME = "config.json"
@@ -138,8 +140,10 @@ def load_params(cfg, workdir, step=None):
     spec = config_lib.validate(cfg)
     mngr = manager(workdir, cfg.train)
     step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise DataError(f"no checkpoint in {epath.Path(workdir) / 'checkpoints'}")
+    if step is None or step not in mngr.all_steps():
+        saved = f" (saved steps: {', '.join(map(str, mngr.all_steps()))})" if mngr.all_steps() else ""
+        raise DataError(f"no checkpoint{'' if step is None else f' of step {step}'} in "
+                        f"{epath.Path(workdir) / 'checkpoints'}{saved}")
     params, _ = sharding.abstract_state(spec, optim.make(cfg.optim, cfg.train.steps), sharding.make_mesh(cfg.mesh))
     stored = ocp.StandardCheckpointer().metadata(mngr.directory / str(step) / "state").item_metadata.tree
     check_shapes(params, stored["params"], f"checkpoint {mngr.directory / str(step)}")
@@ -147,3 +151,37 @@ def load_params(cfg, workdir, step=None):
         item=dict(params=params), restore_args=ocp.checkpoint_utils.construct_restore_args(dict(params=params)),
         partial_restore=True)))
     return nnx.graphdef(model.abstract_model(spec)), restored.state["params"]
+
+
+def load_config(workdir, overrides=None):
+    """The ConfigDict of the run in `workdir` (its config.json) with `overrides` ({"a.b": value}) applied."""
+    path = epath.Path(workdir) / CONFIG_NAME
+    if not path.exists():
+        raise DataError(f"{path} not found: --workdir must be the folder of a colax run")
+    cfg = ml_collections.ConfigDict(json.loads(path.read_text()))
+    cfg.update_from_flattened_dict(dict(overrides or {}))
+    return cfg
+
+
+def load_run(workdir, overrides=None, step=None):
+    """(cfg, tokenizer, graphdef, params, step) of the run in `workdir` at checkpoint `step` (default:
+    the newest).
+
+    The tokenizer is `data.tokenizer` if set, else workdir/tokenizer.model. DataError if the workdir
+    has no config.json, no tokenizer or no checkpoint.
+    """
+    cfg = load_config(workdir, overrides)
+    step = manager(workdir, cfg.train).latest_step() if step is None else step
+    graphdef, params = load_params(cfg, workdir, step)
+    tok = tokenizer.load_tokenizer(cfg.data.tokenizer or str(epath.Path(workdir) / tokenizer.MODEL_NAME))
+    return cfg, tok, graphdef, params, step
+
+
+def define_config_flag():
+    """Defines --config.a.b=value: overrides of a run's config.json for the commands that read a run."""
+    config_flags.DEFINE_config_dict("config", config_lib.defaults(), "Overrides of the run's config.json.")
+
+
+def config_overrides():
+    """{"a.b": value} of the --config.a.b=value flags given (after `define_config_flag`)."""
+    return config_flags.get_override_values(flags.FLAGS["config"])

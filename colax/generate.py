@@ -1,39 +1,174 @@
-"""Sampling from a trained model: full recompute over a fixed-length buffer (no KV cache)."""
+"""Generation with a KV cache: `python -m colax.generate --workdir DIR --prompt "..." [--prompt-file F]`.
+
+A batch of prompts (token ids, any lengths) is right-padded to a bucket length T (a power of two,
+at least BUCKET_MIN, at most the model's maximum length S). Prefill runs the blocks once over
+[B, T], writes every token's k and v (after RoPE) into a cache of fixed shape [L, B, S, N, H] at
+slot = position, and samples each row's first new token from its last prompt position. Then one
+jitted decode step per token feeds row b's latest token at its own position (len_b, len_b + 1,
+...), writes its k and v there and attends to slots <= that position, so the padding slots a
+prompt left are overwritten before they could be seen. The compiled step depends on (B, T) for
+prefill and on B for decode, never on the prompt lengths within a bucket or on the token index.
+Both go through `Transformer.decode`, i.e. the training blocks and projections.
+"""
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags, logging
 from flax import nnx
 
+from colax import checkpoint
+from colax import model as model_lib
+from colax.errors import DataError, exit_on_error, parse_flags
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def _fill(params, graphdef, tokens, start, temperature, key):
-    """Fills tokens [1, L] from position `start` on, one token per full forward pass."""
-    model = nnx.merge(graphdef, params)
-
-    def body(i, carry):
-        tokens, key = carry
-        logits = model(tokens)[0, i - 1]
-        key, sub = jax.random.split(key)
-        sampled = jax.random.categorical(sub, logits / jnp.maximum(temperature, 1e-6))
-        token = jnp.where(temperature > 0, sampled, jnp.argmax(logits))
-        return tokens.at[0, i].set(token.astype(tokens.dtype)), key
-
-    tokens, _ = jax.lax.fori_loop(start, tokens.shape[1], body, (tokens, key))
-    return tokens
+BUCKET_MIN = 16
 
 
-def generate(params, graphdef, prompt_ids, length, eos_id, temperature=0.0, seed=0):
-    """Token ids continuing `prompt_ids` (list of int): up to `length` - len(prompt) new ids, cut at EOS.
+def bucket(n, max_len):
+    """The prefill length for a longest prompt of n tokens: a power of two >= max(n, BUCKET_MIN),
+    at most max_len."""
+    return min(max(BUCKET_MIN, 1 << (n - 1).bit_length()), max_len)
 
-    Greedy if `temperature` is 0, else sampled from softmax(logits / temperature). The compiled
-    function depends only on `length`, not on the prompt.
+
+def filter_logits(logits, top_k, top_p):
+    """logits float32 [B, V] with every token outside the top-k (k > 0) and outside the top-p
+    nucleus (the most likely tokens whose probability mass before each is < top_p; top_p >= 1: off)
+    set to -inf. Ties with the last kept logit are kept."""
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs < top_p) | (top_p >= 1.0)
+    cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+def sample(logits, key, temperature, top_k=0, top_p=1.0):
+    """Next tokens int32 [B] from logits float32 [B, V]: argmax if temperature is 0, else a draw
+    from softmax(filter_logits(logits / temperature, top_k, top_p))."""
+    scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
+    sampled = jax.random.categorical(key, scaled, axis=-1)
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "top_k"), donate_argnames=("cache",))
+def _step(params, cache, tokens, positions, at, key, temperature, top_p, *, graphdef, top_k):
+    """Prefill (tokens, positions [B, T]) or a decode step (T = 1); at: int32 [B] index into T.
+
+    Returns (next tokens int32 [B], their logits float32 [B, V], the updated cache).
     """
-    tokens = np.zeros((1, length), np.int32)
-    tokens[0, :len(prompt_ids)] = prompt_ids
-    out = np.asarray(_fill(params, graphdef, jnp.asarray(tokens), len(prompt_ids),
-                           jnp.float32(temperature), jax.random.key(seed)))[0, len(prompt_ids):]
-    stop = np.flatnonzero(out == eos_id)
-    return out[:stop[0]] if stop.size else out
+    logits, cache = nnx.merge(graphdef, params).decode(tokens, positions, cache, at)
+    return sample(logits, key, temperature, top_k, top_p), logits, cache
+
+
+def check_prompts(prompts, max_len):
+    """DataError naming the first prompt (list of ids) that is empty or leaves no room below max_len."""
+    for i, p in enumerate(prompts):
+        if not p:
+            raise DataError(f"prompt {i} is empty (the model needs at least one token to continue)")
+        if len(p) >= max_len:
+            raise DataError(f"prompt {i} is {len(p)} tokens long: the model's maximum length is {max_len} "
+                            "tokens (data.seq_len), so it must be shorter")
+
+
+def generate(params, graphdef, prompts, max_new_tokens, eos_id, max_len, temperature=0.0, top_k=0, top_p=1.0,
+             seed=0):
+    """Continues each prompt (a list of token id lists) by up to `max_new_tokens` ids.
+
+    A row stops at EOS (not returned) or at `max_len` tokens in all. Greedy if temperature is 0.
+    Returns (list of int32 numpy arrays, one per prompt, and stats: {"prompt_tokens",
+    "new_tokens", "prefill_s", "decode_s", "tokens_per_s"}; new tokens per second of prefill + decode).
+    """
+    check_prompts(prompts, max_len)
+    spec = nnx.merge(graphdef, params).spec
+    batch, lengths = len(prompts), np.array([len(p) for p in prompts], np.int32)
+    limits = np.minimum(max_new_tokens, max_len - lengths)  # new tokens row b may produce
+    width = bucket(int(lengths.max()), max_len)
+    tokens = np.zeros((batch, width), np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, :len(p)] = p
+    step = functools.partial(_step, graphdef=graphdef, top_k=top_k, temperature=jnp.float32(temperature),
+                             top_p=jnp.float32(top_p))
+    key = jax.random.key(seed)
+    start = time.perf_counter()
+    token, _, cache = step(params, model_lib.init_cache(spec, batch, max_len), tokens,
+                           np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape), lengths - 1, key=key)
+    out = [np.asarray(token)]
+    prefill_s = time.perf_counter() - start
+    done = (out[-1] == eos_id) | (limits <= 1)
+    for i in range(1, int(limits.max())):
+        if done.all():
+            break
+        positions = np.minimum(lengths + i - 1, max_len - 1)[:, None]  # rows past their limit: ignored
+        token, _, cache = step(params, cache, token[:, None], positions, np.zeros(batch, np.int32),
+                               key=jax.random.fold_in(key, i))
+        out.append(np.asarray(token))
+        done |= (out[-1] == eos_id) | (i + 1 >= limits)
+    elapsed = time.perf_counter() - start
+    results = []
+    for row, ids in enumerate(np.stack(out, axis=1)):
+        ids = ids[:limits[row]]
+        stop = np.flatnonzero(ids == eos_id)
+        results.append(ids[:stop[0]] if stop.size else ids)
+    new_tokens = int(sum(len(r) for r in results))
+    stats = dict(prompt_tokens=int(lengths.sum()), new_tokens=new_tokens, prefill_s=prefill_s,
+                 decode_s=elapsed - prefill_s, tokens_per_s=new_tokens / elapsed)
+    return results, stats
+
+
+def define_flags():
+    """The command line flags of `python -m colax.generate` (defined only when run as a program)."""
+    flags.DEFINE_string("workdir", None, "Run folder (config.json, tokenizer.model, checkpoints/).", required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for a batch of prompts.")
+    flags.DEFINE_string("prompt-file", None, "A text file, one prompt per line (added to the --prompt ones).")
+    flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt at most (a row also stops at EOS).")
+    flags.DEFINE_integer("max_len", 0, "Prompt + new tokens at most (the cache length); 0: data.seq_len.")
+    flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0: greedy.")
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens only; 0: off.")
+    flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set of tokens with this much mass; 1: off.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    checkpoint.define_config_flag()
+
+
+def read_prompts(prompts, prompt_file):
+    """The --prompt texts followed by the non-blank lines of `prompt_file`; DataError if none."""
+    texts = list(prompts)
+    if prompt_file:
+        try:
+            with open(prompt_file) as f:
+                texts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            raise DataError(f"--prompt-file {prompt_file}: {e.strerror}") from None
+    if not texts:
+        raise DataError("no prompt: pass --prompt or --prompt-file")
+    return texts
+
+
+@exit_on_error
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
+    if not (f.temperature >= 0 and f.top_k >= 0 and 0 < f.top_p <= 1):
+        raise DataError(f"--temperature must be >= 0, --top_k >= 0 and --top_p in (0, 1], got {f.temperature}, "
+                        f"{f.top_k}, {f.top_p}")
+    texts = read_prompts(f.prompt, f["prompt-file"].value)
+    cfg, tok, graphdef, params, _ = checkpoint.load_run(f.workdir, checkpoint.config_overrides(), f.step)
+    results, stats = generate(params, graphdef, [tok.encode(t) for t in texts], f.max_new_tokens, tok.eos_id,
+                              f.max_len or cfg.data.seq_len, f.temperature, f.top_k, f.top_p, f.seed)
+    for text, ids in zip(texts, results):
+        print(text + tok.decode([int(i) for i in ids]))
+    print(f"{len(texts)} prompt(s), {stats['prompt_tokens']} prompt tokens: prefill {stats['prefill_s']:.3f} s; "
+          f"{stats['new_tokens']} new tokens in {stats['prefill_s'] + stats['decode_s']:.3f} s "
+          f"({stats['tokens_per_s']:.1f} tokens/s)", flush=True)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

@@ -130,6 +130,22 @@ def attention(q, k, v, segment_ids, implementation):
         q, k, v, mask=mask, is_causal=True, implementation=implementation or None)
 
 
+def cached_attention(q, k, v, positions, cache, implementation):
+    """Attention over a KV cache (generation). q, k, v: [B, T, N, H] for tokens at `positions`
+    (int32 [B, T], < S); cache: {"k", "v"} [B, S, N, H] (k after RoPE).
+
+    Writes k and v at their positions' slots, then each query attends to every slot at or before
+    its own position. Returns (output [B, T, N, H], updated cache).
+    """
+    rows = jnp.arange(q.shape[0])[:, None]
+    cache = {name: cache[name].at[rows, positions].set(new.astype(cache[name].dtype))
+             for name, new in (("k", k), ("v", v))}
+    slots = jnp.arange(cache["k"].shape[1], dtype=positions.dtype)
+    mask = slots[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
+    out = jax.nn.dot_product_attention(q, cache["k"], cache["v"], mask=mask, implementation=implementation or None)
+    return out, cache
+
+
 class Block(nnx.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.)), SwiGLU MLP.
 
@@ -149,8 +165,12 @@ class Block(nnx.Module):
         self.attention_impl = cfg.attention_impl
         self.only_lr_act = cfg.only_lr_act
 
-    def __call__(self, x, positions, segment_ids):
-        """x: [B, T, D] compute dtype; positions, segment_ids: int32 [B, T] -> [B, T, D]."""
+    def __call__(self, x, positions, segment_ids, cache=None):
+        """x: [B, T, D] compute dtype; positions, segment_ids: int32 [B, T] -> [B, T, D].
+
+        With a KV `cache` ({"k", "v"} [B, S, N, H], see `cached_attention`; segment_ids unused)
+        returns (output, updated cache).
+        """
         x = checkpoint_name(sharding.constrain(x, sharding.BTD), "block_in")
         b, t, d = x.shape
         bthh = ("batch", "length", "act_heads", None)
@@ -160,10 +180,15 @@ class Block(nnx.Module):
         h = self.attn_norm(x)
         q = apply_rope(heads(self.q(h)), positions, self.rope_theta)
         k = apply_rope(heads(self.k(h)), positions, self.rope_theta)
-        attn = attention(q, k, heads(self.v(h)), segment_ids, self.attention_impl)
+        v = heads(self.v(h))
+        if cache is None:
+            attn = attention(q, k, v, segment_ids, self.attention_impl)
+        else:
+            attn, cache = cached_attention(q, k, v, positions, cache, self.attention_impl)
         x = checkpoint_name(x + residual(self.o(attn.reshape(b, t, d))), "block_mid")
         h = self.mlp_norm(x)
         gate = mlp(self.gate(h))
         if not self.only_lr_act:  # with only_lr_act the gate's low-rank SiLU is the only one
             gate = jax.nn.silu(gate)
-        return x + residual(self.down(gate * mlp(self.up(h))))
+        x = x + residual(self.down(gate * mlp(self.up(h))))
+        return x if cache is None else (x, cache)

@@ -16,35 +16,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from colax import checkpoint, convert, data, generate, metrics, optim, sharding, step, tokenizer
+from colax import checkpoint, convert, data, evaluate, generate, metrics, optim, sharding, step, tokenizer
 from colax import config as config_lib
 from colax import model as model_lib
-from colax.errors import NonFiniteError
+from colax.errors import ConfigError, DataError, NonFiniteError
 
 
 def device_batch(batch, accum, mesh):
     """A host batch (dict of [b, T] numpy arrays) -> global [A, B / A, T] arrays on the mesh."""
     return sharding.global_batch({k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}, mesh)
-
-
-def eval_batches(cfg, tok, rows):
-    """The first `train.eval_batches` validation batches ([rows, T] host arrays; 0: all)."""
-    it = data.make_pipeline(cfg.data, tok, split="val", global_batch_size=rows)
-    return list(itertools.islice(it, cfg.train.eval_batches or None))
-
-
-def make_evaluate(graphdef, params, mesh, batches):
-    """evaluate(params) -> {"eval_loss", "eval_ppl"}: token-weighted mean over `batches`."""
-    fn = jax.jit(sharding.on_mesh(lambda p, b: step.eval_sums(p, graphdef, b), mesh),
-                 in_shardings=(sharding.tree_shardings(params, mesh), sharding.batch_sharding(mesh)))
-
-    def evaluate(params):
-        sums = [fn(params, device_batch(b, 1, mesh)) for b in batches]
-        loss_sum, count = np.sum(jax.device_get(sums), axis=0)
-        loss = float(loss_sum / max(count, 1.0))
-        return dict(eval_loss=loss, eval_ppl=math.exp(min(loss, 700.0)))
-
-    return evaluate
 
 
 def unigram_ppl(cfg, tok, val):
@@ -141,6 +121,11 @@ def run(cfg, workdir, overwrite=False, stop_after=None):
     checkpoint.prepare_workdir(workdir, cfg, overwrite)
     tok = tokenizer.get_or_train_tokenizer(cfg.data, workdir)
     tokenizer.check_vocab(tok, spec.vocab_size)
+    if t.sample_prompt and t.sample_tokens:
+        try:
+            generate.check_prompts([tok.encode(t.sample_prompt)], cfg.data.seq_len)
+        except DataError as e:
+            raise ConfigError(f"train.sample_prompt: {e}") from None
     tx = optim.make(cfg.optim, t.steps)
     train_it = data.make_pipeline(cfg.data, tok, split="train", global_batch_size=t.batch_size)
     mngr = checkpoint.manager(workdir, t)
@@ -151,8 +136,8 @@ def run(cfg, workdir, overwrite=False, stop_after=None):
     else:
         graphdef, params, opt_state = sharding.init_state(spec, tx, mesh, t.seed)
         params, opt_state = init_from(cfg, workdir, mngr, tx, params, opt_state)
-    val = eval_batches(cfg, tok, t.batch_size // accum)
-    evaluate = make_evaluate(graphdef, params, mesh, val)
+    val = list(evaluate.val_batches(cfg, tok, t.batch_size // accum, t.eval_batches))
+    evaluate_fn = evaluate.make_evaluate(graphdef, params, mesh, val)
     train_step = sharding.jit_train_step(step.make_train_step(graphdef, tx, t.on_nonfinite == "skip"),
                                          params, opt_state, mesh)
     log = Logger(cfg, workdir, spec, start)
@@ -171,7 +156,7 @@ def run(cfg, workdir, overwrite=False, stop_after=None):
                 evaluating = s == t.steps or (t.eval_every and s % t.eval_every == 0)
                 saving = s == t.steps or stopping or s % t.checkpoint_every == 0
                 if evaluating or saving:  # wait for step s's metrics: a NaN state is never saved
-                    result = evaluate(params) if evaluating else None
+                    result = evaluate_fn(params) if evaluating else None
                     log.step(*pending, extra=result)
                     pending = None
                 if saving:
@@ -186,7 +171,7 @@ def run(cfg, workdir, overwrite=False, stop_after=None):
         log.progress.write(f"stopped after step {s} ({stop.requested or 'stop_after'}); checkpoint saved, "
                            "run the same command to resume")
         return None
-    return _report(cfg, tok, graphdef, params, result or evaluate(params), val, log)
+    return _report(cfg, tok, graphdef, params, result or evaluate_fn(params), val, log)
 
 
 def _report(cfg, tok, graphdef, params, result, val, log):
@@ -198,7 +183,7 @@ def _report(cfg, tok, graphdef, params, result, val, log):
     t = cfg.train
     if t.sample_prompt and t.sample_tokens:
         prompt = tok.encode(t.sample_prompt)
-        ids = generate.generate(params, graphdef, prompt, min(len(prompt) + t.sample_tokens, cfg.data.seq_len),
-                                tok.eos_id, t.sample_temperature, t.seed)
-        log.progress.write(f"sample: {t.sample_prompt + tok.decode(ids)!r}")
+        (ids,), _ = generate.generate(params, graphdef, [prompt], t.sample_tokens, tok.eos_id, cfg.data.seq_len,
+                                      t.sample_temperature, seed=t.seed)
+        log.progress.write(f"sample: {t.sample_prompt + tok.decode([int(i) for i in ids])!r}")
     return result

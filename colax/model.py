@@ -161,15 +161,37 @@ class Transformer(nnx.Module):
         each projection's output and, for CoLA, acts[projection]["z"] [L, B, T, r] its bottleneck
         (`bottleneck` method), for `colax.analysis`.
         """
-        spec = self.spec
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        x, acts = self._blocks(tokens, positions, segment_ids, capture=capture)
+        logits = self._logits(x)
+        return (logits, acts) if capture else logits
+
+    def decode(self, tokens, positions, cache, at=None):
+        """One step of generation over a KV cache (`init_cache`), through the same blocks.
+
+        tokens, positions: int32 [B, T] (the slot each token's k and v are written to); cache:
+        {"k", "v"} [L, B, S, N, H]; at: int32 [B] or None. Returns (logits, updated cache):
+        float32 [B, V] at position at[b] of row b, or [B, T, V] with `at` None.
+        """
+        x, cache = self._blocks(tokens, positions, None, cache=cache)
+        if at is not None:
+            x = x[jnp.arange(x.shape[0]), at]
+        return self._logits(x), cache
+
+    def _blocks(self, tokens, positions, segment_ids, capture=False, cache=None):
+        """Embedding and the L blocks: (x [B, T, D] compute dtype, per-layer outputs stacked [L, ...]):
+        the captured activations, the updated cache, or None."""
+        spec = self.spec
         table = sharding.constrain(self.embed[...].astype(spec.dtype), ("vocab", "act_embed"))  # FSDP-gathered
         x = sharding.constrain(self._embed_rows(table, tokens), sharding.BTD)
         graphdef, stacked = nnx.split(self.blocks)
 
-        def body(x, block_state):
+        def body(x, layer):
+            block_state, layer_cache = layer
             block = nnx.merge(graphdef, block_state)
+            if layer_cache is not None:
+                return block(x, positions, segment_ids, layer_cache)
             if not capture:
                 return block(x, positions, segment_ids), None
             x, outputs = nnx.capture(block, nnx.Intermediate, method_outputs=nnx.Intermediate)(
@@ -178,17 +200,26 @@ class Transformer(nnx.Module):
 
         body = remat.checkpointed(body, spec.remat, prevent_cse=not spec.scan_layers)
         if spec.scan_layers:
-            x, acts = jax.lax.scan(body, x, stacked, unroll=spec.scan_unroll)
-        else:
-            per_layer = []
-            for i in range(spec.num_layers):
-                x, layer_acts = body(x, jax.tree.map(lambda a: a[i], stacked))
-                per_layer.append(layer_acts)
-            acts = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+            return jax.lax.scan(body, x, (stacked, cache), unroll=spec.scan_unroll)
+        per_layer = []
+        for i in range(spec.num_layers):
+            x, out = body(x, jax.tree.map(lambda a: a[i], (stacked, cache)))
+            per_layer.append(out)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+
+    def _logits(self, x):
+        """Final norm and lm_head: x [..., D] compute dtype -> float32 [..., V]."""
         x = self.final_norm(x)
-        logits = sharding.constrain(x @ self.lm_head[...].astype(spec.dtype), ("batch", "length", "act_vocab"))
-        logits = logits.astype(jnp.float32)
-        return (logits, acts) if capture else logits
+        axes = ("batch", "length", "act_vocab") if x.ndim == 3 else ("batch", "act_vocab")
+        logits = sharding.constrain(x @ self.lm_head[...].astype(self.spec.dtype), axes)
+        return logits.astype(jnp.float32)
+
+
+def init_cache(spec: ModelSpec, batch, length):
+    """An empty KV cache for `Transformer.decode`: {"k", "v"} zeros [L, batch, length, N, H] in the
+    compute dtype (keys are stored after RoPE)."""
+    shape = (spec.num_layers, batch, length, spec.num_heads, spec.hidden_size // spec.num_heads)
+    return {"k": jnp.zeros(shape, spec.dtype), "v": jnp.zeros(shape, spec.dtype)}
 
 
     def _embed_rows(self, table, tokens):

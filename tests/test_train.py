@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from colax import checkpoint, config, data, generate, loop, metrics, model, optim, step, tokenizer
+from colax import checkpoint, config, data, evaluate, generate, loop, metrics, model, optim, step, tokenizer
 from colax.errors import ConfigError, DataError, NonFiniteError
 from conftest import small_spec
 
@@ -113,9 +113,10 @@ def test_load_params_evaluates_to_the_final_eval(full_run, tok_path):
     cfg = micro_config()
     cfg.data.tokenizer = tok_path
     graphdef, params = checkpoint.load_params(cfg, workdir)
-    val = loop.eval_batches(cfg, tokenizer.load_tokenizer(tok_path), cfg.train.batch_size // config.accum_steps(cfg))
+    val = evaluate.val_batches(cfg, tokenizer.load_tokenizer(tok_path), cfg.train.batch_size // config.accum_steps(cfg),
+                               cfg.train.eval_batches)
     loss_sum = count = 0.0
-    for b in val:  # token-weighted mean written out here, not through loop.make_evaluate
+    for b in val:  # token-weighted mean written out here, not through evaluate.make_evaluate
         sums = step.loss_sums(params, graphdef, {k: jnp.asarray(v) for k, v in b.items()})
         loss_sum, count = loss_sum + float(sums[0]), count + float(sums[1])
     assert loss_sum / count == pytest.approx(result["eval_loss"], rel=1e-5)
@@ -270,7 +271,7 @@ def test_greedy_generation_matches_argmax_loop():
     spec = small_spec()
     graphdef, state = nnx.split(model.Transformer(spec, rngs=nnx.Rngs(3)))
     params = nnx.to_pure_dict(state)
-    out = generate.generate(params, graphdef, [5, 7], 10, eos_id=-1)
+    (out,), _ = generate.generate(params, graphdef, [[5, 7]], 8, eos_id=-1, max_len=10)
     forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
     tokens = np.zeros((1, 10), np.int32)
     tokens[0, :2] = [5, 7]

@@ -1,0 +1,130 @@
+"""Validation loss and perplexity: the training loop's evaluation and `python -m colax.evaluate`.
+
+  python -m colax.evaluate --workdir DIR [--step N] [--convention token|reference] [--config.data.…=…]
+
+Every validation batch i gives s_i, the summed next-token cross-entropy, and n_i, the number of
+counted targets (`step.eval_sums`). Two conventions average them (docs/inference.md):
+
+  token      loss = sum_i s_i / sum_i n_i            (the training loop's; every token weighs the same)
+  reference  loss = sum_i (s_i / n_i) / (m + 1)      (the CoLA/GaLore code: the mean of per-batch mean
+                                                      losses over m batches, divided by one batch more)
+
+Perplexity is exp(loss). The command reads batches until more than `--max_tokens` non-pad input
+tokens have been evaluated (the reference's stopping rule, 10M) or the split ends, and prints one
+line of JSON.
+"""
+
+import itertools
+import json
+import math
+import sys
+
+import jax
+import numpy as np
+import tqdm
+from absl import app, flags, logging
+
+from colax import checkpoint, data, sharding, step
+from colax.errors import ConfigError, exit_on_error, parse_flags
+
+CONVENTIONS = ("token", "reference")
+
+
+def val_batches(cfg, tok, rows, limit=0):
+    """An iterator over the first `limit` (0: all) validation batches of `rows` rows ([rows, T] host arrays)."""
+    it = data.make_pipeline(cfg.data, tok, split="val", global_batch_size=rows)
+    return itertools.islice(it, limit or None)
+
+
+def make_batch_sums(graphdef, params, mesh):
+    """batch_sums(params, host batch) -> device float32 [2]: (s_i, n_i) of one batch ([rows, T] arrays)."""
+    fn = jax.jit(sharding.on_mesh(lambda p, b: step.eval_sums(p, graphdef, b), mesh),
+                 in_shardings=(sharding.tree_shardings(params, mesh), sharding.batch_sharding(mesh)))
+    return lambda params, batch: fn(params, sharding.global_batch({k: v[None] for k, v in batch.items()}, mesh))
+
+
+def mean_loss(sums, convention="token"):
+    """The loss of per-batch sums float [m, 2] (s_i, n_i) under `convention` (module docstring).
+
+    The reference convention skips batches without a counted target (its per-batch mean is undefined).
+    """
+    sums = np.asarray(sums, np.float64).reshape(-1, 2)
+    if convention == "token":
+        return float(sums[:, 0].sum() / max(sums[:, 1].sum(), 1.0))
+    sums = sums[sums[:, 1] > 0]
+    return float((sums[:, 0] / sums[:, 1]).sum() / (len(sums) + 1))
+
+
+def perplexity(loss):
+    return math.exp(min(loss, 700.0))
+
+
+def make_evaluate(graphdef, params, mesh, batches):
+    """evaluate(params) -> {"eval_loss", "eval_ppl"}: token convention over `batches` (the loop's)."""
+    batch_sums = make_batch_sums(graphdef, params, mesh)
+
+    def evaluate(params):
+        loss = mean_loss(jax.device_get([batch_sums(params, b) for b in batches]))
+        return dict(eval_loss=loss, eval_ppl=perplexity(loss))
+
+    return evaluate
+
+
+def evaluate_run(cfg, tok, graphdef, params, convention="token", max_tokens=10_000_000, rows=None, progress=False):
+    """Loss of `params` on the validation split of `cfg.data`, read until more than `max_tokens`
+    non-pad input tokens (0: the whole split).
+
+    rows: batch rows (default: train.micro_batch_size x data-parallel devices). Returns {"loss",
+    "ppl", "convention", "batches", "targets", "input_tokens"}.
+    """
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"--convention must be one of {CONVENTIONS}, got {convention!r}")
+    mesh = sharding.make_mesh(cfg.mesh)
+    data_size, fsdp, _ = sharding.mesh_shape(cfg.mesh, jax.device_count())
+    rows = rows or cfg.train.micro_batch_size * data_size * fsdp
+    if rows % (data_size * fsdp):
+        raise ConfigError(f"--batch_rows={rows} must be divisible by the data-parallel devices ({data_size * fsdp})")
+    batch_sums = make_batch_sums(graphdef, params, mesh)
+    sums, inputs = [], 0
+    bar = tqdm.tqdm(unit="batch", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    for batch in val_batches(cfg, tok, rows):
+        if max_tokens and inputs > max_tokens:
+            break
+        sums.append(jax.device_get(batch_sums(params, batch)))
+        inputs += int((batch["segment_ids"] > 0).sum())
+        bar.update()
+        bar.set_postfix_str(f"loss {mean_loss(sums, convention):.4f}, {inputs:,} tokens", refresh=False)
+    bar.close()
+    loss = mean_loss(sums, convention)
+    return dict(loss=loss, ppl=perplexity(loss), convention=convention, batches=len(sums),
+                targets=int(np.sum(sums, axis=0)[1]) if sums else 0, input_tokens=inputs)
+
+
+def define_flags():
+    """The command line flags of `python -m colax.evaluate` (defined only when run as a program)."""
+    flags.DEFINE_string("workdir", None, "Run folder (config.json, tokenizer.model, checkpoints/).", required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.DEFINE_enum("convention", "token", CONVENTIONS, "token: token-weighted mean loss; reference: the "
+                      "CoLA/GaLore code's mean of per-batch means over one batch more than it ran.")
+    flags.DEFINE_integer("max_tokens", 10_000_000, "Stop once more non-pad input tokens than this have been "
+                         "evaluated; 0: the whole validation split.")
+    flags.DEFINE_integer("batch_rows", 0, "Rows per batch; 0: train.micro_batch_size x data-parallel devices.")
+    checkpoint.define_config_flag()
+
+
+@exit_on_error
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
+    cfg, tok, graphdef, params, ckpt_step = checkpoint.load_run(f.workdir, checkpoint.config_overrides(), f.step)
+    result = evaluate_run(cfg, tok, graphdef, params, f.convention, f.max_tokens, f.batch_rows,
+                          progress=sys.stderr.isatty())
+    print(json.dumps(dict(workdir=f.workdir, step=ckpt_step, source=cfg.data.source, seq_len=cfg.data.seq_len,
+                          **result)), flush=True)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=parse_flags)
