@@ -12,7 +12,7 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from absl import flags
+from absl import app, flags, logging
 from etils import epath
 from flax import nnx
 from ml_collections import config_flags
@@ -177,11 +177,18 @@ def load_run(workdir, overrides=None, step=None):
     return cfg, tok, graphdef, params, step
 
 
-def define_config_flag():
-    """Defines --config.a.b=value: overrides of a run's config.json for the commands that read a run."""
+def define_run_flags():
+    """Defines --workdir, --step and --config.a.b=value (overrides of the run's config.json): the
+    flags of the commands that read a finished run (colax.evaluate, colax.generate)."""
+    flags.DEFINE_string("workdir", None, "Run folder (config.json, tokenizer.model, checkpoints/).", required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     config_flags.DEFINE_config_dict("config", config_lib.defaults(), "Overrides of the run's config.json.")
 
 
-def config_overrides():
-    """{"a.b": value} of the --config.a.b=value flags given (after `define_config_flag`)."""
-    return config_flags.get_override_values(flags.FLAGS["config"])
+def load_run_from_flags(argv):
+    """`load_run` of the flags of `define_run_flags` (absl usage error on positional arguments)."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.ERROR)  # orbax warns about metadata files a params-only restore skips
+    f = flags.FLAGS
+    return load_run(f.workdir, config_flags.get_override_values(f["config"]), f.step)

@@ -22,7 +22,7 @@ import sys
 import jax
 import numpy as np
 import tqdm
-from absl import app, flags, logging
+from absl import app, flags
 
 from colax import checkpoint, data, sharding, step
 from colax.errors import ConfigError, exit_on_error, parse_flags
@@ -102,23 +102,18 @@ def evaluate_run(cfg, tok, graphdef, params, convention="token", max_tokens=10_0
 
 def define_flags():
     """The command line flags of `python -m colax.evaluate` (defined only when run as a program)."""
-    flags.DEFINE_string("workdir", None, "Run folder (config.json, tokenizer.model, checkpoints/).", required=True)
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    checkpoint.define_run_flags()
     flags.DEFINE_enum("convention", "token", CONVENTIONS, "token: token-weighted mean loss; reference: the "
                       "CoLA/GaLore code's mean of per-batch means over one batch more than it ran.")
     flags.DEFINE_integer("max_tokens", 10_000_000, "Stop once more non-pad input tokens than this have been "
                          "evaluated; 0: the whole validation split.")
     flags.DEFINE_integer("batch_rows", 0, "Rows per batch; 0: train.micro_batch_size x data-parallel devices.")
-    checkpoint.define_config_flag()
 
 
 @exit_on_error
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)
+    cfg, tok, graphdef, params, ckpt_step = checkpoint.load_run_from_flags(argv)
     f = flags.FLAGS
-    cfg, tok, graphdef, params, ckpt_step = checkpoint.load_run(f.workdir, checkpoint.config_overrides(), f.step)
     result = evaluate_run(cfg, tok, graphdef, params, f.convention, f.max_tokens, f.batch_rows,
                           progress=sys.stderr.isatty())
     print(json.dumps(dict(workdir=f.workdir, step=ckpt_step, source=cfg.data.source, seq_len=cfg.data.seq_len,

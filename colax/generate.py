@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 
 from colax import checkpoint
@@ -122,8 +122,7 @@ def generate(params, graphdef, prompts, max_new_tokens, eos_id, max_len, tempera
 
 def define_flags():
     """The command line flags of `python -m colax.generate` (defined only when run as a program)."""
-    flags.DEFINE_string("workdir", None, "Run folder (config.json, tokenizer.model, checkpoints/).", required=True)
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    checkpoint.define_run_flags()
     flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for a batch of prompts.")
     flags.DEFINE_string("prompt-file", None, "A text file, one prompt per line (added to the --prompt ones).")
     flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt at most (a row also stops at EOS).")
@@ -132,7 +131,6 @@ def define_flags():
     flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens only; 0: off.")
     flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set of tokens with this much mass; 1: off.")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
-    checkpoint.define_config_flag()
 
 
 def read_prompts(prompts, prompt_file):
@@ -151,15 +149,12 @@ def read_prompts(prompts, prompt_file):
 
 @exit_on_error
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     if not (f.temperature >= 0 and f.top_k >= 0 and 0 < f.top_p <= 1):
         raise DataError(f"--temperature must be >= 0, --top_k >= 0 and --top_p in (0, 1], got {f.temperature}, "
                         f"{f.top_k}, {f.top_p}")
     texts = read_prompts(f.prompt, f["prompt-file"].value)
-    cfg, tok, graphdef, params, _ = checkpoint.load_run(f.workdir, checkpoint.config_overrides(), f.step)
+    cfg, tok, graphdef, params, _ = checkpoint.load_run_from_flags(argv)
     results, stats = generate(params, graphdef, [tok.encode(t) for t in texts], f.max_new_tokens, tok.eos_id,
                               f.max_len or cfg.data.seq_len, f.temperature, f.top_k, f.top_p, f.seed)
     for text, ids in zip(texts, results):

@@ -214,20 +214,19 @@ class Transformer(nnx.Module):
         logits = sharding.constrain(x @ self.lm_head[...].astype(self.spec.dtype), axes)
         return logits.astype(jnp.float32)
 
-
-def init_cache(spec: ModelSpec, batch, length):
-    """An empty KV cache for `Transformer.decode`: {"k", "v"} zeros [L, batch, length, N, H] in the
-    compute dtype (keys are stored after RoPE)."""
-    shape = (spec.num_layers, batch, length, spec.num_heads, spec.hidden_size // spec.num_heads)
-    return {"k": jnp.zeros(shape, spec.dtype), "v": jnp.zeros(shape, spec.dtype)}
-
-
     def _embed_rows(self, table, tokens):
         """table [V, D], tokens int32 [B, T] -> [B, T, D]; rows of `spec.pad_id` pass no gradient."""
         x = table[tokens]
         if self.spec.pad_id is None:
             return x
         return jnp.where((tokens == self.spec.pad_id)[..., None], jax.lax.stop_gradient(x), x)
+
+
+def init_cache(spec: ModelSpec, batch, length):
+    """An empty KV cache for `Transformer.decode`: {"k", "v"} zeros [L, batch, length, N, H] in the
+    compute dtype (keys are stored after RoPE)."""
+    shape = (spec.num_layers, batch, length, spec.num_heads, spec.hidden_size // spec.num_heads)
+    return {"k": jnp.zeros(shape, spec.dtype), "v": jnp.zeros(shape, spec.dtype)}
 
 
 def _projection_values(outputs):
