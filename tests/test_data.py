@@ -4,6 +4,7 @@ import gzip
 import itertools
 import json
 import os
+import sys
 
 import chex
 import grain
@@ -202,12 +203,8 @@ def test_bad_input_errors(tmp_path):
         data.validate(_cfg(), 5, 2)
 
 
-def test_hf_without_datasets_is_one_line_error():
-    try:
-        import datasets  # noqa: F401 pylint: disable=unused-import
-        pytest.skip("datasets is installed")
-    except ImportError:
-        pass
+def test_hf_without_datasets_is_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError, as if absent
     with pytest.raises(DataError, match=r"pip install 'colax\[hf\]'"):
         data.make_pipeline(_cfg(source="hf"), CharTokenizer(), split="train", global_batch_size=2,
                            process_index=0, process_count=1)
