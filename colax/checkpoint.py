@@ -99,14 +99,6 @@ def restore(mngr, step, target, data_iter):
     return restored.state["params"], restored.state["opt_state"]
 
 
-def read_config(workdir):
-    """The ConfigDict of the run in `workdir` (its config.json); DataError if it has none."""
-    path = epath.Path(workdir) / CONFIG_NAME
-    if not path.exists():
-        raise DataError(f"{path}: no such file (not a colax workdir)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
 def check_shapes(expected, found, where):
     """DataError naming the first key whose shape differs, is missing or is extra.
 

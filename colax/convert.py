@@ -365,7 +365,7 @@ def export_run(workdir, out, step=None, fmt="auto", max_shard_bytes=5 * 10**9):
     The run's tokenizer (workdir/tokenizer.model or data.tokenizer) is copied beside the weights
     and gives config.json its bos/eos ids.
     """
-    cfg = _local(checkpoint.read_config(workdir))
+    cfg = _local(checkpoint.load_config(workdir))
     _, params = checkpoint.load_params(cfg, workdir, step)
     tok_path = cfg.data.tokenizer or str(epath.Path(workdir) / tokenizer.MODEL_NAME)
     tok = tokenizer.load_tokenizer(tok_path) if epath.Path(tok_path).exists() else None
@@ -407,7 +407,7 @@ def init_params(cfg, params, source):
     """
     is_run = (epath.Path(source) / checkpoint.CONFIG_NAME).exists() and (epath.Path(source) / "checkpoints").exists()
     if is_run:
-        fields = {k: v for k, v in checkpoint.read_config(source).model.items() if k not in FREE_MODEL_FIELDS}
+        fields = {k: v for k, v in checkpoint.load_config(source).model.items() if k not in FREE_MODEL_FIELDS}
     else:
         fields, loaded = read(source, cfg.model)
     plain = lambda v: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v

@@ -18,7 +18,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from colax import checkpoint, config, convert, data, layers, loop, model, optim, step, tokenizer
+from colax import checkpoint, config, convert, data, evaluate, layers, loop, model, optim, step, tokenizer
 from colax.errors import ConfigError, DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -346,8 +346,21 @@ def test_import_then_load_continue_training_and_export(micro, tmp_path):
     convert.export(micro, params, tmp_path / "exported")
     cfg = convert.import_run(str(tmp_path / "exported"), str(tmp_path / "imported"), micro)
     assert cfg.model.to_dict() == micro.model.to_dict()
-    graphdef, loaded = checkpoint.load_params(cfg, str(tmp_path / "imported"))  # what evaluate/generate read
+    run_cfg, tok, graphdef, loaded, at = checkpoint.load_run(str(tmp_path / "imported"))  # as evaluate/generate
+    assert at == 0 and run_cfg.to_dict() == cfg.to_dict()
     assert_same_params(jax.device_get(loaded), params)
+    # colax.evaluate on the import = the token-weighted loss of the exported state dict by numpy.
+    result = evaluate.evaluate_run(run_cfg, tok, graphdef, loaded, max_tokens=0, rows=8)
+    sd, conf = read_dir(tmp_path / "exported")
+    nll = count = 0.0
+    for b in evaluate.val_batches(run_cfg, tok, 8):
+        for inputs, targets, mask in zip(b["inputs"], b["targets"], b["loss_mask"]):
+            logits = reference_logits(sd, conf, inputs)
+            logp = logits - logits.max(-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+            nll -= (logp[np.arange(len(targets)), targets] * mask).sum()
+            count += mask.sum()
+    assert result["targets"] == count and result["loss"] == pytest.approx(nll / count, rel=1e-5)
     # The first training loss of a run started from the import is the imported model's loss on that batch.
     first = next(data.make_pipeline(cfg.data, tokenizer.load_tokenizer(cfg.data.tokenizer), split="train",
                                     global_batch_size=cfg.train.batch_size))
