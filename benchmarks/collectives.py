@@ -39,7 +39,7 @@ def step_bytes(kind, size, tensor, layers, batch, seq_len):
     import jax
     import numpy as np
     from flax import nnx
-    from colax import config, model, optim, sharding, step
+    from colax import config, model, optim, sharding, state, step
 
     cfg = config.preset(kind, size)
     cfg.model.update(num_layers=layers, scan_layers=False, vocab_size=256)
@@ -47,12 +47,12 @@ def step_bytes(kind, size, tensor, layers, batch, seq_len):
     spec = model.spec_from_config(cfg.model)
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:tensor])
     tx = optim.make(cfg.optim, cfg.train.steps)
-    params, opt_state = sharding.abstract_state(spec, tx, mesh)
+    params, opt_state = state.abstract_state(spec, tx, mesh)
     graphdef = nnx.graphdef(model.abstract_model(spec))
     tokens = jax.ShapeDtypeStruct((1, batch, seq_len), np.int32, sharding=sharding.batch_sharding(mesh))
     batches = dict(inputs=tokens, targets=tokens,
                    loss_mask=jax.ShapeDtypeStruct(tokens.shape, np.float32, sharding=tokens.sharding))
-    train = sharding.jit_train_step(step.make_train_step(graphdef, tx), params, opt_state, mesh)
+    train = state.jit_train_step(step.make_train_step(graphdef, tx), params, opt_state, mesh)
     forward = jax.jit(sharding.on_mesh(lambda p, b: step.loss_sums(p, graphdef, jax.tree.map(lambda x: x[0], b)),
                                        mesh))
     return tuple(sum(collective_bytes(f.lower(*args).compile().as_text()).values())

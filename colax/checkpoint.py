@@ -18,7 +18,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from colax import config as config_lib
-from colax import model, optim, sharding, tokenizer
+from colax import model, optim, sharding, state, tokenizer
 from colax.errors import ConfigError, DataError
 
 CONFIG_NAME = "config.json"
@@ -88,7 +88,7 @@ def save(mngr, step, params, opt_state, data_iter):
 def restore(mngr, step, target, data_iter):
     """(params, opt_state) of checkpoint `step`, restored into `target`.
 
-    target: `(params, opt_state)` of ShapeDtypeStructs with shardings (`sharding.abstract_state`),
+    target: `(params, opt_state)` of ShapeDtypeStructs with shardings (`state.abstract_state`),
     so each device reads only its shards, on any mesh. The data iterator is moved in place to its
     saved position.
     """
@@ -136,7 +136,7 @@ def load_params(cfg, workdir, step=None):
         saved = f" (saved steps: {', '.join(map(str, mngr.all_steps()))})" if mngr.all_steps() else ""
         raise DataError(f"no checkpoint{'' if step is None else f' of step {step}'} in "
                         f"{epath.Path(workdir) / 'checkpoints'}{saved}")
-    params, _ = sharding.abstract_state(spec, optim.make(cfg.optim, cfg.train.steps), sharding.make_mesh(cfg.mesh))
+    params, _ = state.abstract_state(spec, optim.make(cfg.optim, cfg.train.steps), sharding.make_mesh(cfg.mesh))
     stored = ocp.StandardCheckpointer().metadata(mngr.directory / str(step) / "state").item_metadata.tree
     check_shapes(params, stored["params"], f"checkpoint {mngr.directory / str(step)}")
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(

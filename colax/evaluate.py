@@ -24,7 +24,7 @@ import numpy as np
 import tqdm
 from absl import app, flags
 
-from colax import checkpoint, data, sharding, step
+from colax import checkpoint, data, sharding, state, step
 from colax.errors import ConfigError, exit_on_error, parse_flags
 
 CONVENTIONS = ("token", "reference")
@@ -39,7 +39,7 @@ def val_batches(cfg, tok, rows, limit=0):
 def make_batch_sums(graphdef, params, mesh):
     """batch_sums(params, host batch) -> device float32 [2]: (s_i, n_i) of one batch ([rows, T] arrays)."""
     fn = jax.jit(sharding.on_mesh(lambda p, b: step.eval_sums(p, graphdef, b), mesh),
-                 in_shardings=(sharding.tree_shardings(params, mesh), sharding.batch_sharding(mesh)))
+                 in_shardings=(state.tree_shardings(params, mesh), sharding.batch_sharding(mesh)))
     return lambda params, batch: fn(params, sharding.global_batch({k: v[None] for k, v in batch.items()}, mesh))
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from colax import checkpoint, convert, data, evaluate, generate, metrics, optim, sharding, step, tokenizer
+from colax import checkpoint, convert, data, evaluate, generate, metrics, optim, sharding, state, step, tokenizer
 from colax import config as config_lib
 from colax import model as model_lib
 from colax.errors import ConfigError, DataError, NonFiniteError
@@ -117,7 +117,7 @@ def run(cfg, workdir, overwrite=False, stop_after=None):
     spec = config_lib.validate(cfg)
     accum, t = config_lib.accum_steps(cfg), cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
-    sharding.validate(spec, mesh, t.batch_size)
+    state.validate(spec, mesh, t.batch_size)
     checkpoint.prepare_workdir(workdir, cfg, overwrite)
     tok = tokenizer.get_or_train_tokenizer(cfg.data, workdir)
     tokenizer.check_vocab(tok, spec.vocab_size)
@@ -132,13 +132,13 @@ def run(cfg, workdir, overwrite=False, stop_after=None):
     start = mngr.latest_step() or 0
     if start:  # restored straight into the shardings: no fresh parameters are created
         graphdef = nnx.graphdef(model_lib.abstract_model(spec))
-        params, opt_state = checkpoint.restore(mngr, start, sharding.abstract_state(spec, tx, mesh), train_it)
+        params, opt_state = checkpoint.restore(mngr, start, state.abstract_state(spec, tx, mesh), train_it)
     else:
-        graphdef, params, opt_state = sharding.init_state(spec, tx, mesh, t.seed)
+        graphdef, params, opt_state = state.init_state(spec, tx, mesh, t.seed)
         params, opt_state = init_from(cfg, workdir, mngr, tx, params, opt_state)
     val = list(evaluate.val_batches(cfg, tok, t.batch_size // accum, t.eval_batches))
     evaluate_fn = evaluate.make_evaluate(graphdef, params, mesh, val)
-    train_step = sharding.jit_train_step(step.make_train_step(graphdef, tx, t.on_nonfinite == "skip"),
+    train_step = state.jit_train_step(step.make_train_step(graphdef, tx, t.on_nonfinite == "skip"),
                                          params, opt_state, mesh)
     log = Logger(cfg, workdir, spec, start)
     log.progress.write(f"{'resuming at' if start else 'starting'} step {start}/{t.steps}: "

@@ -236,6 +236,20 @@ def _projection_values(outputs):
             for p in layers.PROJECTION_NAMES}
 
 
+def trainable_mask(params):
+    """True for each parameter the optimizer trains, False for the frozen ones: integer leaves
+    (e.g. index sets) and the parameters a projection kind names in its `frozen` attribute
+    (changed only between steps, by the method's hook). params: the model's pure-dict state."""
+    frozen = {leaf for kind in layers.PROJECTIONS.values() for leaf in getattr(kind, "frozen", ())}
+
+    def trainable(path, leaf):
+        keys = tuple(getattr(k, "key", None) for k in path)
+        named_frozen = len(keys) == 3 and keys[0] == "blocks" and keys[2] in frozen
+        return jnp.issubdtype(leaf.dtype, jnp.inexact) and not named_frozen
+
+    return jax.tree_util.tree_map_with_path(trainable, params)
+
+
 def abstract_model(spec: ModelSpec):
     """The model with ShapeDtypeStructs for parameters (nothing allocated; fine for 7B)."""
     return nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(0)))

@@ -4,6 +4,7 @@ import jax
 import ml_collections
 import optax
 
+from colax import model as model_lib
 from colax.errors import ConfigError
 
 
@@ -51,7 +52,10 @@ def decay_mask(params):
 
 
 def make(o, total_steps):
-    """optax transformation: clip_by_global_norm (if grad_clip > 0) then AdamW on the schedule."""
+    """optax transformation: clip_by_global_norm (if grad_clip > 0) then AdamW on the schedule,
+    over the trainable parameters only (`model.trainable_mask`): frozen ones get no optimizer
+    state and a zero update."""
     adamw = optax.adamw(schedule(o, total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
                         weight_decay=o.weight_decay, mask=None if o.decay_norms else decay_mask)
-    return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip > 0 else adamw
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip > 0 else adamw
+    return optax.masked(tx, model_lib.trainable_mask)

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from colax import model as model_lib
+
 
 def loss_sums(params, graphdef, batch):
     """Summed token cross-entropy and the number of counted tokens (both float32 scalars)."""
@@ -20,22 +22,41 @@ def loss_sums(params, graphdef, batch):
     return (ce * mask).sum(), mask.sum()
 
 
+def _split(params):
+    """(trainable, frozen) copies of `params`, each with None where the other has a leaf."""
+    mask = model_lib.trainable_mask(params)
+    pick = lambda keep: jax.tree.map(lambda p, m: p if m == keep else None, params, mask)
+    return pick(True), pick(False)
+
+
+def _join(trainable, frozen):
+    """The inverse of `_split`."""
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
+
+
 def grads(params, graphdef, batches):
-    """Token-weighted mean loss and its gradient over micro-batches stacked on axis 0."""
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    """Token-weighted mean loss and its gradient over micro-batches stacked on axis 0.
+
+    Only trainable parameters (`model.trainable_mask`) are differentiated; the gradient of a
+    frozen one is zeros of its shape and dtype.
+    """
+    trainable, frozen = _split(params)
+    grad_fn = jax.value_and_grad(lambda t, graphdef, batch: loss_sums(_join(t, frozen), graphdef, batch),
+                                 has_aux=True)
 
     def micro(carry, batch):
         g_sum, loss_sum, count = carry
-        (loss, n), g = grad_fn(params, graphdef, batch)
+        (loss, n), g = grad_fn(trainable, graphdef, batch)
         return (jax.tree.map(jnp.add, g_sum, g), loss_sum + loss, count + n), None
 
     if jax.tree.leaves(batches)[0].shape[0] == 1:  # no accumulation loop to compile
-        (loss_sum, count), g_sum = grad_fn(params, graphdef, jax.tree.map(lambda x: x[0], batches))
+        (loss_sum, count), g_sum = grad_fn(trainable, graphdef, jax.tree.map(lambda x: x[0], batches))
     else:
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
         (g_sum, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batches)
     count = jnp.maximum(count, 1.0)
-    return loss_sum / count, jax.tree.map(lambda g: g / count, g_sum)
+    g = jax.tree.map(lambda g: g / count, g_sum)
+    return loss_sum / count, _join(g, jax.tree.map(jnp.zeros_like, frozen))
 
 
 def make_train_step(graphdef, tx, skip_nonfinite=False):

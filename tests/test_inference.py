@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from colax import checkpoint, config, data, evaluate, generate, model, optim, sharding, sources, tokenizer
+from colax import checkpoint, config, data, evaluate, generate, model, optim, sharding, sources, state, tokenizer
 from colax.errors import DataError
 from conftest import small_spec
 
@@ -21,8 +21,8 @@ PROMPTS = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 6], [11, 12, 13, 14, 15]]  # batched, o
 
 
 def _model(seed=0, **overrides):
-    graphdef, state = nnx.split(model.Transformer(small_spec(**overrides), rngs=nnx.Rngs(seed)))
-    return graphdef, nnx.to_pure_dict(state)
+    graphdef, model_state = nnx.split(model.Transformer(small_spec(**overrides), rngs=nnx.Rngs(seed)))
+    return graphdef, nnx.to_pure_dict(model_state)
 
 
 @pytest.mark.parametrize("projection, scan_layers", [("cola", True), ("cola", False), ("dense", True),
@@ -152,7 +152,7 @@ def run(tmp_path_factory):
     tok = tokenizer.train_tokenizer(DOCS, os.path.join(workdir, "tokenizer"), 320, "bpe", 30)
     spec = config.validate(cfg)
     tx = optim.make(cfg.optim, cfg.train.steps)
-    graphdef, params, opt_state = sharding.init_state(spec, tx, sharding.make_mesh(cfg.mesh), seed=0)
+    graphdef, params, opt_state = state.init_state(spec, tx, sharding.make_mesh(cfg.mesh), seed=0)
     mngr = checkpoint.manager(workdir, cfg.train)
     checkpoint.save(mngr, 3, params, opt_state, data.make_pipeline(cfg.data, tok, split="train", global_batch_size=2))
     mngr.wait_until_finished()

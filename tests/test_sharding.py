@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from colax import model, sharding
+from colax import model, sharding, state
 from conftest import small_spec
 
 TESTS = Path(__file__).parent
@@ -31,7 +31,7 @@ def test_multidevice_suite_passes():
 def test_every_parameter_has_logical_axes(projection):
     params = nnx.to_pure_dict(nnx.state(model.abstract_model(small_spec(projection=projection))))
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        assert len(sharding.param_logical_axes(path)) == leaf.ndim, jax.tree_util.keystr(path)
+        assert len(state.param_logical_axes(path)) == leaf.ndim, jax.tree_util.keystr(path)
 
 
 def test_a_mesh_axis_shards_one_dimension_only():
@@ -42,7 +42,7 @@ def test_a_mesh_axis_shards_one_dimension_only():
 def test_unknown_parameter_is_named():
     path = (jax.tree_util.DictKey("blocks"), jax.tree_util.DictKey("extra"))
     with pytest.raises(ValueError, match="blocks/extra"):
-        sharding.param_logical_axes(path)
+        state.param_logical_axes(path)
 
 
 def test_constrain_without_mesh_is_identity():

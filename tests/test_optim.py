@@ -1,0 +1,75 @@
+"""Frozen parameters: what a projection kind names in `frozen`, and integer leaves, are never
+differentiated, get no optimizer state and are left unchanged by training steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from colax import config, layers, model, optim, step
+
+
+class FrozenBase(nnx.Module):
+    """y = x @ (base + delta): `base` frozen, `delta` trained, `support` an integer leaf."""
+    frozen = ("base",)
+
+    def __init__(self, in_features, out_features, rank, cfg, *, rngs):
+        del rank
+        self.base = nnx.Param(0.1 * jax.random.normal(rngs.params(), (in_features, out_features)))
+        self.delta = nnx.Param(0.1 * jax.random.normal(rngs.params(), (in_features, out_features)))
+        self.support = nnx.Param(jnp.arange(3, dtype=jnp.int32))
+
+    def __call__(self, x):
+        return x @ (self.base[...] + self.delta[...]).astype(x.dtype)
+
+    flops_per_token = staticmethod(lambda i, o, r: 2 * i * o)
+    param_axes = staticmethod(lambda i, o: {"base": (i, o), "delta": (i, o), "support": (None,)})
+
+
+@pytest.fixture
+def frozen_setup(monkeypatch):
+    monkeypatch.setitem(layers.PROJECTIONS, "frozen_base", FrozenBase)
+    cfg = config.preset("cola", "tiny")
+    cfg.model.update(projection="frozen_base", vocab_size=64, hidden_size=16, intermediate_size=32,
+                     num_heads=2, num_layers=2, rank=4, dtype="float32")
+    cfg.optim.update(lr=0.1, warmup_steps=0, weight_decay=0.1)
+    spec = model.spec_from_config(cfg.model)
+    graphdef, state = nnx.split(model.Transformer(spec, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(state)
+    tokens = jax.random.randint(jax.random.key(1), (1, 2, 8), 0, 64)
+    batch = dict(inputs=tokens, targets=jnp.roll(tokens, -1, -1), loss_mask=jnp.ones(tokens.shape))
+    return cfg, graphdef, params, batch
+
+
+def test_frozen_and_integer_leaves_are_not_trained(frozen_setup):
+    cfg, graphdef, params, batch = frozen_setup
+    mask = model.trainable_mask(params)
+    assert not mask["blocks"]["q"]["base"] and not mask["blocks"]["q"]["support"]
+    assert mask["blocks"]["q"]["delta"] and mask["embed"] and mask["blocks"]["attn_norm"]["weight"]
+    # base and delta enter the loss the same way: their true gradients (of the token-mean loss,
+    # 16 tokens here) are equal and nonzero.
+    loss_fn = lambda p: step.loss_sums(p, graphdef, jax.tree.map(lambda x: x[0], batch))[0]
+    true_base = jax.grad(lambda b: loss_fn({**params, "blocks": {**params["blocks"], "q": {
+        **params["blocks"]["q"], "base": b}}}))(params["blocks"]["q"]["base"])
+    true_base = true_base / batch["loss_mask"].sum()
+    assert float(jnp.abs(true_base).max()) > 0
+    _, g = step.grads(params, graphdef, batch)
+    np.testing.assert_allclose(g["blocks"]["q"]["delta"], true_base, rtol=1e-5, atol=1e-7)
+    assert not np.any(g["blocks"]["q"]["base"]) and not np.any(g["blocks"]["q"]["support"])
+
+    tx = optim.make(cfg.optim, 10)
+    opt_state = tx.init(params)
+    adam = next(s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+                if isinstance(s, optax.ScaleByAdamState))
+    assert isinstance(adam.mu["blocks"]["q"]["base"], optax.MaskedNode)
+    assert adam.mu["blocks"]["q"]["delta"].shape == params["blocks"]["q"]["delta"].shape
+    train_step = jax.jit(step.make_train_step(graphdef, tx))
+    new = params
+    for _ in range(3):
+        new, opt_state, _ = train_step(new, opt_state, batch)
+    for name in ("base", "support"):
+        np.testing.assert_array_equal(new["blocks"]["q"][name], params["blocks"]["q"][name])
+    assert new["blocks"]["q"]["support"].dtype == jnp.int32
+    assert not np.allclose(new["blocks"]["q"]["delta"], params["blocks"]["q"]["delta"])
