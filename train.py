@@ -7,11 +7,15 @@ A workdir holding a run of another config is refused unless --overwrite. Multi-h
 command on every host (docs/sharding.md). See docs/training.md.
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from colax import errors
 
-from colax import loop, sharding
-from colax.errors import exit_on_error, parse_flags
+errors.exit_on_signal("interrupted before step 0, nothing saved")  # Ctrl-C while jax is imported
+
+from absl import app, flags, logging  # noqa: E402 (after the signal handler)
+from ml_collections import config_flags  # noqa: E402
+
+from colax import loop, sharding  # noqa: E402
+from colax.errors import exit_on_error, parse_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: config, tokenizer, checkpoints, metrics.")

@@ -7,6 +7,7 @@ The metrics of step t are fetched only after step t + 1 is dispatched, except be
 or an evaluation, which wait for the step's metrics so that no non-finite state is ever saved.
 """
 
+import contextlib
 import itertools
 import math
 import signal
@@ -51,19 +52,32 @@ def init_from(cfg, workdir, mngr, tx, params, opt_state):
 
 
 class StopOnSignal:
-    """While active, SIGTERM and SIGINT set `requested` (the loop then saves and returns); a second
-    signal raises KeyboardInterrupt at once."""
+    """SIGTERM and SIGINT while a run is active (`run`). Outside the training steps (start-up, the
+    final report) they raise KeyboardInterrupt(`message`) at once: the CLI prints it and exits
+    (`errors.exit_on_error`). Inside `while_training()` the first one sets `requested` (the loop then
+    saves and returns) and a second one raises KeyboardInterrupt at once."""
+
+    def __init__(self, message):
+        self.message, self.training, self.requested = message, False, False
 
     def __enter__(self):
-        self.requested = False
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def _handle(self, signum, frame):
         del frame
-        if self.requested:
-            raise KeyboardInterrupt
+        if self.requested or not self.training:
+            raise KeyboardInterrupt(self.message)
         self.requested = signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def while_training(self, message):
+        """Signals ask the loop to stop; a second one raises KeyboardInterrupt(`message`)."""
+        self.training, self.message = True, message
+        try:
+            yield self
+        finally:
+            self.training = False
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -112,8 +126,14 @@ def run(cfg, workdir, overwrite=False, stop_after=None):
     """Trains `cfg` in `workdir` (resuming its latest checkpoint) to `train.steps`.
 
     `stop_after` (a step) behaves like a SIGTERM after that step: save, then return.
-    Returns the final {"eval_loss", "eval_ppl"}, or None when stopped early.
+    Returns the final {"eval_loss", "eval_ppl"}, or None when stopped early. SIGINT/SIGTERM: see
+    StopOnSignal (before the first step: KeyboardInterrupt("interrupted before step 0, nothing saved")).
     """
+    with StopOnSignal("interrupted before step 0, nothing saved") as stop:
+        return _run(cfg, workdir, overwrite, stop_after, stop)
+
+
+def _run(cfg, workdir, overwrite, stop_after, stop):
     spec = config_lib.validate(cfg)
     accum, t = config_lib.accum_steps(cfg), cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
@@ -130,6 +150,8 @@ def run(cfg, workdir, overwrite=False, stop_after=None):
     train_it = data.make_pipeline(cfg.data, tok, split="train", global_batch_size=t.batch_size)
     mngr = checkpoint.manager(workdir, t)
     start = mngr.latest_step() or 0
+    if start:
+        stop.message = f"interrupted before resuming at step {start}, nothing saved"
     if start:  # restored straight into the shardings: no fresh parameters are created
         graphdef = nnx.graphdef(model_lib.abstract_model(spec))
         params, opt_state = checkpoint.restore(mngr, start, state.abstract_state(spec, tx, mesh), train_it)
@@ -145,7 +167,7 @@ def run(cfg, workdir, overwrite=False, stop_after=None):
                        f"{model_lib.count_params(spec)['total'] / 1e6:.2f}M parameters, {accum} micro-batch(es) "
                        f"of {t.batch_size // accum} x {cfg.data.seq_len} tokens per step")
     pending, s, result = None, start, None
-    with StopOnSignal() as stop:
+    with stop.while_training("interrupted again: stopped without saving; the last checkpoint stays valid"):
         try:
             for s in range(start + 1, t.steps + 1):
                 params, opt_state, m = train_step(params, opt_state, device_batch(next(train_it), accum, mesh))
@@ -167,6 +189,7 @@ def run(cfg, workdir, overwrite=False, stop_after=None):
             log.progress.close()
             log.writer.close()
             mngr.wait_until_finished()
+    stop.message = f"interrupted after step {s}, checkpoint saved"
     if s < t.steps:
         log.progress.write(f"stopped after step {s} ({stop.requested or 'stop_after'}); checkpoint saved, "
                            "run the same command to resume")

@@ -330,3 +330,34 @@ def test_sigterm_saves_and_stops(tok_path, tmp_path):
     saved = int(os.listdir(tmp_path / "checkpoints")[0])
     assert 1 <= saved < 100_000 and read_metrics(tmp_path)[-1]["step"] == saved
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is removed again
+
+
+# Run in a child: sends it SIGINT at one start-up point, then runs train.py as `python train.py` would.
+INTERRUPT_LAUNCHER = '''
+import os, runpy, signal, sys, threading
+point, argv = sys.argv[1], sys.argv[2:]
+interrupt = threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGINT))
+if point == "import":  # while train.py imports jax, flax, orbax (after its first line)
+    interrupt.interval = 0.5
+    interrupt.start()
+else:  # while the parameter initialisation is traced and compiled
+    from colax import sharding
+    init_state = sharding.init_state
+    def interrupted_init_state(*args):
+        interrupt.start()
+        return init_state(*args)
+    sharding.init_state = interrupted_init_state
+sys.argv = argv
+runpy.run_path(argv[0], run_name="__main__")
+'''
+
+
+@pytest.mark.parametrize("point", ["import", "compile"])
+def test_cli_interrupted_during_start_up(point, tmp_path, config_file, tok_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}  # no cache: a real compile
+    proc = subprocess.run([sys.executable, "-c", INTERRUPT_LAUNCHER, point, os.path.join(ROOT, "train.py"),
+                           f"--config={config_file}", f"--workdir={tmp_path / 'run'}",
+                           f"--config.data.tokenizer={tok_path}"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert (proc.returncode, proc.stderr) == (130, "interrupted before step 0, nothing saved\n"), proc.stderr[-3000:]
+    assert not list(tmp_path.glob("run/checkpoints/*"))
