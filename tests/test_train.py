@@ -341,12 +341,12 @@ if point == "import":  # while train.py imports jax, flax, orbax (after its firs
     interrupt.interval = 0.5
     interrupt.start()
 else:  # while the parameter initialisation is traced and compiled
-    from colax import sharding
-    init_state = sharding.init_state
+    from colax import state
+    init_state = state.init_state
     def interrupted_init_state(*args):
         interrupt.start()
         return init_state(*args)
-    sharding.init_state = interrupted_init_state
+    state.init_state = interrupted_init_state
 sys.argv = argv
 runpy.run_path(argv[0], run_name="__main__")
 '''
