@@ -135,12 +135,19 @@ def cached_attention(q, k, v, positions, cache, implementation):
     (int32 [B, T], < S); cache: {"k", "v"} [B, S, N, H] (k after RoPE).
 
     Writes k and v at their positions' slots, then each query attends to every slot at or before
-    its own position. Returns (output [B, T, N, H], updated cache).
+    its own position. Returns (output [B, T, N, H], updated cache). The write is a one-hot product
+    (exact: one term per slot) rather than a scatter, which measured slower on the CPU backend.
     """
-    rows = jnp.arange(q.shape[0])[:, None]
-    cache = {name: cache[name].at[rows, positions].set(new.astype(cache[name].dtype))
-             for name, new in (("k", k), ("v", v))}
     slots = jnp.arange(cache["k"].shape[1], dtype=positions.dtype)
+    onehot = positions[:, :, None] == slots  # [B, T, S]
+    written = onehot.any(axis=1)[:, :, None, None]
+
+    def write(old, new):
+        new = jnp.einsum("bts,btnh->bsnh", onehot.astype(old.dtype), new.astype(old.dtype),
+                         precision=jax.lax.Precision.HIGHEST)
+        return jnp.where(written, new, old)
+
+    cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
     mask = slots[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
     out = jax.nn.dot_product_attention(q, cache["k"], cache["v"], mask=mask, implementation=implementation or None)
     return out, cache

@@ -1,6 +1,7 @@
 """After training: KV-cache generation against full recomputation, sampling filters, evaluation
 conventions against losses worked out here, and the evaluate/generate CLIs."""
 
+import functools
 import json
 import os
 import subprocess
@@ -18,6 +19,16 @@ from conftest import small_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 6], [11, 12, 13, 14, 15]]  # batched, of different lengths
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache, so the CLI subprocesses reuse what this process compiled."""
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield path
+    jax.config.update("jax_compilation_cache_dir", None)
 
 
 def _model(seed=0, **overrides):
@@ -103,24 +114,25 @@ def test_no_recompilation_per_token_or_prompt_length_within_a_bucket():
     assert [generate.bucket(n, 40) for n in (1, 16, 17, 33)] == [16, 16, 32, 40]
 
 
-def _draws(logits, n=2000, **kw):
+@functools.partial(jax.jit, static_argnames="top_k")
+def _draws(logits, top_k=0, top_p=1.0, n=2000):
+    """n samples at temperature 1 from logits [V] (a compile per top_k only)."""
     keys = jax.random.split(jax.random.key(0), n)
-    draw = jax.jit(jax.vmap(lambda k: generate.sample(jnp.asarray(logits)[None], k, jnp.float32(1.0), **kw)[0]))
-    return np.asarray(draw(keys))
+    return jax.vmap(lambda k: generate.sample(logits[None], k, jnp.float32(1.0), top_k, top_p)[0])(keys)
 
 
 def test_top_k_and_top_p_never_sample_outside_their_set():
     probs = np.array([0.02, 0.3, 0.05, 0.25, 0.04, 0.2, 0.06, 0.08])  # distinct, sums to 1
-    logits = np.log(probs).astype(np.float32)
+    logits = jnp.asarray(np.log(probs), jnp.float32)
     top3 = {1, 3, 5}  # the three largest
     for kw in (dict(top_k=3), dict(top_p=0.6)):  # nucleus of 0.6: mass before 0.3, 0.25, 0.2 is < 0.6
-        draws = _draws(logits, **kw)
+        draws = np.asarray(_draws(logits, **kw))
         assert set(draws.tolist()) == top3, kw
         freq = np.bincount(draws, minlength=8)[[1, 3, 5]] / len(draws)
         np.testing.assert_allclose(freq, probs[[1, 3, 5]] / 0.75, atol=0.04)  # renormalised within the set
-    assert set(_draws(logits, top_p=0.31).tolist()) == {1, 3}  # 0.3 < 0.31: the second is in
-    assert set(_draws(logits, top_k=8).tolist()) == set(range(8))  # no filter: every token appears
-    assert set(np.asarray(generate.sample(jnp.asarray(np.stack([logits] * 3)), jax.random.key(0),
+    assert set(np.asarray(_draws(logits, top_p=0.31)).tolist()) == {1, 3}  # 0.3 < 0.31: the second is in
+    assert set(np.asarray(_draws(logits)).tolist()) == set(range(8))  # no filter: every token appears
+    assert set(np.asarray(generate.sample(jnp.stack([logits] * 3), jax.random.key(0),
                                           jnp.float32(0.0), top_k=2)).tolist()) == {1}  # greedy
 
 
@@ -199,24 +211,26 @@ def test_evaluation_matches_hand_computed_loss_in_both_conventions(run):
 
 
 def _cli(module, *args):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
     return subprocess.run([sys.executable, "-m", f"colax.{module}", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+                          env=env)
 
 
 def test_evaluate_and_generate_cli(run, tmp_path):
-    cfg, tok, graphdef, params, workdir = run
+    cfg, tok, graphdef, params, workdir = run  # in-process first: the CLIs then hit the compilation cache
+    want = evaluate.evaluate_run(cfg, tok, graphdef, params, "reference", max_tokens=0, rows=2)
+    outs, _ = generate.generate(params, graphdef, [tok.encode(p) for p in ("doc 1", "doc 3: alpha", "delta")], 5,
+                                tok.eos_id, cfg.data.seq_len)
     proc = _cli("evaluate", f"--workdir={workdir}", "--max_tokens=0", "--batch_rows=2", "--convention=reference")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    want = evaluate.evaluate_run(cfg, tok, graphdef, params, "reference", max_tokens=0, rows=2)
     assert result["step"] == 3 and result["loss"] == pytest.approx(want["loss"], rel=1e-5)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("doc 3: alpha\n\ndelta\n")
     proc = _cli("generate", f"--workdir={workdir}", "--prompt=doc 1", f"--prompt-file={prompts}", "--max_new_tokens=5")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    outs, _ = generate.generate(params, graphdef, [tok.encode(p) for p in ("doc 1", "doc 3: alpha", "delta")], 5,
-                                tok.eos_id, cfg.data.seq_len)
     assert lines[:3] == [p + tok.decode([int(i) for i in o]) for p, o in zip(("doc 1", "doc 3: alpha", "delta"), outs)]
     assert "3 prompt(s)" in lines[3] and "tokens/s" in lines[3]
 
