@@ -86,13 +86,12 @@ class Layout:
     `transpose`: projection matrices are stored [out, in] (torch Linear) instead of [in, out].
     """
     projection: str
-    model_type: str
     key: object
     transpose: bool
 
 
-LAYOUTS = {"cola": Layout("cola", "cola", _cola_key, False), "cola_m": Layout("cola", "cola", _cola_m_key, False),
-           "llama": Layout("dense", "llama", _llama_key, True)}
+LAYOUTS = {"cola": Layout("cola", _cola_key, False), "cola_m": Layout("cola", _cola_m_key, False),
+           "llama": Layout("dense", _llama_key, True)}
 EXPORT_FORMATS = ("colax", "cola", "llama")
 
 
@@ -224,7 +223,7 @@ def model_fields(conf, where):
             raise DataError(f"{where}: {key} {msg}, got {conf[key]!r}")
     rope = conf.get("rope_parameters") or {}
     fields = dict(
-        projection="dense" if model_type == "llama" else "cola", vocab_size=_need(conf, "vocab_size", where),
+        projection=LAYOUTS[model_type].projection, vocab_size=_need(conf, "vocab_size", where),
         hidden_size=_need(conf, "hidden_size", where), intermediate_size=_need(conf, "intermediate_size", where),
         num_heads=_need(conf, "num_attention_heads", where), num_layers=_need(conf, "num_hidden_layers", where),
         rope_theta=float(conf.get("rope_theta", rope.get("rope_theta", 10000.0))),
