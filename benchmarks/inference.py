@@ -9,7 +9,7 @@ no EOS (every row makes `--new_tokens` tokens), cache length prompt_len + new_to
 size B, after one untimed call that compiles: prefill tokens/s = B * prompt_len / prefill time (one
 pass over the prompts, including the first sampled token) and decode tokens/s = B * (new_tokens - 1)
 / decode time (one jitted step per token, host loop and stop checks included), the best of
-`--repeats` calls. Weight memory is the parameters' bytes; KV cache memory is what
+`--repeats` calls (alternating between the two models). Weight memory is the parameters' bytes; KV cache memory is what
 `model.init_cache` allocates. Prints a markdown table with a CoLA / full-rank ratio column.
 """
 
@@ -52,26 +52,34 @@ def build(kind, args):
 
 
 def measure(args, batches):
-    """{kind: {row name: value}} for every model and batch size."""
+    """{kind: {row name: value}} for every model and batch size. The repeats alternate between the
+    models, so a change in the machine's load hits both alike; each figure is the best repeat."""
     max_len = args.prompt_len + args.new_tokens
     rng = np.random.RandomState(0)
+    models = {kind: build(kind, args) for kind, _ in KINDS}
     out = {}
-    for kind, _ in KINDS:
-        spec, graphdef, params = build(kind, args)
-        cache_bytes = lambda b: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(
-            jax.eval_shape(lambda: model.init_cache(spec, b, max_len))))
-        row = {"parameters (M)": model.count_params(spec)["total"] / 1e6,
-               "weights (MiB)": sum(a.nbytes for a in jax.tree.leaves(params)) / 2**20,
-               "forward GFLOPs / token": model.flops_per_token(spec, max_len)["forward"] / 1e9}
-        for b in batches:
-            prompts = [list(rng.randint(3, args.vocab_size, args.prompt_len)) for _ in range(b)]
-            run = lambda: generate.generate(params, graphdef, prompts, args.new_tokens, -1, max_len)[1]
-            run()  # compiles prefill and decode
-            stats = [run() for _ in range(args.repeats)]
-            row[f"KV cache, batch {b} (MiB)"] = cache_bytes(b) / 2**20
-            row[f"prefill tokens/s, batch {b}"] = b * args.prompt_len / min(s["prefill_s"] for s in stats)
-            row[f"decode tokens/s, batch {b}"] = b * (args.new_tokens - 1) / min(s["decode_s"] for s in stats)
-        out[kind] = row
+    for kind, (spec, _, params) in models.items():
+        out[kind] = {"parameters (M)": model.count_params(spec)["total"] / 1e6,
+                     "weights (MiB)": sum(a.nbytes for a in jax.tree.leaves(params)) / 2**20,
+                     "forward MFLOPs / token": model.flops_per_token(spec, max_len)["forward"] / 1e6}
+    for b in batches:
+        prompts = [list(rng.randint(3, args.vocab_size, args.prompt_len)) for _ in range(b)]
+
+        def run(kind):
+            _, graphdef, params = models[kind]
+            return generate.generate(params, graphdef, prompts, args.new_tokens, -1, max_len)[1]
+
+        for kind in models:
+            run(kind)  # compiles prefill and decode: not timed
+        stats = {kind: [] for kind in models}
+        for _ in range(args.repeats):
+            for kind in models:
+                stats[kind].append(run(kind))
+        for kind, (spec, _, _) in models.items():
+            cache = jax.eval_shape(lambda: model.init_cache(spec, b, max_len))
+            out[kind][f"KV cache, batch {b} (MiB)"] = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache)) / 2**20
+            out[kind][f"prefill tokens/s, batch {b}"] = b * args.prompt_len / min(s["prefill_s"] for s in stats[kind])
+            out[kind][f"decode tokens/s, batch {b}"] = b * (args.new_tokens - 1) / min(s["decode_s"] for s in stats[kind])
     return out
 
 

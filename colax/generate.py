@@ -34,25 +34,28 @@ def bucket(n, max_len):
 
 
 def filter_logits(logits, top_k, top_p):
-    """logits float32 [B, V] with every token outside the top-k (k > 0) and outside the top-p
-    nucleus (the most likely tokens whose probability mass before each is < top_p; top_p >= 1: off)
-    set to -inf. Ties with the last kept logit are kept."""
+    """logits float32 [B, V] with every token outside the top-k (k > 0, static) and outside the
+    top-p nucleus (the most likely tokens whose probability mass before each is < top_p; top_p >= 1:
+    off) set to -inf. Ties with the last kept logit are kept."""
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits >= kth, logits, -jnp.inf)
-    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(ordered, axis=-1)
-    keep = (jnp.cumsum(probs, axis=-1) - probs < top_p) | (top_p >= 1.0)
-    cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+    def nucleus(logits):
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+        cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+    return jax.lax.cond(top_p < 1.0, nucleus, lambda x: x, logits)  # no sort over V unless asked
 
 
 def sample(logits, key, temperature, top_k=0, top_p=1.0):
     """Next tokens int32 [B] from logits float32 [B, V]: argmax if temperature is 0, else a draw
     from softmax(filter_logits(logits / temperature, top_k, top_p))."""
-    scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
-    sampled = jax.random.categorical(key, scaled, axis=-1)
-    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    draw = lambda: jax.random.categorical(key, filter_logits(logits / temperature, top_k, top_p), axis=-1)
+    return jax.lax.cond(temperature > 0, draw, lambda: jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "top_k"), donate_argnames=("cache",))
@@ -85,6 +88,8 @@ def generate(params, graphdef, prompts, max_new_tokens, eos_id, max_len, tempera
     """
     check_prompts(prompts, max_len)
     spec = nnx.merge(graphdef, params).spec
+    if not 0 <= top_k <= spec.vocab_size:
+        raise DataError(f"top_k must be in [0, vocab size {spec.vocab_size}], got {top_k}")
     batch, lengths = len(prompts), np.array([len(p) for p in prompts], np.int32)
     limits = np.minimum(max_new_tokens, max_len - lengths)  # new tokens row b may produce
     width = bucket(int(lengths.max()), max_len)
