@@ -137,7 +137,7 @@ def load_params(cfg, workdir, step=None):
         raise DataError(f"no checkpoint{'' if step is None else f' of step {step}'} in "
                         f"{epath.Path(workdir) / 'checkpoints'}{saved}")
     params, _ = state.abstract_state(spec, optim.make(cfg.optim, cfg.train.steps), sharding.make_mesh(cfg.mesh))
-    stored = ocp.StandardCheckpointer().metadata(mngr.directory / str(step) / "state").item_metadata.tree
+    stored = ocp.StandardCheckpointHandler().metadata(mngr.directory / str(step) / "state").tree
     check_shapes(params, stored["params"], f"checkpoint {mngr.directory / str(step)}")
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=dict(params=params), restore_args=ocp.checkpoint_utils.construct_restore_args(dict(params=params)),
