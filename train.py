@@ -1,6 +1,7 @@
 """Pre-trains a (CoLA) LLaMA model from scratch, or resumes the run in --workdir.
 
   python train.py --config configs/cola_350m.py --workdir runs/cola_350m [--config.train.steps=1000]
+  python train.py --config configs/cola_350m.py --workdir /tmp/smoke --smoke   # a quick check of the config
 
 Rerunning the same command resumes from the newest checkpoint; SIGTERM/SIGINT save and exit.
 A workdir holding a run of another config is refused unless --overwrite. Multi-host: run the same
@@ -14,12 +15,15 @@ errors.exit_on_signal("interrupted before step 0, nothing saved")  # Ctrl-C whil
 from absl import app, flags, logging  # noqa: E402 (after the signal handler)
 from ml_collections import config_flags  # noqa: E402
 
-from colax import loop, sharding  # noqa: E402
+from colax import config, loop, sharding  # noqa: E402
 from colax.errors import exit_on_error, parse_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: config, tokenizer, checkpoints, metrics.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete a run of another config in --workdir.")
+_SMOKE = flags.DEFINE_bool("smoke", False, f"A quick end-to-end check of the config: {config.SMOKE_STEPS} steps "
+                           "(or --config.train.steps) of one sequence per device, one validation batch, no "
+                           "baseline, a short sample (colax.config.smoke).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-host run by jax's cluster detection.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
@@ -35,7 +39,13 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     auto=_DISTRIBUTED.value)
-    loop.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+    cfg = _CONFIG.value
+    if _SMOKE.value:
+        cfg = config.smoke(cfg, cfg.train.steps if "config.train.steps" in flags.FLAGS else config.SMOKE_STEPS)
+        t = cfg.train
+        print(f"notice: --smoke: {t.steps} steps of {t.batch_size} x {cfg.data.seq_len} tokens, "
+              f"{t.eval_batches} validation batch, no baseline, a {t.sample_tokens}-token sample", flush=True)
+    loop.run(cfg, _WORKDIR.value, overwrite=_OVERWRITE.value)
 
 
 if __name__ == "__main__":

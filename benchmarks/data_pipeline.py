@@ -37,7 +37,8 @@ def main():
     p.add_argument("--workdir", default="/tmp/colax_bench_data")
     args = p.parse_args()
     cfg = data.defaults()
-    cfg.update(seq_len=args.seq_len, source=args.source, path=args.path, doc_split=args.doc_split)
+    cfg.update(seq_len=args.seq_len, source=args.source, path=args.path, doc_split=args.doc_split,
+               tokenizer_vocab_size=8000)
     tok = tk.get_or_train_tokenizer(cfg, os.path.join(args.workdir, args.source))
     print(f"{args.source} corpus {args.path}, tokenizer {tok.vocab_size} pieces, batch {args.batch_size} x "
           f"{args.seq_len}, {args.batches} batches, {os.cpu_count()} CPUs")

@@ -10,7 +10,7 @@ import importlib.util
 import jax
 import ml_collections
 
-from colax import data, model, optim, sharding
+from colax import data, model, optim, sharding, tokenizer
 from colax.errors import ConfigError
 
 # The paper's model sizes: hidden, intermediate, heads, layers, rank, CoLA peak lr, steps, warmup,
@@ -55,8 +55,15 @@ def defaults():
         mesh=sharding.defaults()))
 
 
+# The paper's data (all sizes but "tiny"): C4 en streamed from the Hugging Face Hub, as the reference
+# code reads it, tokenized with T5's SentencePiece model (downloaded into the workdir on first use).
+# Offline, C4 prepared as TFDS array_record is the alternative (docs/data.md).
+PAPER_DATA = dict(source="hf", hf_name="allenai/c4", hf_config="en", tokenizer=tokenizer.T5_URL)
+
+
 def preset(kind, size):
-    """The paper's config for `kind` "cola" (low-rank) or "llama" (full-rank) at `size`."""
+    """The paper's config for `kind` "cola" (low-rank) or "llama" (full-rank) at `size`: model, optimizer,
+    steps and (PAPER_DATA) data; "tiny" keeps the demo data of `colax.data.defaults()`."""
     if kind not in ("cola", "llama") or size not in SIZES:
         raise ConfigError(f"no preset {kind}_{size}: kinds cola, llama; sizes {', '.join(SIZES)}")
     d, f, heads, n_layers, rank, lr, steps, warmup, only_lr_act = SIZES[size]
@@ -66,6 +73,38 @@ def preset(kind, size):
                      only_lr_act=only_lr_act and kind == "cola")
     cfg.optim.update(lr=lr if kind == "cola" else FULL_RANK_LR, warmup_steps=warmup)
     cfg.train.steps = steps
+    if size != "tiny":
+        cfg.data.update(PAPER_DATA)
+    return cfg
+
+
+def fit_warmup(cfg):
+    """(cfg, notice): a warmup as long as the run or longer (a short run of a paper config, e.g.
+    `--config.train.steps=3`) cut to 10% of `train.steps` in a copy of `cfg`, with the one-line notice
+    saying so; else (cfg, None)."""
+    steps, warmup = cfg.train.steps, cfg.optim.warmup_steps
+    if not (isinstance(steps, int) and isinstance(warmup, int) and 1 <= steps <= warmup):
+        return cfg, None
+    cfg = cfg.copy_and_resolve_references()
+    cfg.optim.warmup_steps = steps // 10
+    return cfg, (f"notice: optim.warmup_steps={warmup} is not shorter than train.steps={steps}: "
+                 f"warming up over {cfg.optim.warmup_steps} steps (10% of the run)")
+
+
+SMOKE_STEPS = 3
+
+
+def smoke(cfg, steps=SMOKE_STEPS):
+    """`train.py --smoke`: a copy of `cfg` shrunk to a quick end-to-end check of its model, data and
+    tokenizer: `steps` steps of one sequence per data-parallel device, one validation batch and a
+    checkpoint at the end, no unigram baseline, a sample of at most 16 tokens, the first batch after
+    at most 100 streamed documents (data.hf_shuffle_buffer)."""
+    cfg = cfg.copy_and_resolve_references()
+    data_size, fsdp, _ = sharding.mesh_shape(cfg.mesh, jax.device_count())
+    cfg.train.update(steps=steps, batch_size=data_size * fsdp, micro_batch_size=1, log_every=1, eval_every=0,
+                     eval_batches=1, baseline_batches=0, checkpoint_every=steps,
+                     sample_tokens=min(cfg.train.sample_tokens, 16))
+    cfg.data.hf_shuffle_buffer = min(cfg.data.hf_shuffle_buffer, 100)
     return cfg
 
 

@@ -54,8 +54,8 @@ def defaults() -> ml_collections.ConfigDict:
         worker_count=0,  # grain worker processes; 0 = threads in-process
         read_threads=4,
         prefetch=8,  # batches buffered ahead per host
-        tokenizer="",  # .model path; empty: train once, cache in workdir
-        tokenizer_vocab_size=8000,
+        tokenizer="",  # .model path or http(s) URL (fetched into the workdir); empty: train once, cache in workdir
+        tokenizer_vocab_size=0,  # a trained tokenizer's pieces; 0: model.vocab_size
         tokenizer_model_type="bpe",  # bpe | unigram
         tokenizer_sample_docs=1000,
     ))
@@ -85,8 +85,8 @@ def validate(cfg_data, global_batch_size: int | None = None,
     _check(c.prefetch >= 1, "prefetch", ">= 1", c.prefetch)
     _check(c.tokenizer_model_type in ("unigram", "bpe"), "tokenizer_model_type",
            "'unigram' or 'bpe'", c.tokenizer_model_type)
-    _check(c.tokenizer_vocab_size >= 300, "tokenizer_vocab_size", ">= 300",
-           c.tokenizer_vocab_size)
+    _check(c.tokenizer_vocab_size == 0 or c.tokenizer_vocab_size >= 300, "tokenizer_vocab_size",
+           "0 (model.vocab_size) or >= 300", c.tokenizer_vocab_size)
     if global_batch_size is not None and global_batch_size % process_count:
         raise ConfigError(f"global batch size {global_batch_size} must be "
                           f"divisible by the process count {process_count}")

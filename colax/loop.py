@@ -125,7 +125,8 @@ class Logger:
 def run(cfg, workdir, overwrite=False, stop_after=None):
     """Trains `cfg` in `workdir` (resuming its latest checkpoint) to `train.steps`.
 
-    `stop_after` (a step) behaves like a SIGTERM after that step: save, then return.
+    `stop_after` (a step) behaves like a SIGTERM after that step: save, then return. A warmup not
+    shorter than the run is cut to 10% of it, with a notice (`config.fit_warmup`).
     Returns the final {"eval_loss", "eval_ppl"}, or None when stopped early. SIGINT/SIGTERM: see
     StopOnSignal (before the first step: KeyboardInterrupt("interrupted before step 0, nothing saved")).
     """
@@ -134,12 +135,15 @@ def run(cfg, workdir, overwrite=False, stop_after=None):
 
 
 def _run(cfg, workdir, overwrite, stop_after, stop):
+    cfg, notice = config_lib.fit_warmup(cfg)
+    if notice and jax.process_index() == 0:
+        print(notice, flush=True)
     spec = config_lib.validate(cfg)
     accum, t = config_lib.accum_steps(cfg), cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
     state.validate(spec, mesh, t.batch_size)
     checkpoint.prepare_workdir(workdir, cfg, overwrite)
-    tok = tokenizer.get_or_train_tokenizer(cfg.data, workdir)
+    tok = tokenizer.get_or_train_tokenizer(cfg.data, workdir, spec.vocab_size)
     tokenizer.check_vocab(tok, spec.vocab_size)
     if t.sample_prompt and t.sample_tokens:
         try:

@@ -166,8 +166,19 @@ def hf_documents(cfg, split: str, process_index: int, process_count: int,
         raise DataError("data.source='hf' needs the `datasets` package: "
                         "pip install 'colax[hf]'") from None
     name = cfg.train_split if split == "train" else cfg.val_split
-    ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split=name,
-                               data_files=cfg.path or None, streaming=True)
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry warnings: the failure is reported below in one line
+    try:
+        ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split=name,
+                                   data_files=cfg.path or None, streaming=True)
+    except (OSError, ValueError) as e:  # ConnectionError offline, DatasetNotFoundError, a bad split
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"data.hf_name {cfg.hf_name!r} (hf_config {cfg.hf_config!r}, split {name!r}): {first}; "
+                        "offline, prepare C4 as TFDS array_record and pass --config.data.source=tfds "
+                        "--config.data.tfds_data_dir=DIR (docs/data.md)") from None
+    finally:
+        hub_log.setLevel(level)
     ds = distributed.split_dataset_by_node(ds, process_index, process_count)
     if shuffle:
         ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.hf_shuffle_buffer)

@@ -13,6 +13,7 @@ import io
 import itertools
 import logging
 import sys
+import urllib.request
 from collections.abc import Iterable
 import dataclasses
 
@@ -23,6 +24,9 @@ from colax import data
 from colax.errors import ConfigError, DataError
 
 MODEL_NAME = "tokenizer.model"
+# The paper's tokenizer: T5's SentencePiece model, 32000 pieces, pad 0, eos 1, unk 2 (the layout of
+# the tokenizers trained here); the reference code loads it as `AutoTokenizer.from_pretrained("t5-base")`.
+T5_URL = "https://huggingface.co/google-t5/t5-base/resolve/main/spiece.model"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,25 +103,50 @@ def train_tokenizer(docs: Iterable[str], out_prefix: str, vocab_size: int,
     return load_tokenizer(str(path))
 
 
-def get_or_train_tokenizer(cfg_data, workdir: str) -> Tokenizer:
-    """`cfg_data.tokenizer` if set, else `workdir/tokenizer.model`, else trains.
+def is_url(path: str) -> bool:
+    """Whether `data.tokenizer` names a file to download (http/https) rather than to read."""
+    return path.startswith(("http://", "https://"))
+
+
+def download(url: str, dest) -> bytes:
+    """The bytes at `url`; DataError (one line naming the file to fetch and where to place it) when
+    they cannot be fetched, e.g. offline."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.read()
+    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts
+        reason = getattr(e, "reason", None) or e
+        raise DataError(f"data.tokenizer: cannot download {url} ({reason}); offline, fetch that file "
+                        f"elsewhere and place it at {dest}") from None
+
+
+def get_or_train_tokenizer(cfg_data, workdir: str, vocab_size: int = 0) -> Tokenizer:
+    """`workdir/tokenizer.model` if present (a resumed run), else `cfg_data.tokenizer`: a path, or an
+    http(s) URL downloaded into `workdir/tokenizer.model` (the paper's T5 model, T5_URL); else a
+    tokenizer of `cfg_data.tokenizer_vocab_size` pieces (0: `vocab_size`, the model's) trained into
+    `workdir/tokenizer.model`.
 
     Training reads the train split only, so the held-out documents never shape
     the vocabulary; the model is saved in `workdir`, so a resumed run reuses it.
     With several hosts, train it once beforehand (CLI) and set `data.tokenizer`.
     """
-    if cfg_data.tokenizer:
-        return load_tokenizer(cfg_data.tokenizer)
     cached = epath.Path(workdir) / MODEL_NAME
+    if cfg_data.tokenizer and not is_url(cfg_data.tokenizer):
+        return load_tokenizer(cfg_data.tokenizer)
     if cached.exists():
         return load_tokenizer(str(cached))
-    logging.info("data: training a %d-piece %s tokenizer into %s",
-                 cfg_data.tokenizer_vocab_size, cfg_data.tokenizer_model_type,
-                 cached)
+    if cfg_data.tokenizer:
+        proto = download(cfg_data.tokenizer, cached)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_bytes(proto)
+        return load_tokenizer(str(cached))
+    size = cfg_data.tokenizer_vocab_size or vocab_size
+    if not size:
+        raise ConfigError("data.tokenizer_vocab_size is 0 (the model's) but no model vocab size was given")
+    logging.info("data: training a %d-piece %s tokenizer into %s", size, cfg_data.tokenizer_model_type, cached)
     return train_tokenizer(
         data.train_documents(cfg_data, cfg_data.tokenizer_sample_docs), str(cached)[:-len(".model")],
-        cfg_data.tokenizer_vocab_size, cfg_data.tokenizer_model_type,
-        cfg_data.tokenizer_sample_docs)
+        size, cfg_data.tokenizer_model_type, cfg_data.tokenizer_sample_docs)
 
 
 def main(argv=None) -> int:

@@ -93,3 +93,37 @@ def test_cli_unknown_override_is_one_line():
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: --config.model.bogus: no such config key")
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("kind", ["cola", "llama"])
+def test_paper_presets_train_on_c4_with_the_t5_tokenizer(kind):
+    for size in ("60m", "350m", "7b"):
+        d = config.preset(kind, size).data
+        assert (d.source, d.hf_name, d.hf_config, d.tokenizer) == (
+            "hf", "allenai/c4", "en", "https://huggingface.co/google-t5/t5-base/resolve/main/spiece.model")
+        assert config.preset(kind, size).model.vocab_size == 32000  # T5's pieces
+    assert config.preset(kind, "tiny").data.source == "stdlib" and config.preset(kind, "tiny").data.tokenizer == ""
+
+
+def test_fit_warmup_cuts_a_warmup_longer_than_the_run():
+    c = config.preset("cola", "350m")
+    c.train.steps = 30
+    fitted, notice = config.fit_warmup(c)
+    assert fitted.optim.warmup_steps == 3 and c.optim.warmup_steps == 6000  # a copy
+    assert notice == ("notice: optim.warmup_steps=6000 is not shorter than train.steps=30: "
+                      "warming up over 3 steps (10% of the run)")
+    config.validate(fitted)
+    c.train.steps = 6001
+    assert config.fit_warmup(c) == (c, None)
+
+
+def test_smoke_shrinks_batches_and_evaluation_only():
+    c = config.preset("cola", "350m")
+    s = config.smoke(c)
+    t = s.train
+    assert (t.steps, t.batch_size, t.micro_batch_size, t.eval_every, t.eval_batches, t.baseline_batches,
+            t.checkpoint_every, t.sample_tokens, s.data.hf_shuffle_buffer) == (3, 1, 1, 0, 1, 0, 3, 16, 100)
+    assert s.model == c.model and (s.data.source, s.data.tokenizer) == (c.data.source, c.data.tokenizer)
+    assert c.train.batch_size == 512  # a copy
+    config.validate(config.fit_warmup(s)[0])
+    assert config.smoke(c, 7).train.steps == 7

@@ -210,6 +210,20 @@ def test_hf_without_datasets_is_one_line_error(monkeypatch):
                            process_index=0, process_count=1)
 
 
+def test_hf_offline_is_one_line_error(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def unreachable(name, *args, **kwargs):  # what datasets raises without a network, after its retries
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(DataError) as e:
+        data.make_pipeline(_cfg(source="hf"), CharTokenizer(), split="train", global_batch_size=2,
+                           process_index=0, process_count=1)
+    assert str(e.value).startswith("data.hf_name 'allenai/c4' (hf_config 'en', split 'train'): Couldn't reach")
+    assert "--config.data.source=tfds" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_hf_streaming_local_files(tmp_path):
     pytest.importorskip("datasets")
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": "ab" * i}) for i in range(1, 9)))

@@ -38,16 +38,63 @@ def test_get_or_train_caches_in_workdir(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n\n".join(f"line {i} of the corpus, word{i % 13}" for i in range(200)))
     cfg = data.defaults()
-    cfg.update(source="text", path=str(corpus), tokenizer_vocab_size=300)
-    tok = tk.get_or_train_tokenizer(cfg, str(tmp_path / "wd"))
+    cfg.update(source="text", path=str(corpus))
+    assert cfg.tokenizer_vocab_size == 0  # default: the model's vocab size
+    with pytest.raises(ConfigError, match=r"^data.tokenizer_vocab_size is 0"):
+        tk.get_or_train_tokenizer(cfg, str(tmp_path / "wd"))
+    tok = tk.get_or_train_tokenizer(cfg, str(tmp_path / "wd"), 300)
     path = tmp_path / "wd" / "tokenizer.model"
     assert tok.path == str(path) and tok.vocab_size == 300
     path.write_bytes(path.read_bytes())  # same bytes, newer mtime
     mtime = path.stat().st_mtime_ns
-    assert tk.get_or_train_tokenizer(cfg, str(tmp_path / "wd")).vocab_size == 300
+    assert tk.get_or_train_tokenizer(cfg, str(tmp_path / "wd"), 300).vocab_size == 300
     assert path.stat().st_mtime_ns == mtime  # reused, not retrained
     cfg.tokenizer = str(path)
     assert tk.get_or_train_tokenizer(cfg, str(tmp_path / "other")).path == str(path)
+    cfg.update(tokenizer="", tokenizer_vocab_size=320)  # set: it wins over the model's
+    assert tk.get_or_train_tokenizer(cfg, str(tmp_path / "set"), 300).vocab_size == 320
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """(root folder, base URL) of a local HTTP server, shut down after the test."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_url_tokenizer_downloaded_once_into_workdir(trained, http_server, tmp_path):
+    root, url = http_server
+    proto = open(trained.path, "rb").read()
+    (root / "spiece.model").write_bytes(proto)
+    cfg = data.defaults()
+    cfg.tokenizer = f"{url}/spiece.model"
+    workdir = tmp_path / "wd"
+    tok = tk.get_or_train_tokenizer(cfg, str(workdir), 32000)
+    assert tok.path == str(workdir / "tokenizer.model") and tok.vocab_size == 600
+    assert (workdir / "tokenizer.model").read_bytes() == proto
+    (root / "spiece.model").unlink()  # the cached copy is used from now on
+    assert tk.get_or_train_tokenizer(cfg, str(workdir), 32000).encode("x = 1") == trained.encode("x = 1")
+
+
+def test_url_tokenizer_offline_says_what_to_place_where(http_server, tmp_path):
+    _, url = http_server
+    cfg = data.defaults()
+    for missing in (f"{url}/spiece.model", "http://127.0.0.1:9/spiece.model"):  # 404; nothing listening
+        cfg.tokenizer = missing
+        with pytest.raises(DataError) as e:
+            tk.get_or_train_tokenizer(cfg, str(tmp_path / "wd"), 32000)
+        assert str(e.value).startswith(f"data.tokenizer: cannot download {missing} (")
+        assert str(e.value).endswith(f"place it at {tmp_path / 'wd' / 'tokenizer.model'}") and "\n" not in str(e.value)
+    assert not (tmp_path / "wd").exists()
 
 
 def test_check_vocab(trained):

@@ -361,3 +361,18 @@ def test_cli_interrupted_during_start_up(point, tmp_path, config_file, tok_path)
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert (proc.returncode, proc.stderr) == (130, "interrupted before step 0, nothing saved\n"), proc.stderr[-3000:]
     assert not list(tmp_path.glob("run/checkpoints/*"))
+
+
+@pytest.mark.parametrize("flag, notice", [
+    ("--config.train.steps=3", "notice: optim.warmup_steps=6000 is not shorter than train.steps=3: warming up over 0"),
+    ("--smoke", "notice: --smoke: 3 steps of 1 x 256 tokens, 1 validation batch, no baseline, a 16-token sample"),
+])
+def test_cli_paper_config_offline_says_what_to_download_where(flag, notice, tmp_path):
+    proxy = "http://127.0.0.1:9"  # nothing listens there: no network, as on an offline machine
+    env = {**os.environ, "HTTPS_PROXY": proxy, "https_proxy": proxy, "NO_PROXY": "", "no_proxy": ""}
+    proc = _cli(tmp_path / "W", os.path.join(ROOT, "configs", "cola_350m.py"), flag, env=env)
+    assert proc.returncode == 2 and notice in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: data.tokenizer: cannot download "
+                                  "https://huggingface.co/google-t5/t5-base/resolve/main/spiece.model (")
+    assert proc.stderr.endswith(f"; offline, fetch that file elsewhere and place it at {tmp_path / 'W'}"
+                                "/tokenizer.model\n") and proc.stderr.count("\n") == 1, proc.stderr
