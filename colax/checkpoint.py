@@ -71,6 +71,11 @@ def prepare_workdir(workdir, cfg: ml_collections.ConfigDict, overwrite=False):
         path.write_text(json.dumps(new, indent=2) + "\n")
 
 
+def step_dir(workdir, step):
+    """The folder of checkpoint `step` in `workdir`, as the user wrote `workdir`."""
+    return epath.Path(workdir) / "checkpoints" / str(step)
+
+
 def manager(workdir, cfg_train):
     """An orbax CheckpointManager over workdir/checkpoints keeping `train.keep_checkpoints`."""
     options = ocp.CheckpointManagerOptions(max_to_keep=cfg_train.keep_checkpoints,

@@ -114,7 +114,7 @@ class Logger:
         elif log:
             self.tokens_per_s = (s - self.mark[1]) * self.tokens_per_step / (now - self.mark[0])
             self.mark = (now, s)
-        self.progress.update(s, m["loss"], self.tokens_per_s)
+        self.progress.update(s, m["loss"], self.tokens_per_s, extra)
         if log:
             rate = self.tokens_per_s
             self.writer.write(dict(
@@ -187,18 +187,21 @@ def _run(cfg, workdir, overwrite, stop_after, stop):
                     pending = None
                 if saving:
                     checkpoint.save(mngr, s, params, opt_state, train_it)
+                    log.progress.write(f"saving checkpoint {checkpoint.step_dir(workdir, s)}")
                 if stopping:
                     break
         finally:
             log.progress.close()
             log.writer.close()
             mngr.wait_until_finished()
-    stop.message = f"interrupted after step {s}, checkpoint saved"
+    stop.message = f"interrupted after step {s}, checkpoint {checkpoint.step_dir(workdir, s)} saved"
     if s < t.steps:
-        log.progress.write(f"stopped after step {s} ({stop.requested or 'stop_after'}); checkpoint saved, "
-                           "run the same command to resume")
+        log.progress.write(f"stopped after step {s} ({stop.requested or 'stop_after'}); checkpoint "
+                           f"{checkpoint.step_dir(workdir, s)} saved, run the same command to resume")
         return None
-    return _report(cfg, tok, graphdef, params, result or evaluate_fn(params), val, log)
+    result = _report(cfg, tok, graphdef, params, result or evaluate_fn(params), val, log)
+    log.progress.write(f"checkpoint: {checkpoint.step_dir(workdir, s)}")
+    return result
 
 
 def _report(cfg, tok, graphdef, params, result, val, log):

@@ -71,25 +71,47 @@ class Writer:
 
 
 class Progress:
-    """Step, loss, tokens/s and ETA: a tqdm bar on a terminal, else one plain line every `every_s`."""
+    """Step, loss, tokens/s, validation loss and perplexity (on evaluation steps) and ETA: a tqdm bar on
+    a terminal, else one plain line every `every_s`, at every evaluation and at the last step.
+
+    The ETA is the mean step time since the first step this process reported (so the compilation of
+    the first step is left out) times the steps left; "-" until a second step was reported.
+    """
 
     def __init__(self, start, total, every_s=30.0):
         self.tty = sys.stderr.isatty() and jax.process_index() == 0
         self.bar = tqdm.tqdm(total=total, initial=start, disable=not self.tty, dynamic_ncols=True,
-                             unit="step", file=sys.stderr)
+                             unit="step", file=sys.stderr,
+                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
         self.total, self.every_s, self.last_print = total, every_s, -math.inf
-        self.t0, self.step0 = time.time(), start
+        self.first = None  # (time, step) of the first step reported
 
-    def update(self, step, loss, tokens_per_s):
-        """Called once per step with that step's loss and the latest throughput (None: unknown)."""
-        rate = f"{tokens_per_s:,.0f}" if tokens_per_s else "-"
+    def eta(self, step):
+        """Seconds left at the steady-state step time, or None (the first step reported)."""
+        now = time.time()
+        if self.first is None:
+            self.first = (now, step)
+        if step == self.first[1]:
+            return None
+        return (now - self.first[0]) / (step - self.first[1]) * (self.total - step)
+
+    def update(self, step, loss, tokens_per_s, evaluation=None):
+        """Called once per step with that step's loss, the latest throughput (None: unknown) and, on
+        evaluation steps, {"eval_loss": float, "eval_ppl": float}."""
+        eta = self.eta(step)
+        parts = [f"loss {loss:.4f}", f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "- tok/s"]
+        if evaluation:
+            parts.append(f"val loss {evaluation['eval_loss']:.4f} ppl {evaluation['eval_ppl']:.2f}")
+        parts.append(f"ETA {'-' if eta is None else tqdm.tqdm.format_interval(eta)}")
+        line = f"step {step}/{self.total}  " + "  ".join(parts)
         if self.tty:
-            self.bar.set_postfix_str(f"loss {loss:.4f}, {rate} tok/s", refresh=False)
+            self.bar.set_postfix_str(", ".join(parts), refresh=False)
             self.bar.update(step - self.bar.n)
-        elif jax.process_index() == 0 and (time.time() - self.last_print >= self.every_s or step == self.total):
-            elapsed = time.time() - self.t0
-            eta = elapsed / max(step - self.step0, 1) * (self.total - step)
-            print(f"step {step}/{self.total}  loss {loss:.4f}  {rate} tok/s  ETA {eta:.0f}s", flush=True)
+            if evaluation:
+                self.bar.write(line, file=sys.stderr)
+        elif jax.process_index() == 0 and (evaluation or step == self.total
+                                           or time.time() - self.last_print >= self.every_s):
+            print(line, flush=True)
             self.last_print = time.time()
 
     def write(self, line):

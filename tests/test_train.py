@@ -259,6 +259,25 @@ def test_config_saved_and_different_config_refused(tmp_path):
         assert json.load(f)["optim"]["lr"] == 0.5
 
 
+def test_progress_eta_leaves_out_the_first_step_and_shows_validation(monkeypatch, capsys):
+    now = [0.0]
+    monkeypatch.setattr(metrics.time, "time", lambda: now[0])
+    progress = metrics.Progress(0, 10, every_s=0.0)
+    lines = []
+    for step, t in [(1, 100.0), (2, 102.0), (3, 104.0)]:  # step 1 took 100 s (compilation), then 2 s each
+        now[0] = t
+        progress.update(step, 5.0, None if step == 1 else 1000.0)
+        lines.append(capsys.readouterr().out)
+    assert lines[0] == "step 1/10  loss 5.0000  - tok/s  ETA -\n"
+    assert lines[1] == "step 2/10  loss 5.0000  1,000 tok/s  ETA 00:16\n"  # 2 s x 8 steps left
+    progress.every_s = 60.0
+    now[0] = 106.0
+    progress.update(4, 4.5, 1000.0)
+    assert capsys.readouterr().out == ""  # within every_s
+    progress.update(4, 4.5, 1000.0, dict(eval_loss=4.5, eval_ppl=math.exp(4.5)))  # an evaluation: always
+    assert capsys.readouterr().out == "step 4/10  loss 4.5000  1,000 tok/s  val loss 4.5000 ppl 90.02  ETA 00:12\n"
+
+
 def test_mfu():
     assert metrics.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert metrics.peak_flops("TPU v5 lite") == 197e12 and metrics.peak_flops("TPU v5") == 459e12
@@ -296,6 +315,9 @@ def test_cli_end_to_end(tmp_path, config_file):
     proc = _cli(tmp_path / "run", config_file, "--config.train.steps=4")
     assert proc.returncode == 0, proc.stderr
     assert "validation: loss" in proc.stdout and "unigram baseline" in proc.stdout and "sample:" in proc.stdout
+    run = tmp_path / "run"
+    assert f"saving checkpoint {run}/checkpoints/2\n" in proc.stdout and "val loss" in proc.stdout
+    assert proc.stdout.endswith(f"checkpoint: {run}/checkpoints/4\n")
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoints", "config.json", "metrics.jsonl", "tensorboard",
                                                   "tokenizer.model"]
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
