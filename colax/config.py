@@ -25,6 +25,9 @@ SIZES = {
 }
 # The reference code ships no full-rank recipe: the usual peak lr for these LLaMA baselines.
 FULL_RANK_LR = 0.001
+# SLTrain (Han et al., 2024): alpha per size (tiny: as 60M), peak lr, AdamW without weight decay.
+SLTRAIN_ALPHA = {"tiny": 32.0, "60m": 32.0, "130m": 16.0, "350m": 16.0, "1b": 8.0}
+SLTRAIN_LR = 0.003
 
 
 def train_defaults():
@@ -62,19 +65,26 @@ PAPER_DATA = dict(source="hf", hf_name="allenai/c4", hf_config="en", tokenizer=t
 
 
 def preset(kind, size):
-    """The paper's config for `kind` "cola" (low-rank) or "llama" (full-rank) at `size`: model, optimizer,
-    steps and (PAPER_DATA) data; "tiny" keeps the demo data of `colax.data.defaults()`."""
-    if kind not in ("cola", "llama") or size not in SIZES:
-        raise ConfigError(f"no preset {kind}_{size}: kinds cola, llama; sizes {', '.join(SIZES)}")
+    """The paper's config for `kind` "cola" (low-rank), "llama" (full-rank) or "sltrain" at `size`: model,
+    optimizer, steps and (PAPER_DATA) data; "tiny" keeps the demo data of `colax.data.defaults()`.
+
+    SLTrain takes CoLA's model size, rank and schedule with its own alpha, lr and no weight decay
+    (sizes in SLTRAIN_ALPHA)."""
+    if kind not in ("cola", "llama", "sltrain") or size not in SIZES or kind == "sltrain" and size not in SLTRAIN_ALPHA:
+        raise ConfigError(f"no preset {kind}_{size}: kinds cola, llama, sltrain; sizes {', '.join(SIZES)} "
+                          f"(sltrain: {', '.join(SLTRAIN_ALPHA)})")
     d, f, heads, n_layers, rank, lr, steps, warmup, only_lr_act = SIZES[size]
     cfg = defaults()
-    cfg.model.update(projection="cola" if kind == "cola" else "dense", hidden_size=d, intermediate_size=f,
+    cfg.model.update(projection={"llama": "dense"}.get(kind, kind), hidden_size=d, intermediate_size=f,
                      num_heads=heads, num_layers=n_layers, rank=rank,
                      only_lr_act=only_lr_act and kind == "cola")
     cfg.optim.update(lr=lr if kind == "cola" else FULL_RANK_LR, warmup_steps=warmup)
     cfg.train.steps = steps
     if size != "tiny":
         cfg.data.update(PAPER_DATA)
+    if kind == "sltrain":
+        cfg.model.lora_alpha = SLTRAIN_ALPHA[size]
+        cfg.optim.update(lr=SLTRAIN_LR, weight_decay=0.0)
     return cfg
 
 

@@ -84,7 +84,77 @@ class CoLA(nnx.Module):
         return {"A": (in_axis, "rank"), "B": ("rank", out_axis)}
 
 
-PROJECTIONS = {"dense": Dense, "cola": CoLA}
+# The stored support of a sparse matrix is padded to a multiple of this many entries, so that an
+# FSDP axis of up to 256 devices (any power of two) splits it evenly.
+SPARSE_ALIGN = 256
+
+
+def sparse_sizes(in_features, out_features, density):
+    """(nnz, stored): entries of the support, round(density * in * out), and that padded to SPARSE_ALIGN."""
+    nnz = round(density * in_features * out_features)
+    return nnz, -(-nnz // SPARSE_ALIGN) * SPARSE_ALIGN
+
+
+class SLTrain(nnx.Module):
+    """Sparse plus low-rank projection `y = x @ W`, `W = (alpha / r) * A @ B + S` (SLTrain, Han et al. 2024).
+
+    A [in, r] is Kaiming-uniform with a = sqrt(5) (U(-1/sqrt(in), 1/sqrt(in))), B [r, out] is zero,
+    alpha is `cfg.lora_alpha`. S [in, out] has nnz = round(cfg.sparse_density * in * out) non-zeros
+    on a support drawn uniformly without replacement at init and never changed: `index`, int32
+    [stored], the sorted row-major flat indices (row * out + col) of the support, then in * out + k
+    for the k-th padding slot (`sparse_sizes`; the scatter drops those, so they are inert); `values`,
+    float [stored], U(-1/sqrt(in), 1/sqrt(in)) on the support and 0 on the padding. `index` is a
+    parameter only so that it is checkpointed and sharded with the rest: being integer, it is never
+    differentiated nor trained (`model.trainable_mask`).
+
+    The forward scatters `values` into a dense [in, out] matrix, adds the low-rank product and
+    does one dense matmul (benchmarks/sparse_matmul.py: faster than gathering x's columns and
+    segment-summing them; docs/methods.md).
+    """
+
+    def __init__(self, in_features, out_features, rank, cfg, *, rngs):
+        bound = in_features ** -0.5
+        uniform = lambda shape: jax.random.uniform(rngs.params(), shape, cfg.param_dtype, -bound, bound)
+        nnz, stored = sparse_sizes(in_features, out_features, cfg.sparse_density)
+        size = in_features * out_features
+        support = jnp.sort(jax.random.choice(rngs.params(), size, (nnz,), replace=False)).astype(jnp.int32)
+        self.A = nnx.Param(uniform((in_features, rank)))
+        self.B = nnx.Param(jnp.zeros((rank, out_features), cfg.param_dtype))
+        self.index = nnx.Param(jnp.concatenate([support, size + jnp.arange(stored - nnz, dtype=jnp.int32)]))
+        self.values = nnx.Param(jnp.concatenate([uniform((nnz,)), jnp.zeros((stored - nnz,), cfg.param_dtype)]))
+        self.scale = cfg.lora_alpha / rank
+        self.shape = (in_features, out_features)
+
+    def sparse(self):
+        """S as a dense [in, out] matrix in the parameter dtype."""
+        flat = jnp.zeros(self.shape[0] * self.shape[1], self.values.dtype)
+        flat = flat.at[self.index[...]].set(self.values[...], mode="drop", indices_are_sorted=True,
+                                            unique_indices=True)
+        return flat.reshape(self.shape)
+
+    def __call__(self, x):
+        """x: [..., in] compute dtype -> [..., out] same dtype."""
+        w = self.scale * (self.A[...] @ self.B[...]) + self.sparse()
+        return x @ w.astype(x.dtype)
+
+    @staticmethod
+    def flops_per_token(in_features, out_features, rank):
+        """One dense matmul per token (building W, 2 * in * out * r FLOPs per step, is not per token)."""
+        return 2 * in_features * out_features
+
+    @staticmethod
+    def param_axes(in_axis, out_axis):
+        """Logical axes of each parameter, for colax.sharding: the support and its values split by FSDP."""
+        return {"A": (in_axis, "rank"), "B": ("rank", out_axis), "index": ("sparse",), "values": ("sparse",)}
+
+    @staticmethod
+    def padding(in_features, out_features, rank, cfg):
+        """Stored `values` entries that are padding, not parameters (for `model.count_params`)."""
+        nnz, stored = sparse_sizes(in_features, out_features, cfg.sparse_density)
+        return stored - nnz
+
+
+PROJECTIONS = {"dense": Dense, "cola": CoLA, "sltrain": SLTrain}
 
 
 class RMSNorm(nnx.Module):

@@ -41,6 +41,8 @@ def defaults():
         attention_impl="",        # jax.nn.dot_product_attention implementation: "", "xla", "cudnn"
         kernel="xla",             # CoLA silu(z) @ B kernel: "xla" or "pallas" (GPU; docs/kernels.md)
         pad_id=ml_collections.FieldReference(None, field_type=int),  # embedding row kept at 0, never trained
+        lora_alpha=32.0,          # LoRA's alpha: the low-rank term is scaled by lora_alpha / rank
+        sparse_density=0.03,      # SLTrain: fraction of each projection's entries in its sparse part
     ))
 
 
@@ -65,6 +67,8 @@ class ModelSpec:
     attention_impl: str
     kernel: str
     pad_id: object = None  # int or None
+    lora_alpha: float = 32.0
+    sparse_density: float = 0.03
     scan_unroll: int = 1  # blocks per scan iteration; colax.plan sets 2 to count one block's FLOPs
 
     @property
@@ -109,6 +113,8 @@ def spec_from_config(m):
     _require(m.attention_impl in ("", "xla", "cudnn"), "attention_impl", "must be '', 'xla' or 'cudnn'",
              m.attention_impl)
     kernels.check_kernel(m.kernel, kernels.cola_pallas.INTERPRET)
+    _require(m.lora_alpha > 0, "lora_alpha", "must be > 0", m.lora_alpha)
+    _require(0 < m.sparse_density <= 1, "sparse_density", "must be in (0, 1]", m.sparse_density)
     _require(m.pad_id is None or 0 <= m.pad_id < m.vocab_size, "pad_id",
              f"must be None or an id in [0, vocab_size={m.vocab_size})", m.pad_id)
     ranks = tuple((n, (m.ranks[n] or m.rank) if lowrank else 0) for n in layers.PROJECTION_NAMES)
@@ -118,7 +124,8 @@ def spec_from_config(m):
         ranks=ranks, only_lr_act=bool(m.only_lr_act), rope_theta=float(m.rope_theta),
         norm_eps=float(m.norm_eps), init_std=float(m.init_std), scan_layers=bool(m.scan_layers),
         remat=m.remat, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
-        attention_impl=m.attention_impl, kernel=m.kernel, pad_id=m.pad_id)
+        attention_impl=m.attention_impl, kernel=m.kernel, pad_id=m.pad_id, lora_alpha=float(m.lora_alpha),
+        sparse_density=float(m.sparse_density))
 
 
 class _BlockCfg:
@@ -256,14 +263,26 @@ def abstract_model(spec: ModelSpec):
 
 
 def count_params(spec: ModelSpec):
-    """Parameter counts read off the model: {"total", "lowrank", "embeddings", "projections", "norms"}."""
+    """Parameter counts read off the model: {"total", "lowrank", "embeddings", "projections", "norms"}.
+
+    Integer leaves (SLTrain's support) are model state, not parameters; a projection kind's
+    `padding` (stored entries that are not parameters) is left out too.
+    """
     counts = dict(total=0, lowrank=0, embeddings=0, projections=0, norms=0)
     for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(abstract_model(spec)))):
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            continue
         keys = [getattr(k, "key", None) for k in path]
         group = ("embeddings" if keys[0] in ("embed", "lm_head") else
                  "projections" if keys[0] == "blocks" and keys[1] in layers.PROJECTION_NAMES else "norms")
         counts[group] += leaf.size
         counts["total"] += leaf.size
+    kind = layers.PROJECTIONS[spec.projection]
+    if hasattr(kind, "padding"):
+        shapes = layers.projection_shapes(spec.hidden_size, spec.intermediate_size)
+        padding = spec.num_layers * sum(kind.padding(i, o, spec.rank[n], spec) for n, (i, o) in shapes.items())
+        counts["projections"] -= padding
+        counts["total"] -= padding
     counts["lowrank"] = counts["projections"] if spec.projection != "dense" else 0
     return counts
 

@@ -31,6 +31,7 @@ RULES = {
     "mlp": ("tensor",),             # gate/up outputs and down input
     "rank": ("fsdp",),              # r: FSDP where d is not free; never tensor (docs/sharding.md)
     "norm": (),
+    "sparse": ("fsdp",),            # the entries of a sparse matrix's support (SLTrain)
     # activations
     "batch": BATCH_AXES,
     "length": (),
