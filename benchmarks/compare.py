@@ -1,14 +1,14 @@
-"""Full-rank LLaMA, CoLA and CoLA-M side by side: same data, same tokens, same seed.
+"""Full-rank LLaMA, SLTrain, CoLA and CoLA-M side by side: same data, same tokens, same seed.
 
     python benchmarks/compare.py [--size tiny] [--steps 300] [--out runs/compare] [--config.a.b=v ...]
 
-Trains the three models of one size with `colax.loop.run` into OUT/{llama,cola,cola_m}. One
-tokenizer is trained into OUT (or `--tokenizer` is used) and `data.tokenizer` points all three runs
+Trains the models of one size (`RUNS`) with `colax.loop.run` into OUT/{llama,sltrain,cola,cola_m}.
+One tokenizer is trained into OUT (or `--tokenizer` is used) and `data.tokenizer` points all runs
 at it, so with the same data seed they see identical batches. CoLA-M is CoLA with
 `model.remat="cola_m"`: the same parameters and initialisation, only the backward pass differs.
-Each model keeps its preset's recipe (peak lr: CoLA's per size, full-rank `FULL_RANK_LR`; warmup
-scaled to `--steps` in the preset's proportion) unless `--lr` / `--full_rank_lr` say otherwise;
-`--config.a.b=v` overrides are applied to all three configs last.
+Each model keeps its preset's recipe (peak lr: CoLA's per size, full-rank `FULL_RANK_LR`, SLTrain
+`SLTRAIN_LR`; warmup scaled to `--steps` in the preset's proportion) unless `--lr` (CoLA, CoLA-M) /
+`--full_rank_lr` say otherwise; `--config.a.b=v` overrides are applied to all configs last.
 
 Writes OUT/compare.md (settings and table), OUT/compare.json (everything, with each run's
 metrics.jsonl lines) and OUT/compare.png (loss curves). Columns: parameters; analytic training
@@ -18,7 +18,7 @@ metrics.jsonl windows after the first one that were not evaluation steps; compil
 argument bytes of one micro-batch step (`colax.plan`); the measured device peak
 (`memory_stats()["peak_bytes_in_use"]`, "n/a" on CPU); final validation loss and perplexity.
 Ratio columns are against full-rank. The device peak is a process-wide high-water mark, so the
-runs go in order of expected memory (CoLA-M, CoLA, full-rank); a run that does not raise it is
+runs go in order of expected memory (CoLA-M, CoLA, SLTrain, full-rank); a run that does not raise it is
 reported as "<=" the previous peak. The defaults are the CPU comparison of docs/compare.md.
 """
 
@@ -41,14 +41,14 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 from colax import config, loop, plan, tokenizer  # noqa: E402
 
 # (name, label, preset kind, remat policy), in table order.
-RUNS = (("llama", "full-rank", "llama", "none"), ("cola", "CoLA", "cola", "none"),
-        ("cola_m", "CoLA-M", "cola", "cola_m"))
+RUNS = (("llama", "full-rank", "llama", "none"), ("sltrain", "SLTrain", "sltrain", "none"),
+        ("cola", "CoLA", "cola", "none"), ("cola_m", "CoLA-M", "cola", "cola_m"))
 
 
 def parse(argv):
     """(args, [(dotted key, value)]) from the command line; `--config.a.b=v` pairs come second."""
     p = argparse.ArgumentParser(prog="python benchmarks/compare.py", description=__doc__.split("\n")[0])
-    p.add_argument("--size", default="tiny", choices=list(config.SIZES), help="preset size of all three models")
+    p.add_argument("--size", default="tiny", choices=list(config.SIZES), help="preset size of all models")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps of each run")
     p.add_argument("--batch_size", type=int, default=32, help="sequences per optimizer step")
     p.add_argument("--micro_batch_size", type=int, default=16, help="sequences per device per forward/backward")
@@ -107,7 +107,7 @@ def make_config(args, pairs, kind, remat, tok_path):
     cfg.data.update(source=args.data_source, path=args.data_path, seq_len=args.seq_len, packing=args.packing,
                     seed=args.seed, tokenizer=tok_path, tokenizer_vocab_size=args.vocab_size,
                     tokenizer_sample_docs=300)
-    lr = args.lr if kind == "cola" else args.full_rank_lr
+    lr = {"cola": args.lr, "llama": args.full_rank_lr}.get(kind)
     warmup = round(cfg.optim.warmup_steps * args.steps / cfg.train.steps)
     cfg.optim.update(lr=lr or cfg.optim.lr, warmup_steps=warmup)
     cfg.train.update(steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
@@ -199,7 +199,7 @@ def markdown(rows):
 def plot(rows, title, path):
     """Training loss (lines) and validation loss (markers) against tokens seen, one colour per model."""
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    for r, color in zip(rows, ("tab:blue", "tab:orange", "tab:green")):
+    for r, color in zip(rows, (f"C{i}" for i in range(len(rows)))):
         per_step = r["tokens"] / r["metrics"][-1]["step"] / 1e6
         ax.plot([m["step"] * per_step for m in r["metrics"]], [m["loss"] for m in r["metrics"]], color=color,
                 lw=1.2, label=f"{r['label']} train (lr {r['lr']:g})")
@@ -221,7 +221,7 @@ def machine():
 
 
 def compare(args, pairs, command):
-    """Trains the three runs and writes the report files; returns the report dict."""
+    """Trains the runs and writes the report files; returns the report dict."""
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
     tok_path = shared_tokenizer(args, pairs, args.out)
@@ -235,7 +235,7 @@ def compare(args, pairs, command):
     report = dict(command=command, settings=settings,
                   overrides=dict(pairs), tokenizer=tok_path, machine=machine(), wall_s=time.time() - start,
                   table=markdown(rows), runs=rows)
-    title = (f"{args.size}: full-rank vs CoLA vs CoLA-M, {rows[0]['tokens'] / 1e6:.2f}M tokens each, "
+    title = (f"{args.size}: {' vs '.join(r['label'] for r in rows)}, {rows[0]['tokens'] / 1e6:.2f}M tokens each, "
              f"seed {args.seed}")
     plot(rows, title, os.path.join(args.out, "compare.png"))
     with open(os.path.join(args.out, "compare.json"), "w") as f:
@@ -250,7 +250,7 @@ def header(report):
     s, m = report["settings"], report["machine"]
     runs = ", ".join(f"{r['label']} lr {r['lr']:g} (warmup {r['warmup_steps']})" for r in report["runs"])
     return "\n".join([
-        f"# Full-rank vs CoLA vs CoLA-M ({s['size']})", "",
+        f"# {' vs '.join(r['label'] for r in report['runs'])} ({s['size']})", "",
         f"- command: `{report['command']}`",
         f"- {s['steps']} steps x {s['batch_size']} sequences x {s['seq_len']} tokens = "
         f"{report['runs'][0]['tokens']:,} tokens per run, data `{s['data_source']}`, seed {s['seed']}, "

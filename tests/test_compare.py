@@ -1,4 +1,4 @@
-"""benchmarks/compare.py: full-rank, CoLA and CoLA-M on the same data, checked against independent counts.
+"""benchmarks/compare.py: full-rank, SLTrain, CoLA and CoLA-M on the same data, checked against independent counts.
 
 One comparison of a micro size (d=32, 1 unrolled layer, vocab 512, 4 steps of 4 x 32 tokens) runs
 once for the module; unrolled layers keep `colax.plan` to a single compile per model.
@@ -41,10 +41,11 @@ def trained_spec(out, name):
 
 def test_files_and_table_structure(report):
     out, r = report
-    assert [row["label"] for row in r["runs"]] == ["full-rank", "CoLA", "CoLA-M"]
+    labels = ["full-rank", "SLTrain", "CoLA", "CoLA-M"]
+    assert [row["label"] for row in r["runs"]] == labels
     lines = r["table"].splitlines()
-    assert len(lines) == 5 and all(line.count("|") == 21 for line in lines)
-    assert [line.split("|")[1].strip() for line in lines[2:]] == ["full-rank", "CoLA", "CoLA-M"]
+    assert len(lines) == 2 + len(labels) and all(line.count("|") == 21 for line in lines)
+    assert [line.split("|")[1].strip() for line in lines[2:]] == labels
     assert r["table"] in (out / "compare.md").read_text()
     assert json.loads((out / "compare.json").read_text())["table"] == r["table"]
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
@@ -62,14 +63,17 @@ def test_numbers_match_independent_counts(report):
         assert (row["params"], row["embedding_params"]) == (counts["total"], counts["embeddings"])
         flops[name] = model.flops_per_token(spec, SEQ)["train"]
         assert row["flops_per_token"] == flops[name]
-        assert row["remat"] == spec.remat == {"llama": "none", "cola": "none", "cola_m": "cola_m"}[name]
+        assert row["remat"] == spec.remat == {"llama": "none", "sltrain": "none", "cola": "none", "cola_m": "cola_m"}[name]
+        assert row["projection"] == spec.projection == {"llama": "dense", "cola_m": "cola"}.get(name, name)
         assert cfg.data.tokenizer == str(out / "tokenizer.model")
         assert row["eval_ppl"] == pytest.approx(math.exp(row["eval_loss"]))
         assert row["eval_loss"] == row["metrics"][-1]["eval_loss"]
     assert rows["llama"]["lr"] == config.FULL_RANK_LR and rows["cola"]["lr"] == config.SIZES["tiny"][5]
-    cells = [line.split("|") for line in r["table"].splitlines()[2:]]
-    assert cells[1][9].strip() == f"{flops['cola'] / flops['llama']:.2f}"
-    assert cells[1][5].strip() == f"{rows['cola']['params'] / rows['llama']['params']:.2f}"
+    assert rows["sltrain"]["lr"] == config.SLTRAIN_LR
+    cells = {line.split("|")[1].strip(): line.split("|") for line in r["table"].splitlines()[2:]}
+    assert cells["CoLA"][9].strip() == f"{flops['cola'] / flops['llama']:.2f}"
+    assert cells["CoLA"][5].strip() == f"{rows['cola']['params'] / rows['llama']['params']:.2f}"
+    assert cells["SLTrain"][5].strip() == f"{rows['sltrain']['params'] / rows['llama']['params']:.2f}"
     assert rows["cola_m"]["params"] == rows["cola"]["params"]
 
 
