@@ -1,6 +1,7 @@
 """SLTrain's sparse part `y = x @ S` in XLA: scatter-into-dense vs gather/segment-sum, side by side.
 
-  python benchmarks/sparse_matmul.py [--size 60m] [--tokens 2048] [--iters 5] [--dtype bfloat16]
+  python benchmarks/sparse_matmul.py [--size 60m] [--tokens 2048] [--iters 5] [--dtype bfloat16] [--batch 8]
+      [--seq_len 256]
 
 S [in, out] has nnz = round(0.03 * in * out) trained values on a fixed, sorted support of flat
 indices (colax.layers.SLTrain). Three formulations of the same product, timed for the projection
@@ -15,6 +16,11 @@ shapes of one preset size (q [d->d], up [d->F], down [F->d]) on the default back
 
 One warmup (compile) call, then the median of --iters calls. "fwd+bwd" is y plus the vjp (dx, dS
 values). Prints one table; the ratio columns are against scatter.
+
+A second table compiles the gradient of the whole SLTrain model of --size (`colax.step.grads`,
+one micro-batch of --batch x --seq_len, abstract shapes, nothing run) with `layers.sltrain_matmul`
+as colax has it (checkpointed: the backward rebuilds W) and with W kept for the backward (the
+same function without jax.checkpoint): XLA's temporary memory and FLOPs.
 """
 
 import argparse
@@ -25,7 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from colax import config, layers
+from flax import nnx
+
+from colax import config, layers, model, step
 
 
 def scatter(x, values, idx, shape):
@@ -95,12 +103,42 @@ def inputs(n, shape, dtype, density=0.03):
     return x, jnp.asarray(rng.standard_normal((n, shape[1])), dtype), support
 
 
+def grad_cost(cfg, batch, seq_len, matmul):
+    """(temp MiB, XLA FLOPs) of the compiled gradient of the model of `cfg` with `matmul` as the
+    SLTrain product."""
+    saved, layers.sltrain_matmul = layers.sltrain_matmul, matmul
+    try:
+        spec = model.spec_from_config(cfg.model)
+        graphdef, state = nnx.split(model.abstract_model(spec))
+        tokens = jax.ShapeDtypeStruct((1, batch, seq_len), jnp.int32)
+        batches = dict(inputs=tokens, targets=tokens, loss_mask=jax.ShapeDtypeStruct(tokens.shape, jnp.float32))
+        compiled = jax.jit(lambda p, b: step.grads(p, graphdef, b)).lower(nnx.to_pure_dict(state), batches).compile()
+    finally:
+        layers.sltrain_matmul = saved
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return compiled.memory_analysis().temp_size_in_bytes / 2**20, cost["flops"]
+
+
+def memory_table(size, batch, seq_len):
+    cfg = config.preset("sltrain", size)
+    forms = {"checkpointed (colax)": layers.sltrain_matmul, "W kept": layers.sltrain_matmul.__wrapped__}
+    costs = {name: grad_cost(cfg, batch, seq_len, fn) for name, fn in forms.items()}
+    base_mib, base_flops = costs["checkpointed (colax)"]
+    print(f"\nSLTrain {size} gradient, one micro-batch of {batch} x {seq_len} (compiled, not run)\n")
+    print("| sltrain_matmul | temp MiB | x | GFLOPs | x |\n|---|---:|---:|---:|---:|")
+    for name, (mib, flops) in costs.items():
+        print(f"| {name} | {mib:.0f} | {mib / base_mib:.2f} | {flops / 1e9:.1f} | {flops / base_flops:.3f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", default="60m", choices=list(config.SIZES))
+    p.add_argument("--size", default="60m", choices=list(config.SLTRAIN_ALPHA))
     p.add_argument("--tokens", type=int, nargs="+", default=[2048])
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--batch", type=int, default=8, help="micro-batch rows of the memory table")
+    p.add_argument("--seq_len", type=int, default=256, help="sequence length of the memory table")
     args = p.parse_args()
     d, f = config.SIZES[args.size][:2]
     shapes = {k: v for k, v in layers.projection_shapes(d, f).items() if k in ("q", "up", "down")}
@@ -119,6 +157,7 @@ def main():
                 cells = " | ".join(f"{m:.1f} | {m / ms[0]:.2f}" for m in ms)
                 print(f"| {name} | {shape[0]}x{shape[1]} | {nnz} | {n} | {('fwd', 'fwd+bwd')[mode]} "
                       f"| {cells} |", flush=True)
+    memory_table(args.size, args.batch, args.seq_len)
 
 
 if __name__ == "__main__":

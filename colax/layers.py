@@ -9,6 +9,8 @@ axes of its parameters (for sharding). Adding a new low-rank method means adding
 and a config that names it.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -95,6 +97,22 @@ def sparse_sizes(in_features, out_features, density):
     return nnz, -(-nnz // SPARSE_ALIGN) * SPARSE_ALIGN
 
 
+@functools.partial(jax.checkpoint, static_argnums=(5,))
+def sltrain_matmul(x, a, b, values, index, scale):
+    """x @ (scale * a @ b + S): x [..., in] compute dtype, a [in, r], b [r, out], S [in, out] the
+    scatter of `values` [stored] at the row-major flat indices `index` int32 [stored] (out-of-range
+    ones dropped) -> [..., out] in x's dtype.
+
+    Checkpointed: the backward pass rebuilds the dense [in, out] matrix (2 in out r FLOPs and a
+    scatter) instead of keeping it per layer, which would cost a full-rank weight's memory.
+    """
+    n_in, n_out = a.shape[0], b.shape[1]
+    flat = jnp.zeros(n_in * n_out, values.dtype).at[index].set(values, mode="drop", indices_are_sorted=True,
+                                                               unique_indices=True)
+    w = scale * (a @ b) + flat.reshape(n_in, n_out)
+    return x @ w.astype(x.dtype)
+
+
 class SLTrain(nnx.Module):
     """Sparse plus low-rank projection `y = x @ W`, `W = (alpha / r) * A @ B + S` (SLTrain, Han et al. 2024).
 
@@ -108,8 +126,8 @@ class SLTrain(nnx.Module):
     differentiated nor trained (`model.trainable_mask`).
 
     The forward scatters `values` into a dense [in, out] matrix, adds the low-rank product and
-    does one dense matmul (benchmarks/sparse_matmul.py: faster than gathering x's columns and
-    segment-summing them; docs/methods.md).
+    does one dense matmul (`sltrain_matmul`; benchmarks/sparse_matmul.py: faster than gathering
+    x's columns and segment-summing them; docs/methods.md).
     """
 
     def __init__(self, in_features, out_features, rank, cfg, *, rngs):
@@ -123,23 +141,15 @@ class SLTrain(nnx.Module):
         self.index = nnx.Param(jnp.concatenate([support, size + jnp.arange(stored - nnz, dtype=jnp.int32)]))
         self.values = nnx.Param(jnp.concatenate([uniform((nnz,)), jnp.zeros((stored - nnz,), cfg.param_dtype)]))
         self.scale = cfg.lora_alpha / rank
-        self.shape = (in_features, out_features)
-
-    def sparse(self):
-        """S as a dense [in, out] matrix in the parameter dtype."""
-        flat = jnp.zeros(self.shape[0] * self.shape[1], self.values.dtype)
-        flat = flat.at[self.index[...]].set(self.values[...], mode="drop", indices_are_sorted=True,
-                                            unique_indices=True)
-        return flat.reshape(self.shape)
 
     def __call__(self, x):
         """x: [..., in] compute dtype -> [..., out] same dtype."""
-        w = self.scale * (self.A[...] @ self.B[...]) + self.sparse()
-        return x @ w.astype(x.dtype)
+        return sltrain_matmul(x, self.A[...], self.B[...], self.values[...], self.index[...], self.scale)
 
     @staticmethod
     def flops_per_token(in_features, out_features, rank):
-        """One dense matmul per token (building W, 2 * in * out * r FLOPs per step, is not per token)."""
+        """One dense matmul per token (forming W, 2 in out r FLOPs in the forward and again in the
+        backward, is per micro-batch, not per token)."""
         return 2 * in_features * out_features
 
     @staticmethod
