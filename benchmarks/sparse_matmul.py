@@ -24,8 +24,6 @@ same function without jax.checkpoint): XLA's temporary memory and FLOPs.
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from colax import config, layers, model, step
+from kernels import median_ms  # benchmarks/kernels.py (this script's directory is on sys.path)
 
 
 def scatter(x, values, idx, shape):
@@ -74,16 +73,6 @@ def programs(form, shape):
         return y, vjp(dy)
 
     return jax.jit(fn), jax.jit(fwd_bwd)
-
-
-def median_ms(fn, args, iters):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def inputs(n, shape, dtype, density=0.03):

@@ -74,13 +74,31 @@ def test_eight_devices():
     assert jax.device_count() == 8
 
 
-@pytest.mark.parametrize("projection", ["cola", "dense"])
-@pytest.mark.parametrize("shape", MESHES)
+@pytest.mark.parametrize("projection,shape", [(p, s) for p in ("cola", "dense") for s in MESHES]
+                         + [("sltrain", (1, 8, 1)), ("sltrain", (2, 2, 2))])
 def test_loss_and_grads_match_one_device(projection, shape):
     loss, grads, _ = loss_and_grads(projection, shape)
     ref_loss, ref_grads, _ = loss_and_grads(projection, (1, 1, 1))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads)
+
+
+def adam_state(opt_state):
+    """The optax.ScaleByAdamState inside `opt_state`."""
+    return next(s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+                if isinstance(s, optax.ScaleByAdamState))
+
+
+def test_sltrain_support_and_values_split_over_fsdp():
+    """SLTrain's index and values (and the values' Adam moments) are split over fsdp; index has no Adam state."""
+    mesh = mesh_of((2, 2, 2))
+    params, opt_state = state.abstract_state(spec_for("sltrain"), make_tx(), mesh)
+    adam = adam_state(opt_state)
+    for name in ("q", "down"):
+        for leaf in (params["blocks"][name]["index"], params["blocks"][name]["values"],
+                     adam.mu["blocks"][name]["values"], adam.nu["blocks"][name]["values"]):
+            assert leaf.sharding.spec == P(None, "fsdp"), (name, leaf.sharding)
+        assert isinstance(adam.mu["blocks"][name]["index"], optax.MaskedNode)
 
 
 def test_shardings_follow_the_rules():
@@ -91,8 +109,7 @@ def test_shardings_follow_the_rules():
             ("blocks", "q", "A"): P(None, "fsdp", None), ("blocks", "q", "B"): P(None, "fsdp", "tensor"),
             ("blocks", "o", "A"): P(None, "tensor", "fsdp"), ("blocks", "o", "B"): P(None, "fsdp", None),
             ("blocks", "up", "B"): P(None, "fsdp", "tensor"), ("blocks", "down", "A"): P(None, "tensor", "fsdp")}
-    adam = next(s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-                if isinstance(s, optax.ScaleByAdamState))
+    adam = adam_state(opt_state)
     for keys, spec in want.items():
         for tree in (params, adam.mu, adam.nu):
             leaf = functools.reduce(lambda t, k: t[k], keys, tree)
