@@ -28,6 +28,10 @@ FULL_RANK_LR = 0.001
 # SLTrain (Han et al., 2024): alpha per size (tiny: as 60M), peak lr, AdamW without weight decay.
 SLTRAIN_ALPHA = {"tiny": 32.0, "60m": 32.0, "130m": 16.0, "350m": 16.0, "1b": 8.0}
 SLTRAIN_LR = 0.003
+# GaLore / Fira on the full-rank model (their papers' recipes): peak lr, scale (Fira: 0.0625 at 1B),
+# rank = the size's rank, T = 200 steps between projector refreshes, no weight decay, no clipping,
+# 10% warmup, the reference code's eps.
+LOW_RANK_OPTIM = dict(lr=0.01, scale=0.25, update_proj_gap=200, weight_decay=0.0, grad_clip=0.0, eps=1e-6)
 
 
 def train_defaults():
@@ -69,17 +73,23 @@ def preset(kind, size):
     optimizer, steps and (PAPER_DATA) data; "tiny" keeps the demo data of `colax.data.defaults()`.
 
     SLTrain takes CoLA's model size, rank and schedule with its own alpha, lr and no weight decay
-    (sizes in SLTRAIN_ALPHA)."""
-    if kind not in ("cola", "llama", "sltrain") or size not in SIZES or kind == "sltrain" and size not in SLTRAIN_ALPHA:
-        raise ConfigError(f"no preset {kind}_{size}: kinds cola, llama, sltrain; sizes {', '.join(SIZES)} "
+    (sizes in SLTRAIN_ALPHA). "galore" and "fira" are the full-rank model trained with that
+    optimizer (`LOW_RANK_OPTIM`)."""
+    kinds = ("cola", "llama", "sltrain", "galore", "fira")
+    if kind not in kinds or size not in SIZES or kind == "sltrain" and size not in SLTRAIN_ALPHA:
+        raise ConfigError(f"no preset {kind}_{size}: kinds {', '.join(kinds)}; sizes {', '.join(SIZES)} "
                           f"(sltrain: {', '.join(SLTRAIN_ALPHA)})")
     d, f, heads, n_layers, rank, lr, steps, warmup, only_lr_act = SIZES[size]
     cfg = defaults()
-    cfg.model.update(projection={"llama": "dense"}.get(kind, kind), hidden_size=d, intermediate_size=f,
+    cfg.model.update(projection={"llama": "dense", "galore": "dense", "fira": "dense"}.get(kind, kind), hidden_size=d, intermediate_size=f,
                      num_heads=heads, num_layers=n_layers, rank=rank,
                      only_lr_act=only_lr_act and kind == "cola")
     cfg.optim.update(lr=lr if kind == "cola" else FULL_RANK_LR, warmup_steps=warmup)
     cfg.train.steps = steps
+    if kind in ("galore", "fira"):
+        cfg.optim.update(name=kind, rank=rank, warmup_steps=steps // 10, **LOW_RANK_OPTIM)
+        if kind == "fira" and size == "1b":
+            cfg.optim.scale = 0.0625
     if size != "tiny":
         cfg.data.update(PAPER_DATA)
     if kind == "sltrain":
@@ -164,6 +174,7 @@ def validate(cfg):
         raise ConfigError(f"train.sample_temperature must be >= 0, got {t.sample_temperature!r}")
     accum_steps(cfg)
     optim.validate(cfg.optim, t.steps)
+    optim.check_model(cfg.optim, spec)
     return spec
 
 

@@ -1,11 +1,21 @@
-"""The optimizer: AdamW with global-norm clipping and a linear-warmup + cosine schedule (optax)."""
+"""The optimizer: AdamW, GaLore or Fira (`optim.name`), with global-norm clipping, decoupled weight
+decay and a linear-warmup + cosine schedule (optax).
+
+GaLore and Fira (`colax.galore`) project the gradients of the decoder blocks' projection weights
+whose both sides exceed `optim.rank`; every other parameter (embeddings, lm_head, norms, and with a
+CoLA model the factors with a side <= rank) gets plain AdamW with the same lr.
+"""
 
 import jax
 import ml_collections
 import optax
+from flax import nnx
 
+from colax import galore, layers
 from colax import model as model_lib
 from colax.errors import ConfigError
+
+NAMES = ("adamw", "galore", "fira")
 
 
 def defaults():
@@ -20,6 +30,10 @@ def defaults():
         weight_decay=0.01,
         decay_norms=True,     # decay RMSNorm weights too (as the reference's torch AdamW does)
         grad_clip=0.5,        # global-norm clipping threshold (0: off)
+        name="adamw",         # adamw | galore | fira
+        rank=128,             # galore/fira: projection rank r
+        update_proj_gap=200,  # galore/fira: steps T between SVD refreshes of the projectors
+        scale=0.25,           # galore/fira: factor on the back-projected low-rank step
     ))
 
 
@@ -30,7 +44,12 @@ def validate(o, total_steps):
               ("min_lr_ratio", 0 <= o.min_lr_ratio <= 1, "must be in [0, 1]"),
               ("b1", 0 <= o.b1 < 1, "must be in [0, 1)"), ("b2", 0 <= o.b2 < 1, "must be in [0, 1)"),
               ("eps", o.eps > 0, "must be > 0"), ("weight_decay", o.weight_decay >= 0, "must be >= 0"),
-              ("grad_clip", o.grad_clip >= 0, "must be >= 0")]
+              ("grad_clip", o.grad_clip >= 0, "must be >= 0"),
+              ("name", o.name in NAMES, f"must be one of {', '.join(NAMES)}"),
+              ("rank", isinstance(o.rank, int) and o.rank > 0, "must be a positive integer"),
+              ("update_proj_gap", isinstance(o.update_proj_gap, int) and o.update_proj_gap > 0,
+               "must be a positive integer"),
+              ("scale", o.scale > 0, "must be > 0")]
     for field, ok, msg in checks:
         if not ok:
             raise ConfigError(f"optim.{field} {msg}, got {o[field]!r}")
@@ -51,11 +70,43 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key != "weight", params)
 
 
+def projected(params, rank):
+    """True for the parameters GaLore/Fira project: decoder-block projection weights [L, m, n]
+    with min(m, n) > rank. params: a pure dict of arrays (or ShapeDtypeStructs, MaskedNodes)."""
+    def is_projected(path, p):
+        keys = tuple(k.key for k in path)
+        return (len(keys) == 3 and keys[0] == "blocks" and keys[1] in layers.PROJECTION_NAMES
+                and p.ndim == 3 and min(p.shape[-2:]) > rank)
+
+    return jax.tree_util.tree_map_with_path(is_projected, params)
+
+
+def check_model(o, spec):
+    """ConfigError unless GaLore/Fira's `optim.rank` leaves some projection weight of `spec` to project."""
+    if o.name == "adamw":
+        return
+    params = nnx.to_pure_dict(nnx.state(model_lib.abstract_model(spec)))
+    if not any(jax.tree.leaves(projected(params, o.rank))):
+        sides = {"/".join(k.key for k in path): p.shape[-2:] for path, p in jax.tree_util.tree_leaves_with_path(
+            params) if path[0].key == "blocks" and path[1].key in layers.PROJECTION_NAMES}
+        name, shape = max(sides.items(), key=lambda kv: min(kv[1]))
+        raise ConfigError(f"optim.rank={o.rank} must be smaller than the smaller side of a projection weight "
+                          f"(largest: {name} {list(shape)})")
+
+
 def make(o, total_steps):
-    """optax transformation: clip_by_global_norm (if grad_clip > 0) then AdamW on the schedule,
+    """optax transformation: clip_by_global_norm (if grad_clip > 0), then AdamW, or GaLore/Fira on
+    the `projected` weights and Adam on the rest, with decoupled weight decay, on the schedule;
     over the trainable parameters only (`model.trainable_mask`): frozen ones get no optimizer
     state and a zero update."""
-    adamw = optax.adamw(schedule(o, total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
-                        weight_decay=o.weight_decay, mask=None if o.decay_norms else decay_mask)
-    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip > 0 else adamw
+    adam = optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps)
+    if o.name != "adamw":
+        low_rank = galore.scale_by_galore(o.rank, o.update_proj_gap, o.scale, o.b1, o.b2, o.eps, fira=o.name == "fira")
+        is_projected = lambda params: projected(params, o.rank)
+        adam = optax.chain(optax.masked(low_rank, is_projected),
+                           optax.masked(adam, lambda params: jax.tree.map(lambda x: not x, is_projected(params))))
+    # optax.adamw is this chain with scale_by_adam first.
+    tx = optax.chain(adam, optax.add_decayed_weights(o.weight_decay, None if o.decay_norms else decay_mask),
+                     optax.scale_by_learning_rate(schedule(o, total_steps)))
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx) if o.grad_clip > 0 else tx
     return optax.masked(tx, model_lib.trainable_mask)

@@ -24,7 +24,7 @@ from ml_collections import config_flags
 from colax import config as config_lib
 from colax import model as model_lib
 from colax import optim, remat, step
-from colax.errors import exit_on_error, parse_flags
+from colax.errors import ConfigError, exit_on_error, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _REMAT = flags.DEFINE_string("remat", "", "Comma-separated remat policies to compare, one row each: " + "; ".join(
@@ -89,8 +89,32 @@ def plan(cfg, remats=()):
         tokens_per_step=tokens, flops_per_token=analytic["train"], forward_flops_per_token=analytic["forward"],
         xla_flops_per_step=step_flops(spec, cfg, batch_size, seq_len, compiled), memory=memory(compiled))
     result["xla_flops_per_token"] = result["xla_flops_per_step"] / tokens
+    result["optimizer_state"] = optimizer_state(spec, cfg)
     result["remat"] = [remat_row(cfg, name) for name in remats]
     return result
+
+
+def optimizer_state(spec, cfg):
+    """Optimizer-state bytes of the model under every optimizer (`optim.NAMES`, the config's other
+    `optim` settings): [{"name", "bytes", "vs_adamw"}, or {"name", "error"} where a setting does not
+    fit the model], from abstract shapes; "current" marks the config's own optimizer."""
+    params = nnx.to_pure_dict(nnx.state(model_lib.abstract_model(spec)))
+    rows = []
+    for name in optim.NAMES:
+        o = cfg.optim.copy_and_resolve_references()
+        o.name = name
+        try:
+            optim.check_model(o, spec)
+        except ConfigError as e:
+            rows.append(dict(name=name, error=str(e), current=name == cfg.optim.name))
+            continue
+        state = jax.eval_shape(optim.make(o, cfg.train.steps).init, params)
+        rows.append(dict(name=name, bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)),
+                         current=name == cfg.optim.name))
+    for row in rows:
+        if "bytes" in row:
+            row["vs_adamw"] = row["bytes"] / rows[0]["bytes"]
+    return rows
 
 
 def remat_row(cfg, name):
@@ -168,6 +192,10 @@ def format_text(p):
         "memory            " + ", ".join(f"{k.replace('_bytes', '')} {_gib(v).strip()}"
                                           for k, v in p["memory"].items()),
     ]
+    lines.append("optimizer state   " + ", ".join(
+        f"{r['name']}{' (this config)' if r['current'] else ''} "
+        + (f"{_gib(r['bytes']).strip()} ({r['vs_adamw']:.2f}x adamw)" if "bytes" in r else f"n/a: {r['error']}")
+        for r in p["optimizer_state"]))
     return "\n".join(lines + [_remat_line(row, p["tokens_per_step"]) for row in p["remat"]])
 
 

@@ -32,6 +32,9 @@ RULES = {
     "rank": ("fsdp",),              # r: FSDP where d is not free; never tensor (docs/sharding.md)
     "norm": (),
     "sparse": ("fsdp",),            # the entries of a sparse matrix's support (SLTrain)
+    # optimizer state (colax.galore): the r of projectors and projected moments; FSDP where free
+    "opt_rank": ("fsdp",),
+    "svd_batch": ("fsdp", "tensor"),  # the layer axis of gradient stacks during GaLore's SVD
     # activations
     "batch": BATCH_AXES,
     "length": (),
@@ -103,6 +106,21 @@ def constrain(x, logical_axes):
     if jax.sharding.get_abstract_mesh().empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_spec(logical_axes))
+
+
+def constrain_divisible(x, logical_axes):
+    """`constrain`, where each dimension keeps the longest prefix of its mesh axes whose device
+    count divides its size (for arrays whose sizes the config does not fix, e.g. layer stacks)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = []
+    for n, axes in zip(x.shape, logical_spec(logical_axes)):
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        while axes and n % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]
+        spec.append(axes or None)
+    return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
 def on_mesh(fn, mesh):

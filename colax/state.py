@@ -3,7 +3,8 @@
 Every parameter gets logical axes from its dict-key path (`param_axes_table()`, built from each
 projection kind's `param_axes`); `colax.sharding.RULES` maps them to mesh axes. Optimizer-state
 leaves that mirror a parameter (Adam's mu and nu) sit at the same dict-key path and go where it
-goes. `init_state` creates parameters already sharded; `abstract_state` gives restore targets.
+goes; leaves that do not (GaLore's projectors, r-dim moments) sit one `STATE_LAYOUTS` key deeper,
+which derives their axes from the parameter's. `init_state` creates parameters already sharded; `abstract_state` gives restore targets.
 """
 
 import functools
@@ -38,13 +39,24 @@ def param_axes_table():
 
 
 
+# Optimizer-state leaves that do not mirror their parameter sit at its dict-key path under one more
+# dict key naming their layout; their logical axes come from the parameter's (colax.galore):
+# the rank r in place of the matrix's rows or columns, or the matrix axes dropped (one per matrix).
+STATE_LAYOUTS = {"rank_rows": lambda axes: (*axes[:-2], "opt_rank", axes[-1]),
+                 "rank_cols": lambda axes: (*axes[:-1], "opt_rank"),
+                 "per_matrix": lambda axes: axes[:-2]}
+
+
 def param_logical_axes(path):
     """Logical axes of a parameter, or of an optimizer-state leaf that mirrors one (Adam mu, nu).
 
     Such leaves sit at the parameter's dict-key path inside the optimizer's (named) tuples, so
-    the dict keys alone name the parameter. Leaves with no dict key (step counts) get ().
+    the dict keys alone name the parameter. A last key in `STATE_LAYOUTS` derives the leaf's axes
+    from the parameter's. Leaves with no dict key (step counts) get ().
     """
     keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+    if keys and keys[-1] in STATE_LAYOUTS:
+        return STATE_LAYOUTS[keys[-1]](param_logical_axes(path[:-1]))
     if not keys:
         return ()
     table = param_axes_table()

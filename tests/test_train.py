@@ -398,3 +398,19 @@ def test_cli_paper_config_offline_says_what_to_download_where(flag, notice, tmp_
                                   "https://huggingface.co/google-t5/t5-base/resolve/main/spiece.model (")
     assert proc.stderr.endswith(f"; offline, fetch that file elsewhere and place it at {tmp_path / 'W'}"
                                 "/tokenizer.model\n") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_fira_exact_resume_across_a_projector_refresh(tok_path, tmp_path):
+    """Fira (projectors, r-dim moments, stored norms) stopped after step 4 (refreshed at step 4,
+    count 3) and resumed gives the losses of an uninterrupted run, through the next refresh (step 7)."""
+    losses = {}
+    for name, stops in (("full", [None]), ("resumed", [4, None])):
+        cfg = micro_config(eval_every=0, sample_tokens=0, baseline_batches=0)
+        cfg.data.tokenizer = tok_path
+        cfg.model.projection = "dense"
+        cfg.optim.update(name="fira", rank=4, update_proj_gap=3)
+        for stop in stops:
+            loop.run(cfg, str(tmp_path / name), stop_after=stop)
+        losses[name] = [r["loss"] for r in read_metrics(tmp_path / name)]
+    assert len(losses["full"]) == 8
+    np.testing.assert_allclose(losses["resumed"], losses["full"], rtol=1e-6)

@@ -1,0 +1,172 @@
+"""GaLore and Fira: Adam on gradients projected to a rank-r subspace, as one optax transformation.
+
+`scale_by_galore(rank, update_proj_gap, scale, b1, b2, eps, fira)` turns the gradient of every
+matrix stack it is given, G [..., m, n] (the leading axes, e.g. the stacked layers [L], are
+independent matrices), into the update direction; `colax.optim.make` masks it onto the projection
+weights and chains it with weight decay and the learning rate (everything else gets plain AdamW).
+
+GaLore (Zhao et al. 2024): every `update_proj_gap` steps (at steps 0, T, 2T, ...) the projector P
+is the top-r singular vectors of the current G, from an fp32 SVD inside the jitted step (under
+`lax.cond`: one compiled step, the SVD only runs on refresh steps). If m >= n it is the right
+vectors P [r, n] and R = G Pᵀ [m, r]; else the left ones P [m, r] and R = Pᵀ G [r, n]. Adam's
+moments live in R's r-dim space and are kept across refreshes. Direction: scale · P-back(N), with
+N = c_t m / (sqrt(v) + eps), c_t = sqrt(1 - b2^t) / (1 - b1^t): Adam as the reference code writes
+it (eps added to sqrt(v) before the bias correction, which multiplies the whole direction).
+
+Fira (Chen et al. 2025) adds the gradient outside the subspace: with N0 = m / (sqrt(v) + eps),
+phi = ||N0|| / (||R|| + 1e-8) per index of the un-projected axis (columns of a [r, n] R, rows of a
+[m, r] one), S = phi ⊙ (G - scale · P-back(R)), and a norm-growth limiter: if ||S_t|| / ||S_t-1||
+exceeds gamma = 1.01, S_t is rescaled so that the ratio is gamma and the limited norm is stored.
+Direction: c_t (scale · P-back(N0) + S).
+
+State layout (for `colax.sharding.STATE_LAYOUTS`): each leaf's projector, moments and Fira norm sit
+at the parameter's dict-key path under one more dict key naming which axis is the rank r
+("rank_rows", "rank_cols") or that the matrix axes are gone ("per_matrix"), so sharding derives
+their logical axes from the parameter's.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from colax import sharding
+
+GAMMA = 1.01  # Fira's norm-growth limit
+
+
+class ScaleByGaloreState(NamedTuple):
+    count: jax.Array  # int32 [], steps taken
+    projector: Any    # per leaf {"rank_rows": [..., r, n]} (m >= n) or {"rank_cols": [..., m, r]}
+    mu: Any           # per leaf {"rank_cols": [..., m, r]} (m >= n) or {"rank_rows": [..., r, n]}
+    nu: Any           # as mu
+    norm: Any         # Fira: per leaf {"per_matrix": [...]}, ||S|| after the limiter; GaLore: None
+
+
+def projects_right(shape):
+    """Whether a [..., m, n] matrix is projected from the right (m >= n: P [r, n], R [m, r])."""
+    return shape[-2] >= shape[-1]
+
+
+def _wrap(x, rank_axis):
+    """x inside the dict whose key names its layout: rank_axis -2 -> "rank_rows", -1 -> "rank_cols"."""
+    return {"rank_rows" if rank_axis == -2 else "rank_cols": x}
+
+
+def _unwrap(d):
+    (x,) = d.values()
+    return x
+
+
+def _t(x):
+    return jnp.swapaxes(x, -1, -2)
+
+
+def svd_projector(g, rank):
+    """Top-`rank` singular vectors of g [..., m, n], from an fp32 SVD: Vᵀ rows [..., r, n] if
+    m >= n, else U columns [..., m, r]; in g's dtype."""
+    u, _, vh = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
+    p = vh[..., :rank, :] if projects_right(g.shape) else u[..., :rank]
+    return p.astype(g.dtype)
+
+
+def project(g, p):
+    """R = G Pᵀ [..., m, r] (m >= n) or Pᵀ G [..., r, n]."""
+    return g @ _t(p) if projects_right(g.shape) else _t(p) @ g
+
+
+def project_back(x, p, shape):
+    """x (R-shaped) back to the [..., m, n] of `shape`: x P or P x."""
+    return x @ p if projects_right(shape) else p @ x
+
+
+def _svd_layout(g):
+    """g [..., m, n] with its leading (layer) axes flattened to one batch axis and split over the
+    FSDP/tensor devices where they divide it (`sharding.constrain_divisible`), matrices whole:
+    each device runs the SVDs of its own layers."""
+    b = g.reshape(-1, *g.shape[-2:])
+    return sharding.constrain_divisible(b, ("svd_batch", None, None))
+
+
+def _refresh(grads, rank):
+    """The projector tree of a refresh step: the SVD of every gradient stack."""
+    def one(g):
+        p = svd_projector(_svd_layout(g), rank)
+        return _wrap(p.reshape(*g.shape[:-2], *p.shape[-2:]), -2 if projects_right(g.shape) else -1)
+
+    return jax.tree.map(one, grads)
+
+
+def fira_residual(g, r, n0, p, scale):
+    """S = phi ⊙ (G - scale · P-back(R)) [..., m, n]: phi = ||N0|| / (||R|| + 1e-8) along the rank
+    axis, one per index of the un-projected axis.
+
+    The reference code (Fira's fira_adamw.py) subtracts `project_back(grad)`, whose projector
+    multiplies by `scale`: so the residual is G - scale · P-back(R), not G - P-back(R).
+    """
+    rank_axis = -1 if projects_right(g.shape) else -2
+    phi = (jnp.linalg.norm(n0, axis=rank_axis, keepdims=True)
+           / (jnp.linalg.norm(r, axis=rank_axis, keepdims=True) + 1e-8))
+    return phi * (g - scale * project_back(r, p, g.shape))
+
+
+def limit_growth(s, previous, first, gamma=GAMMA):
+    """(S rescaled, its norm) [..., m, n], [...]: S / limiter with limiter = max(||S|| / (previous
+    + 1e-8), gamma) / gamma (the reference's formula), or S itself on the first step."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(s.astype(jnp.float32)), axis=(-2, -1)))
+    limiter = jnp.where(first, 1.0, jnp.maximum(norm / (previous + 1e-8), gamma) / gamma)
+    return s / limiter[..., None, None].astype(s.dtype), (norm / limiter).astype(previous.dtype)
+
+
+def scale_by_galore(rank, update_proj_gap, scale, b1=0.9, b2=0.999, eps=1e-6, fira=False):
+    """GaLore's (or, with `fira`, Fira's) update direction for matrix-stack leaves [..., m, n].
+
+    rank: r <= min(m, n) of every leaf; update_proj_gap: T, steps between SVD refreshes (> 0);
+    scale: the factor on the back-projected Adam step. Leaves keep their dtype; the SVD is fp32.
+    """
+    def init(params):
+        def zeros(p, rank_axis):
+            shape = list(p.shape)
+            shape[rank_axis] = rank
+            return _wrap(jnp.zeros(shape, p.dtype), rank_axis)
+
+        def projector(p):
+            return zeros(p, -2 if projects_right(p.shape) else -1)
+
+        def moment(p):
+            return zeros(p, -1 if projects_right(p.shape) else -2)
+
+        norm = jax.tree.map(lambda p: {"per_matrix": jnp.zeros(p.shape[:-2], p.dtype)}, params) if fira else None
+        return ScaleByGaloreState(count=jnp.zeros([], jnp.int32), projector=jax.tree.map(projector, params),
+                                  mu=jax.tree.map(moment, params), nu=jax.tree.map(moment, params), norm=norm)
+
+    def update(updates, state, params=None):
+        del params
+        projector = jax.lax.cond(state.count % update_proj_gap == 0, lambda: _refresh(updates, rank),
+                                 lambda: state.projector)
+        t = state.count + 1
+        c = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        out, mus, nus, norms = {}, {}, {}, {}
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        flat = lambda tree: treedef.flatten_up_to(tree)
+        for i, (g, p, mu, nu) in enumerate(zip(leaves, *(flat(x) for x in (projector, state.mu, state.nu)))):
+            p, mu, nu = _unwrap(p), _unwrap(mu), _unwrap(nu)
+            r = project(g, p)
+            mu = b1 * mu + (1 - b1) * r
+            nu = b2 * nu + (1 - b2) * r * r
+            n0 = mu / (jnp.sqrt(nu) + eps)
+            direction = scale * project_back(n0, p, g.shape)
+            if fira:
+                s, norms[i] = limit_growth(fira_residual(g, r, n0, p, scale),
+                                           flat(state.norm)[i]["per_matrix"], state.count == 0)
+                norms[i] = {"per_matrix": norms[i]}
+                direction = direction + s
+            rank_axis = -1 if projects_right(g.shape) else -2
+            out[i], mus[i], nus[i] = (c * direction).astype(g.dtype), _wrap(mu, rank_axis), _wrap(nu, rank_axis)
+        unflat = lambda d: treedef.unflatten([d[i] for i in range(len(leaves))])
+        return unflat(out), ScaleByGaloreState(
+            count=optax.safe_increment(state.count), projector=projector, mu=unflat(mus), nu=unflat(nus),
+            norm=unflat(norms) if fira else None)
+
+    return optax.GradientTransformation(init, update)
