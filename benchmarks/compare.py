@@ -1,14 +1,17 @@
-"""Full-rank LLaMA, SLTrain, CoLA and CoLA-M side by side: same data, same tokens, same seed.
+"""Full-rank LLaMA, SLTrain, CoLA, CoLA-M, GaLore and Fira side by side: same data, same tokens, same seed.
 
-    python benchmarks/compare.py [--size tiny] [--steps 300] [--out runs/compare] [--config.a.b=v ...]
+    python benchmarks/compare.py [--size tiny] [--steps 300] [--runs llama,cola,...] [--out runs/compare]
+        [--config.a.b=v ...]
 
-Trains the models of one size (`RUNS`) with `colax.loop.run` into OUT/{llama,sltrain,cola,cola_m}.
-One tokenizer is trained into OUT (or `--tokenizer` is used) and `data.tokenizer` points all runs
-at it, so with the same data seed they see identical batches. CoLA-M is CoLA with
+Trains the models of one size (`--runs`, default all of `RUNS`) with `colax.loop.run` into
+OUT/<name>. One tokenizer is trained into OUT (or `--tokenizer` is used) and `data.tokenizer`
+points all runs at it, so with the same data seed they see identical batches. CoLA-M is CoLA with
 `model.remat="cola_m"`: the same parameters and initialisation, only the backward pass differs.
-Each model keeps its preset's recipe (peak lr: CoLA's per size, full-rank `FULL_RANK_LR`, SLTrain
-`SLTRAIN_LR`; warmup scaled to `--steps` in the preset's proportion) unless `--lr` (CoLA, CoLA-M) /
-`--full_rank_lr` say otherwise; `--config.a.b=v` overrides are applied to all configs last.
+GaLore and Fira are the full-rank model with those optimizers (`optim.name`). Each model keeps
+its preset's recipe (peak lr: CoLA's per size, full-rank `FULL_RANK_LR`, SLTrain `SLTRAIN_LR`,
+GaLore/Fira 0.01; warmup scaled to `--steps` in the preset's proportion) unless `--lr` (CoLA,
+CoLA-M) / `--full_rank_lr` say otherwise; `--config.a.b=v` overrides are applied to all configs
+last (`optim.*` of GaLore/Fira are ignored by AdamW runs).
 
 Writes OUT/compare.md (settings and table), OUT/compare.json (everything, with each run's
 metrics.jsonl lines) and OUT/compare.png (loss curves). Columns: parameters; analytic training
@@ -17,8 +20,10 @@ includes remat recomputation (`colax.plan`); steady-state tokens/s, the median o
 metrics.jsonl windows after the first one that were not evaluation steps; compiled temp +
 argument bytes of one micro-batch step (`colax.plan`); the measured device peak
 (`memory_stats()["peak_bytes_in_use"]`, "n/a" on CPU); final validation loss and perplexity.
+Optimizer-state bytes are those of the optimizer's state for the model (`colax.plan`).
 Ratio columns are against full-rank. The device peak is a process-wide high-water mark, so the
-runs go in order of expected memory (CoLA-M, CoLA, SLTrain, full-rank); a run that does not raise it is
+runs go in reverse table order, roughly ascending expected memory (Fira, GaLore, CoLA-M, CoLA, SLTrain,
+full-rank); a run that does not raise it is
 reported as "<=" the previous peak. The defaults are the CPU comparison of docs/compare.md.
 """
 
@@ -42,7 +47,8 @@ from colax import config, loop, plan, tokenizer  # noqa: E402
 
 # (name, label, preset kind, remat policy), in table order.
 RUNS = (("llama", "full-rank", "llama", "none"), ("sltrain", "SLTrain", "sltrain", "none"),
-        ("cola", "CoLA", "cola", "none"), ("cola_m", "CoLA-M", "cola", "cola_m"))
+        ("cola", "CoLA", "cola", "none"), ("cola_m", "CoLA-M", "cola", "cola_m"),
+        ("galore", "GaLore", "galore", "none"), ("fira", "Fira", "fira", "none"))
 
 
 def parse(argv):
@@ -50,6 +56,8 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="python benchmarks/compare.py", description=__doc__.split("\n")[0])
     p.add_argument("--size", default="tiny", choices=list(config.SIZES), help="preset size of all models")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps of each run")
+    p.add_argument("--runs", default=",".join(r[0] for r in RUNS),
+                   help="comma-separated run names, table order kept; the first is the ratio baseline")
     p.add_argument("--batch_size", type=int, default=32, help="sequences per optimizer step")
     p.add_argument("--micro_batch_size", type=int, default=16, help="sequences per device per forward/backward")
     p.add_argument("--seq_len", type=int, default=128)
@@ -69,6 +77,9 @@ def parse(argv):
     p.add_argument("--out", default="runs/compare", help="output directory")
     p.add_argument("--overwrite", action="store_true", help="restart runs already in OUT")
     args, rest = p.parse_known_args(argv)
+    unknown = set(args.runs.split(",")) - {r[0] for r in RUNS}
+    if unknown:
+        p.error(f"--runs: unknown run {sorted(unknown)[0]!r} (known: {', '.join(r[0] for r in RUNS)})")
     pairs = []
     for arg in rest:
         key, sep, value = arg.removeprefix("--config.").partition("=")
@@ -153,7 +164,8 @@ def run_one(name, label, cfg, out, overwrite, previous_peak):
     t = cfg.train
     return dict(
         name=name, label=label, projection=cfg.model.projection, remat=cfg.model.remat, lr=cfg.optim.lr,
-        warmup_steps=cfg.optim.warmup_steps, params=p["params"], embedding_params=p["embedding_params"],
+        warmup_steps=cfg.optim.warmup_steps, optimizer=cfg.optim.name,
+        optimizer_state_bytes=next(r["bytes"] for r in p["optimizer_state"] if r["current"]), params=p["params"], embedding_params=p["embedding_params"],
         non_embedding_params=p["params"] - p["embedding_params"],
         flops_per_token=p["flops_per_token"], xla_flops_per_token=p["xla_flops_per_token"],
         temp_bytes=p["memory"]["temp_bytes"], argument_bytes=p["memory"]["argument_bytes"],
@@ -180,8 +192,9 @@ def markdown(rows):
     base = rows[0]
     lines = ["| model | remat | peak lr | params (M) | x | non-emb. params (M) | x | GFLOPs/token analytic | x "
              "| GFLOPs/token XLA | x | tokens/s | x | MFU | compiled temp+args (MiB) | x | measured peak (MiB) "
-             "| val loss | val ppl | x |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| val loss | val ppl | x | optimizer | optimizer state (MiB) | x |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
+             "|---|---:|---:|"]
     for r in rows:
         tps = "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
         mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
@@ -192,7 +205,8 @@ def markdown(rows):
             f"| {r['xla_flops_per_token'] / 1e9:.4f} | {_ratio(r, base, 'xla_flops_per_token')} "
             f"| {tps} | {_ratio(r, base, 'tokens_per_s')} | {mfu} "
             f"| {r['compiled_bytes'] / 2**20:.1f} | {_ratio(r, base, 'compiled_bytes')} | {_peak(r)} "
-            f"| {r['eval_loss']:.4f} | {r['eval_ppl']:.2f} | {_ratio(r, base, 'eval_ppl')} |")
+            f"| {r['eval_loss']:.4f} | {r['eval_ppl']:.2f} | {_ratio(r, base, 'eval_ppl')} "
+            f"| {r['optimizer']} | {r['optimizer_state_bytes'] / 2**20:.2f} | {_ratio(r, base, 'optimizer_state_bytes')} |")
     return "\n".join(lines)
 
 
@@ -221,16 +235,17 @@ def machine():
 
 
 def compare(args, pairs, command):
-    """Trains the runs and writes the report files; returns the report dict."""
+    """Trains the `--runs` and writes the report files; returns the report dict."""
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
     tok_path = shared_tokenizer(args, pairs, args.out)
-    cfgs = {name: make_config(args, pairs, kind, remat, tok_path) for name, _, kind, remat in RUNS}
+    runs = [run for run in RUNS if run[0] in args.runs.split(",")]
+    cfgs = {name: make_config(args, pairs, kind, remat, tok_path) for name, _, kind, remat in runs}
     rows, peak = {}, None
-    for name, label, _, _ in reversed(RUNS):  # ascending expected memory: see the module docstring
+    for name, label, _, _ in reversed(runs):  # ascending expected memory: see the module docstring
         rows[name] = run_one(name, label, cfgs[name], args.out, args.overwrite, peak)
         peak = rows[name]["measured_peak_bytes"] or peak
-    rows = [rows[name] for name, *_ in RUNS]
+    rows = [rows[name] for name, *_ in runs]
     settings = {k: v for k, v in vars(args).items() if k != "overwrite"}
     report = dict(command=command, settings=settings,
                   overrides=dict(pairs), tokenizer=tok_path, machine=machine(), wall_s=time.time() - start,

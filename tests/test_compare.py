@@ -1,7 +1,8 @@
-"""benchmarks/compare.py: full-rank, SLTrain, CoLA and CoLA-M on the same data, checked against independent counts.
+"""benchmarks/compare.py: full-rank, SLTrain, CoLA, CoLA-M and GaLore on the same data, checked against independent counts.
 
 One comparison of a micro size (d=32, 1 unrolled layer, vocab 512, 4 steps of 4 x 32 tokens) runs
-once for the module; unrolled layers keep `colax.plan` to a single compile per model.
+once for the module; unrolled layers keep `colax.plan` to a single compile per model. Fira is left
+out (GaLore's code path with one more term; tests/test_galore.py).
 """
 
 import json
@@ -23,7 +24,8 @@ MICRO = [f"--steps={STEPS}", f"--batch_size={BATCH}", f"--micro_batch_size={BATC
          "--vocab_size=512", "--log_every=1", "--eval_every=0", "--eval_batches=1",
          "--config.model.hidden_size=32", "--config.model.intermediate_size=64", "--config.model.rank=8",
          "--config.model.num_layers=1", "--config.model.scan_layers=False", "--config.model.dtype=float32",
-         "--config.data.tokenizer_sample_docs=20", "--config.data.val_docs=16"]
+         "--config.data.tokenizer_sample_docs=20", "--config.data.val_docs=16", "--runs=llama,sltrain,cola,cola_m,galore",
+         "--config.optim.rank=4", "--config.optim.update_proj_gap=2"]
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +43,10 @@ def trained_spec(out, name):
 
 def test_files_and_table_structure(report):
     out, r = report
-    labels = ["full-rank", "SLTrain", "CoLA", "CoLA-M"]
+    labels = ["full-rank", "SLTrain", "CoLA", "CoLA-M", "GaLore"]
     assert [row["label"] for row in r["runs"]] == labels
     lines = r["table"].splitlines()
-    assert len(lines) == 2 + len(labels) and all(line.count("|") == 21 for line in lines)
+    assert len(lines) == 2 + len(labels) and all(line.count("|") == 24 for line in lines)
     assert [line.split("|")[1].strip() for line in lines[2:]] == labels
     assert r["table"] in (out / "compare.md").read_text()
     assert json.loads((out / "compare.json").read_text())["table"] == r["table"]
@@ -63,8 +65,9 @@ def test_numbers_match_independent_counts(report):
         assert (row["params"], row["embedding_params"]) == (counts["total"], counts["embeddings"])
         flops[name] = model.flops_per_token(spec, SEQ)["train"]
         assert row["flops_per_token"] == flops[name]
-        assert row["remat"] == spec.remat == {"llama": "none", "sltrain": "none", "cola": "none", "cola_m": "cola_m"}[name]
-        assert row["projection"] == spec.projection == {"llama": "dense", "cola_m": "cola"}.get(name, name)
+        assert row["remat"] == spec.remat == {"llama": "none", "sltrain": "none", "cola": "none", "cola_m": "cola_m",
+                                              "galore": "none"}[name]
+        assert row["projection"] == spec.projection == {"llama": "dense", "cola_m": "cola", "galore": "dense"}.get(name, name)
         assert cfg.data.tokenizer == str(out / "tokenizer.model")
         assert row["eval_ppl"] == pytest.approx(math.exp(row["eval_loss"]))
         assert row["eval_loss"] == row["metrics"][-1]["eval_loss"]
@@ -75,6 +78,16 @@ def test_numbers_match_independent_counts(report):
     assert cells["CoLA"][5].strip() == f"{rows['cola']['params'] / rows['llama']['params']:.2f}"
     assert cells["SLTrain"][5].strip() == f"{rows['sltrain']['params'] / rows['llama']['params']:.2f}"
     assert rows["cola_m"]["params"] == rows["cola"]["params"]
+    # GaLore: the full-rank model; its optimizer state by hand (d=32, f=64, 1 layer, rank 4): Adam
+    # on all but q, k, v, o, gate, up, down; r (n + 2m) for the rows >= cols ones (q, k, v, o,
+    # down), r (m + 2n) for gate and up; three int32 counts. AdamW: 2 moments and 2 counts.
+    total, projected = rows["llama"]["params"], 4 * 32 * 32 + 3 * 32 * 64
+    low_rank = 4 * 4 * (32 + 2 * 32) + 4 * (32 + 2 * 64) + 2 * 4 * (32 + 2 * 64)
+    assert rows["galore"]["params"] == total and rows["galore"]["optimizer"] == "galore"
+    assert rows["llama"]["optimizer_state_bytes"] == 8 * total + 8
+    assert rows["galore"]["optimizer_state_bytes"] == 8 * (total - projected) + 4 * low_rank + 12
+    assert cells["GaLore"][23].strip() == f"{rows['galore']['optimizer_state_bytes'] / (8 * total + 8):.2f}"
+    assert rows["galore"]["lr"] == 0.01
 
 
 def test_same_tokens_and_same_start(report):
