@@ -41,12 +41,18 @@ class ScaleByGaloreState(NamedTuple):
     projector: Any    # per leaf {"rank_rows": [..., r, n]} (m >= n) or {"rank_cols": [..., m, r]}
     mu: Any           # per leaf {"rank_cols": [..., m, r]} (m >= n) or {"rank_rows": [..., r, n]}
     nu: Any           # as mu
-    norm: Any         # Fira: per leaf {"per_matrix": [...]}, ||S|| after the limiter; GaLore: None
+    norm: Any         # Fira: per leaf {"per_matrix": fp32 [...]}, ||S|| after the limiter; GaLore: None
 
 
 def projects_right(shape):
     """Whether a [..., m, n] matrix is projected from the right (m >= n: P [r, n], R [m, r])."""
     return shape[-2] >= shape[-1]
+
+
+def rank_axes(shape):
+    """(projector's, moments') rank axis for a [..., m, n] stack: (-2, -1) if m >= n (P [r, n],
+    R [m, r]), else (-1, -2) (P [m, r], R [r, n])."""
+    return (-2, -1) if projects_right(shape) else (-1, -2)
 
 
 def _wrap(x, rank_axis):
@@ -89,13 +95,14 @@ def _svd_layout(g):
     return sharding.constrain_divisible(b, ("svd_batch", None, None))
 
 
-def _refresh(grads, rank):
-    """The projector tree of a refresh step: the SVD of every gradient stack."""
-    def one(g):
-        p = svd_projector(_svd_layout(g), rank)
-        return _wrap(p.reshape(*g.shape[:-2], *p.shape[-2:]), -2 if projects_right(g.shape) else -1)
+def _refresh(grads, projector, rank):
+    """The projector tree of a refresh step: the SVD of every gradient stack, in the dtype of
+    the current `projector` tree."""
+    def one(g, old):
+        p = svd_projector(_svd_layout(g), rank).astype(_unwrap(old).dtype)
+        return _wrap(p.reshape(*g.shape[:-2], *p.shape[-2:]), rank_axes(g.shape)[0])
 
-    return jax.tree.map(one, grads)
+    return jax.tree.map(one, grads, projector)
 
 
 def fira_residual(g, r, n0, p, scale):
@@ -105,7 +112,7 @@ def fira_residual(g, r, n0, p, scale):
     The reference code (Fira's fira_adamw.py) subtracts `project_back(grad)`, whose projector
     multiplies by `scale`: so the residual is G - scale · P-back(R), not G - P-back(R).
     """
-    rank_axis = -1 if projects_right(g.shape) else -2
+    rank_axis = rank_axes(g.shape)[1]
     phi = (jnp.linalg.norm(n0, axis=rank_axis, keepdims=True)
            / (jnp.linalg.norm(r, axis=rank_axis, keepdims=True) + 1e-8))
     return phi * (g - scale * project_back(r, p, g.shape))
@@ -126,47 +133,44 @@ def scale_by_galore(rank, update_proj_gap, scale, b1=0.9, b2=0.999, eps=1e-6, fi
     scale: the factor on the back-projected Adam step. Leaves keep their dtype; the SVD is fp32.
     """
     def init(params):
-        def zeros(p, rank_axis):
-            shape = list(p.shape)
+        def zeros(p, which):
+            rank_axis, shape = rank_axes(p.shape)[which], list(p.shape)
             shape[rank_axis] = rank
             return _wrap(jnp.zeros(shape, p.dtype), rank_axis)
 
-        def projector(p):
-            return zeros(p, -2 if projects_right(p.shape) else -1)
-
-        def moment(p):
-            return zeros(p, -1 if projects_right(p.shape) else -2)
-
-        norm = jax.tree.map(lambda p: {"per_matrix": jnp.zeros(p.shape[:-2], p.dtype)}, params) if fira else None
+        projector, moment = (lambda p: zeros(p, 0)), (lambda p: zeros(p, 1))
+        norm = jax.tree.map(lambda p: {"per_matrix": jnp.zeros(p.shape[:-2], jnp.float32)}, params) if fira else None
         return ScaleByGaloreState(count=jnp.zeros([], jnp.int32), projector=jax.tree.map(projector, params),
                                   mu=jax.tree.map(moment, params), nu=jax.tree.map(moment, params), norm=norm)
 
+    def leaf_update(g, p, mu, nu, norm, count, c):
+        """One matrix stack: (direction, mu, nu, Fira's norm or None), state leaves unwrapped."""
+        r = project(g, p)
+        mu = (b1 * mu + (1 - b1) * r).astype(mu.dtype)
+        nu = (b2 * nu + (1 - b2) * r * r).astype(nu.dtype)
+        n0 = mu / (jnp.sqrt(nu) + eps)
+        direction = scale * project_back(n0, p, g.shape)
+        if fira:
+            s, norm = limit_growth(fira_residual(g, r, n0, p, scale), norm, count == 0)
+            direction = direction + s
+        return (c * direction).astype(g.dtype), mu, nu, norm
+
     def update(updates, state, params=None):
         del params
-        projector = jax.lax.cond(state.count % update_proj_gap == 0, lambda: _refresh(updates, rank),
+        projector = jax.lax.cond(state.count % update_proj_gap == 0, lambda: _refresh(updates, state.projector, rank),
                                  lambda: state.projector)
         t = state.count + 1
         c = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-        out, mus, nus, norms = {}, {}, {}, {}
-        leaves, treedef = jax.tree_util.tree_flatten(updates)
-        flat = lambda tree: treedef.flatten_up_to(tree)
-        for i, (g, p, mu, nu) in enumerate(zip(leaves, *(flat(x) for x in (projector, state.mu, state.nu)))):
-            p, mu, nu = _unwrap(p), _unwrap(mu), _unwrap(nu)
-            r = project(g, p)
-            mu = b1 * mu + (1 - b1) * r
-            nu = b2 * nu + (1 - b2) * r * r
-            n0 = mu / (jnp.sqrt(nu) + eps)
-            direction = scale * project_back(n0, p, g.shape)
-            if fira:
-                s, norms[i] = limit_growth(fira_residual(g, r, n0, p, scale),
-                                           flat(state.norm)[i]["per_matrix"], state.count == 0)
-                norms[i] = {"per_matrix": norms[i]}
-                direction = direction + s
-            rank_axis = -1 if projects_right(g.shape) else -2
-            out[i], mus[i], nus[i] = (c * direction).astype(g.dtype), _wrap(mu, rank_axis), _wrap(nu, rank_axis)
-        unflat = lambda d: treedef.unflatten([d[i] for i in range(len(leaves))])
-        return unflat(out), ScaleByGaloreState(
-            count=optax.safe_increment(state.count), projector=projector, mu=unflat(mus), nu=unflat(nus),
-            norm=unflat(norms) if fira else None)
+        treedef = jax.tree.structure(updates)
+        state_leaves = [treedef.flatten_up_to(x) for x in (projector, state.mu, state.nu)]
+        norms = treedef.flatten_up_to(state.norm) if fira else [None] * treedef.num_leaves
+        new = [leaf_update(g, _unwrap(p), _unwrap(mu), _unwrap(nu), None if norm is None else norm["per_matrix"],
+                           state.count, c)
+               for g, p, mu, nu, norm in zip(jax.tree.leaves(updates), *state_leaves, norms)]
+        out, mus, nus, norms = zip(*new) if new else ((),) * 4
+        wrap = lambda xs: treedef.unflatten([_wrap(x, rank_axes(g.shape)[1]) for x, g in zip(xs, out)])
+        return treedef.unflatten(out), ScaleByGaloreState(
+            count=optax.safe_increment(state.count), projector=projector, mu=wrap(mus), nu=wrap(nus),
+            norm=treedef.unflatten([{"per_matrix": n} for n in norms]) if fira else None)
 
     return optax.GradientTransformation(init, update)
