@@ -19,7 +19,7 @@ phi = ||N0|| / (||R|| + 1e-8) per index of the un-projected axis (columns of a [
 exceeds gamma = 1.01, S_t is rescaled so that the ratio is gamma and the limited norm is stored.
 Direction: c_t (scale · P-back(N0) + S).
 
-State layout (for `colax.sharding.STATE_LAYOUTS`): each leaf's projector, moments and Fira norm sit
+State layout (for `colax.state.STATE_LAYOUTS`): each leaf's projector, moments and Fira norm sit
 at the parameter's dict-key path under one more dict key naming which axis is the rank r
 ("rank_rows", "rank_cols") or that the matrix axes are gone ("per_matrix"), so sharding derives
 their logical axes from the parameter's.

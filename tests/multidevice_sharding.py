@@ -202,8 +202,8 @@ def test_galore_on_fsdp_and_tensor_matches_one_device_and_splits_the_svd_by_laye
     results = {}
     for shape in [(1, 1, 1), (1, 2, 2)]:
         mesh = mesh_of(shape)
-        graphdef, params, opt_state = sharding.init_state(spec, tx, mesh, seed=0)
-        train = sharding.jit_train_step(step.make_train_step(graphdef, tx), params, opt_state, mesh)
+        graphdef, params, opt_state = state.init_state(spec, tx, mesh, seed=0)
+        train = state.jit_train_step(step.make_train_step(graphdef, tx), params, opt_state, mesh)
         compiled = train.lower(params, opt_state, sharding.global_batch(batches(0), mesh)).compile()
         params, opt_state, losses = run_steps(compiled, params, opt_state, mesh, [1, 2, 3])
         results[shape] = losses, jax.device_get(params), svd_batches(compiled.as_text())

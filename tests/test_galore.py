@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from colax import config, galore, optim, plan, sharding, step
+from colax import config, galore, optim, plan, sharding, state, step
 from colax.errors import ConfigError
 from conftest import small_spec
 
@@ -189,8 +189,8 @@ def test_state_leaves_get_logical_axes_derived_from_their_parameter():
     cfg = config.preset("fira", "tiny")
     spec = config.validate(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
-    _, opt_state = sharding.abstract_state(spec, optim.make(cfg.optim, cfg.train.steps), mesh)
-    axes = {jax.tree_util.keystr(path): (leaf.shape, sharding.param_logical_axes(path))
+    _, opt_state = state.abstract_state(spec, optim.make(cfg.optim, cfg.train.steps), mesh)
+    axes = {jax.tree_util.keystr(path): (leaf.shape, state.param_logical_axes(path))
             for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)}
     find = lambda *parts: next(v for k, v in axes.items() if all(f"{p}" in k for p in parts))
     d, f, r, layers = 128, 344, 32, 2
@@ -209,8 +209,8 @@ def test_refresh_inside_the_compiled_step_without_recompiling():
     o = optim_config(update_proj_gap=2)
     tx = optim.make(o, 10)
     mesh = sharding.make_mesh(sharding.defaults())
-    graphdef, params, opt_state = sharding.init_state(spec, tx, mesh, 0)
-    train_step = sharding.jit_train_step(step.make_train_step(graphdef, tx), params, opt_state, mesh)
+    graphdef, params, opt_state = state.init_state(spec, tx, mesh, 0)
+    train_step = state.jit_train_step(step.make_train_step(graphdef, tx), params, opt_state, mesh)
     tokens = np.random.default_rng(0).integers(0, spec.vocab_size, (5, 1, 2, 9)).astype(np.int32)
     projectors = []
     for t in range(5):
