@@ -39,7 +39,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     auto=_DISTRIBUTED.value)
-    cfg = _CONFIG.value
+    cfg = config.from_flag(_CONFIG)
     if _SMOKE.value:
         cfg = config.smoke(cfg, cfg.train.steps if "config.train.steps" in flags.FLAGS else config.SMOKE_STEPS)
         t = cfg.train

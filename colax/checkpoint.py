@@ -1,33 +1,50 @@
 """The run's workdir: its config (config.json) and its orbax checkpoints (checkpoints/<step>/).
 
-A checkpoint holds "state" (params and optimizer state, the step count inside) and "data" (the
-grain train iterator's position). Saves are asynchronous and atomic (orbax writes to a temporary
-folder and renames it when complete), so a run killed during a save resumes from the previous one.
+A checkpoint holds "state" (params and optimizer state, the step count inside), "data" (the
+grain train iterator's position) and "config" (the run's config, should config.json be lost).
+Saves are asynchronous and atomic (orbax writes to a temporary folder and renames it when
+complete), so a run killed during a save resumes from the previous one; a failed save raises
+CheckpointError at the next `check_saves`. Restoring falls back to the newest checkpoint that
+restores cleanly, setting the damaged ones aside.
 """
 
+import dataclasses
 import json
+import logging
+import os
 import shutil
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import app, flags
+from absl import logging as absl_logging
 from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
 from colax import config as config_lib
-from colax import model, optim, sharding, state, tokenizer
-from colax.errors import ConfigError, DataError
+from colax import errors, model, optim, sharding, state, tokenizer
+from colax import workdir as workdir_lib
+from colax.errors import CheckpointError, ConfigError, DataError
 
 CONFIG_NAME = "config.json"
 # Keys that may change between a run and its resumption (they do not change the trained model).
 FREE_KEYS = ("mesh.", "train.micro_batch_size", "train.log_every", "train.eval_every", "train.eval_batches",
-             "train.baseline_batches", "train.checkpoint_every", "train.keep_checkpoints", "train.on_nonfinite",
+             "train.baseline_batches", "train.checkpoint_every", "train.keep_checkpoints",
              "train.sample_", "data.worker_count", "data.read_threads", "data.prefetch")
+# Recovery settings: they may change on resume too (to get past a divergence); a notice lists them.
+RECOVERY_KEYS = ("optim.lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.grad_clip", "train.on_nonfinite",
+                 "train.max_skipped_steps", "train.spike_factor", "train.spike_window", "train.resume_step")
 # What --overwrite deletes: everything a run writes into its workdir.
 RUN_FILES = (CONFIG_NAME, "checkpoints", "metrics.jsonl", "tensorboard", "tokenizer.model")
+
+
+def _note(line):
+    """Prints a line about the workdir (process 0)."""
+    if jax.process_index() == 0:
+        print(line, flush=True)
 
 
 def flatten(tree, prefix=""):
@@ -37,38 +54,87 @@ def flatten(tree, prefix=""):
     return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
 
 
-def config_diff(old, new):
-    """The first key (sorted) outside FREE_KEYS where two config dicts differ, or None."""
+def _changed(old, new, keep):
+    """Sorted keys where two config dicts differ, among those for which keep(key)."""
     old, new = flatten(old), flatten(new)
-    keys = sorted(k for k in old.keys() | new.keys() if not k.startswith(FREE_KEYS))
-    return next((k for k in keys if old.get(k) != new.get(k)), None)
+    return [k for k in sorted(old.keys() | new.keys()) if keep(k) and old.get(k) != new.get(k)]
+
+
+def config_diff(old, new):
+    """The first key (sorted) outside FREE_KEYS and RECOVERY_KEYS where two config dicts differ, or None."""
+    return next(iter(_changed(old, new, lambda k: not k.startswith(FREE_KEYS + RECOVERY_KEYS))), None)
+
+
+def recovery_changes(old, new):
+    """"key: old -> new" for each recovery setting (RECOVERY_KEYS) that differs."""
+    flat_old, flat_new = flatten(old), flatten(new)
+    return [f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}"
+            for k in _changed(old, new, lambda k: k.startswith(RECOVERY_KEYS))]
+
+
+def _saved_config(workdir):
+    """(step, config dict) of the newest checkpoint that holds its run's config, or (None, None)."""
+    path = epath.Path(workdir).absolute() / "checkpoints"
+    if not path.exists():
+        return None, None
+    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return step, mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        except Exception:  # a checkpoint without (or with a damaged) config item: try the previous one
+            continue
+    return None, None
+
+
+def run_config(workdir):
+    """The config dict of the run in `workdir`, or None for a new workdir: config.json, or where that
+    is missing or unreadable (a torn write) the config saved in the newest checkpoint."""
+    path = epath.Path(workdir) / CONFIG_NAME
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        problem = "missing"
+    except (OSError, ValueError) as e:
+        problem = f"unreadable ({errors.cause(e)})"
+    step, saved = _saved_config(workdir)
+    if saved is not None:
+        _note(f"{path} is {problem}: using the config saved in checkpoint {step}")
+    return saved
+
+
+def check_workdir(workdir, cfg: ml_collections.ConfigDict, overwrite=False):
+    """Checks that `cfg` may run in `workdir`, writing nothing. Returns (old, replace): the config dict
+    of the run that will be resumed (None: none), and whether `overwrite` replaces another run.
+
+    A workdir whose run has a config that differs from `cfg` outside FREE_KEYS and RECOVERY_KEYS
+    raises ConfigError, unless `overwrite`.
+    """
+    old = run_config(workdir)
+    new = json.loads(cfg.to_json_best_effort())
+    key = None if old is None else config_diff(old, new)
+    if key and not overwrite:
+        raise ConfigError(f"workdir {workdir} holds a run with another config ({key}: {flatten(old).get(key)!r} "
+                          f"-> {flatten(new).get(key)!r}); pass --overwrite to start over")
+    return (None, True) if key else (old, False)
 
 
 def prepare_workdir(workdir, cfg: ml_collections.ConfigDict, overwrite=False):
-    """Creates `workdir` and writes config.json; refuses a workdir that holds a different run.
-
-    A workdir whose config.json differs from `cfg` outside FREE_KEYS raises ConfigError, unless
-    `overwrite`, which deletes the old run's files first.
+    """Checks `cfg` against the run in `workdir` (`check_workdir`), deletes that run's files if
+    `overwrite` replaces it, and writes config.json (atomically). Returns the old run's config dict
+    (None: a new run). Call it once every other check has passed.
     """
+    old, replace = check_workdir(workdir, cfg, overwrite)
     workdir = epath.Path(workdir)
-    path = workdir / CONFIG_NAME
-    new = json.loads(cfg.to_json_best_effort())
-    if path.exists():
-        key = config_diff(json.loads(path.read_text()), new)
-        if key and not overwrite:
-            old = flatten(json.loads(path.read_text())).get(key)
-            raise ConfigError(f"workdir {workdir} holds a run with another config ({key}: {old!r} -> "
-                              f"{flatten(new).get(key)!r}); pass --overwrite to start over")
-        if key and jax.process_index() == 0:
-            for name in RUN_FILES:
-                target = workdir / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        path.write_text(json.dumps(new, indent=2) + "\n")
+        for name in RUN_FILES if replace else ():
+            target = workdir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        workdir_lib.atomic_write(workdir / CONFIG_NAME, json.dumps(json.loads(cfg.to_json_best_effort()), indent=2) + "\n")
+    return old
 
 
 def step_dir(workdir, step):
@@ -76,32 +142,115 @@ def step_dir(workdir, step):
     return epath.Path(workdir) / "checkpoints" / str(step)
 
 
-def manager(workdir, cfg_train):
-    """An orbax CheckpointManager over workdir/checkpoints keeping `train.keep_checkpoints`."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=cfg_train.keep_checkpoints,
-                                           enable_async_checkpointing=True)
-    return ocp.CheckpointManager(epath.Path(workdir).absolute() / "checkpoints", options=options)
+@dataclasses.dataclass
+class _KeepLatestAndPinned:
+    """Orbax preservation policy: the newest `n` checkpoints and the steps in `pinned` (a live set)."""
+    n: int
+    pinned: set
+
+    def should_preserve(self, checkpoints, *, context):
+        del context
+        return [i >= len(checkpoints) - self.n or c.step in self.pinned for i, c in enumerate(checkpoints)]
 
 
-def save(mngr, step, params, opt_state, data_iter):
-    """Starts an async save of the state after `step` optimizer steps (returns once copied to host)."""
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(dict(params=params, opt_state=opt_state)),
-        data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+def manager(workdir, cfg_train, pinned=frozenset()):
+    """An orbax CheckpointManager over workdir/checkpoints keeping the newest `train.keep_checkpoints`
+    and the steps in `pinned` (a set the caller may grow while the run goes on)."""
+    absl_logging.get_absl_logger().addFilter(_REPORTED_HERE)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=_KeepLatestAndPinned(cfg_train.keep_checkpoints, pinned),
+        enable_async_checkpointing=True)
+    return _Manager(epath.Path(workdir).absolute() / "checkpoints", options=options)
 
 
-def restore(mngr, step, target, data_iter):
-    """(params, opt_state) of checkpoint `step`, restored into `target`.
+class _Manager(ocp.CheckpointManager):
+    """An orbax CheckpointManager that remembers the step of its last save started by `save` (orbax
+    forgets a failed one, which `check_saves` then names)."""
+    last_save = None
+
+
+class _ReportedHere(logging.Filter):
+    """Drops orbax's error records that carry a traceback: the failures they log are raised by
+    `save`, `check_saves` and `restore` as one line naming the checkpoint and the cause."""
+
+    def filter(self, record):
+        return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_REPORTED_HERE = _ReportedHere()
+
+
+def save(mngr, step, params, opt_state, data_iter, config=None):
+    """Starts an async save of the state after `step` optimizer steps (returns once copied to host),
+    after the previous save has finished (CheckpointError if that one failed).
+
+    config: the run's config dict, saved beside the state (`run_config` falls back to it).
+    """
+    check_saves(mngr, wait=True)
+    items = dict(state=ocp.args.StandardSave(dict(params=params, opt_state=opt_state)),
+                 data=grain.checkpoint.CheckpointSave(data_iter))
+    if config is not None:
+        items["config"] = ocp.args.JsonSave(config)
+    try:
+        mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+        raise CheckpointError(f"checkpoint {step} could not be saved: {errors.cause(e)}") from None
+    mngr.last_save = step
+
+
+def check_saves(mngr, wait=False):
+    """Raises CheckpointError (naming the checkpoint and the cause) if an async save failed; with
+    `wait`, waits for the save in flight first. As `save` checks before it starts the next save,
+    a failed save is always the manager's `last_save`."""
+    try:
+        mngr.wait_until_finished() if wait else mngr.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+        raise CheckpointError(f"checkpoint {mngr.last_save} could not be saved: {errors.cause(e)}; "
+                              "the previous checkpoints are intact") from None
+
+
+def _set_aside(mngr, step, why):
+    """Renames checkpoints/<step> to checkpoints/<step>.<why> (orbax then ignores it)."""
+    root = epath.Path(mngr.directory)
+    target = root / f"{step}.{why}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = root / f"{step}.{why}.{n}"
+    if jax.process_index() == 0:
+        (root / str(step)).rename(target)
+    return target.name
+
+
+def restore(mngr, target, data_iter, step=0):
+    """(step, params, opt_state) of the newest checkpoint that restores cleanly, or of `step` if > 0.
 
     target: `(params, opt_state)` of ShapeDtypeStructs with shardings (`state.abstract_state`),
     so each device reads only its shards, on any mesh. The data iterator is moved in place to its
-    saved position.
+    saved position. A newer checkpoint that fails to restore is renamed `<step>.corrupt`; those
+    newer than an explicit `step`, `<step>.abandoned` (the run continues from `step`); a line says so.
     """
+    steps = sorted((s for s in mngr.all_steps() if s > 0), reverse=True)  # 0: a `colax.convert` import
+    if step and step not in steps:
+        raise ConfigError(f"train.resume_step={step}: no such checkpoint in {mngr.directory} "
+                          f"(kept: {', '.join(map(str, sorted(steps))) or 'none'})")
     params, opt_state = target
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(dict(params=params, opt_state=opt_state)),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
-    return restored.state["params"], restored.state["opt_state"]
+    failed = []
+    for s in [step] if step else steps:
+        try:
+            restored = mngr.restore(s, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(dict(params=params, opt_state=opt_state)),
+                data=grain.checkpoint.CheckpointRestore(data_iter)))
+        except Exception as e:  # pylint: disable=broad-except
+            failed.append(f"{s} ({errors.cause(e)})")
+            _note(f"checkpoint {s} cannot be restored: {errors.cause(e)}")
+            continue
+        for newer in (n for n in steps if n > s):
+            why = "abandoned" if step else "corrupt"
+            _note(f"checkpoint {newer} set aside as checkpoints/{_set_aside(mngr, newer, why)}")
+        mngr.reload()
+        return s, restored.state["params"], restored.state["opt_state"]
+    raise CheckpointError(f"no checkpoint in {mngr.directory} restores: {'; '.join(failed)}")
 
 
 def check_shapes(expected, found, where):
@@ -151,11 +300,11 @@ def load_params(cfg, workdir, step=None):
 
 
 def load_config(workdir, overrides=None):
-    """The ConfigDict of the run in `workdir` (its config.json) with `overrides` ({"a.b": value}) applied."""
-    path = epath.Path(workdir) / CONFIG_NAME
-    if not path.exists():
-        raise DataError(f"{path} not found: --workdir must be the folder of a colax run")
-    cfg = ml_collections.ConfigDict(json.loads(path.read_text()))
+    """The ConfigDict of the run in `workdir` (`run_config`) with `overrides` ({"a.b": value}) applied."""
+    saved = run_config(workdir)
+    if saved is None:
+        raise DataError(f"{epath.Path(workdir) / CONFIG_NAME} not found: --workdir must be the folder of a colax run")
+    cfg = ml_collections.ConfigDict(saved)
     cfg.update_from_flattened_dict(dict(overrides or {}))
     return cfg
 
@@ -186,6 +335,6 @@ def load_run_from_flags(argv):
     """`load_run` of the flags of `define_run_flags` (absl usage error on positional arguments)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.ERROR)  # orbax warns about metadata files a params-only restore skips
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns about metadata files a params-only restore skips
     f = flags.FLAGS
     return load_run(f.workdir, config_flags.get_override_values(f["config"]), f.step)

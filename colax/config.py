@@ -6,11 +6,14 @@ each owned by its module (`colax.model.defaults()`, ...). Config files under con
 """
 
 import importlib.util
+import os
 
 import jax
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
-from colax import data, model, optim, sharding, tokenizer
+from colax import data, errors, model, optim, sharding, tokenizer
 from colax.errors import ConfigError
 
 # The paper's model sizes: hidden, intermediate, heads, layers, rank, CoLA peak lr, steps, warmup,
@@ -48,7 +51,11 @@ def train_defaults():
         baseline_batches=200,   # train batches counted for the unigram perplexity baseline (0: none)
         checkpoint_every=1000,  # steps between (async) checkpoints; one is always saved at the end
         keep_checkpoints=3,     # checkpoints kept (the newest)
-        on_nonfinite="stop",    # non-finite loss/gradients: "stop" the run or "skip" the update
+        on_nonfinite="stop",    # non-finite loss/gradients/parameters: "stop" the run or "skip" the update
+        max_skipped_steps=10,   # "skip": stop after more non-finite steps than this in a row
+        spike_factor=3.0,       # stop when the loss exceeds this x its running median (0: off)
+        spike_window=20,        # steps in that running median (checked once it is full)
+        resume_step=0,          # resume from this kept checkpoint instead of the newest (0: newest)
         sample_prompt="def ",   # generated from at the end of training ("" : no sample)
         sample_tokens=64,       # tokens generated (prompt + sample at most data.seq_len)
         sample_temperature=0.0, # 0: greedy
@@ -135,8 +142,29 @@ def from_file(path):
     if module_spec is None:
         raise ConfigError(f"config file {path} is not a Python file")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config()
+    try:
+        module_spec.loader.exec_module(module)
+        return module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # pylint: disable=broad-except
+        raise errors.config_file_error(path, e) from None
+
+
+def from_flag(holder):
+    """The ConfigDict of a `config_flags.DEFINE_config_file` flag (its file is loaded on first use),
+    or a one-line ConfigError naming the file."""
+    path = config_flags.get_config_filename(flags.FLAGS[holder.name])
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path}: no such file")
+    try:
+        cfg = holder.value
+        cfg.keys()  # a file that failed to load is a placeholder that raises on first use
+        return cfg
+    except ConfigError:
+        raise
+    except Exception as e:  # pylint: disable=broad-except
+        raise errors.config_file_error(path, e) from None
 
 
 def check_keys(cfg, schema=None, prefix=""):
@@ -154,7 +182,8 @@ def check_keys(cfg, schema=None, prefix=""):
 
 # The integer fields of `train` and their smallest allowed value.
 _TRAIN_MINIMUM = dict(steps=1, batch_size=1, micro_batch_size=1, log_every=1, keep_checkpoints=1,
-                      checkpoint_every=1, eval_every=0, eval_batches=0, baseline_batches=0, sample_tokens=0)
+                      checkpoint_every=1, eval_every=0, eval_batches=0, baseline_batches=0, sample_tokens=0,
+                      max_skipped_steps=0, spike_window=1, resume_step=0)
 
 
 def validate(cfg):
@@ -170,6 +199,8 @@ def validate(cfg):
                               f"got {t[field]!r}")
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.on_nonfinite must be 'stop' or 'skip', got {t.on_nonfinite!r}")
+    if not (t.spike_factor == 0 or t.spike_factor > 1):
+        raise ConfigError(f"train.spike_factor must be 0 (off) or > 1, got {t.spike_factor!r}")
     if t.sample_temperature < 0:
         raise ConfigError(f"train.sample_temperature must be >= 0, got {t.sample_temperature!r}")
     accum_steps(cfg)

@@ -16,8 +16,43 @@ class DataError(ValueError):
     """Input data or a tokenizer cannot be used; the message names the file or field."""
 
 
-class NonFiniteError(ArithmeticError):
-    """Training produced a non-finite loss or gradient; the message names the step."""
+class DivergenceError(ArithmeticError):
+    """Training diverged (a loss spike); the message names the step and the last good checkpoint."""
+
+
+class NonFiniteError(DivergenceError):
+    """Training produced a non-finite loss, gradient or parameters; the message names the step."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or restored; the message names it and the cause."""
+
+
+def cause(e):
+    """"Type: first line" of the innermost cause of exception `e` (at most 200 characters)."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    text = str(e).strip().splitlines()
+    line = f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def config_file_error(path, e):
+    """The one-line ConfigError for a config file that cannot be loaded (`e`: why)."""
+    while isinstance(e, OSError) and e.__cause__:  # config_flags wraps the OSError that says why
+        e = e.__cause__
+    why = f"syntax error at line {e.lineno}: {e.msg}" if isinstance(e, SyntaxError) else cause(e)
+    return ConfigError(f"config file {path} cannot be loaded ({why})")
+
+
+def _failing_file(e):
+    """The file of the innermost frame of `e` (the config file that raised it)."""
+    if isinstance(e, SyntaxError):
+        return e.filename
+    tb = e.__traceback__
+    while tb.tb_next:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename
 
 
 def exit_now(message):
@@ -43,17 +78,17 @@ def exit_on_signal(message):
 
 def exit_on_error(main):
     """Wraps a CLI `main`: a ConfigError or DataError prints one line and exits with 2, a
-    NonFiniteError prints one line and exits with 1, a KeyboardInterrupt prints its message (one
-    line) and exits at once with 130 (`exit_now`)."""
+    DivergenceError or CheckpointError (the run stopped) prints one line and exits with 1, a
+    KeyboardInterrupt prints its message (one line) and exits at once with 130 (`exit_now`)."""
     import functools
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except (ConfigError, DataError, NonFiniteError) as e:
+        except (ConfigError, DataError, DivergenceError, CheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(1 if isinstance(e, NonFiniteError) else 2)
+            sys.exit(2 if isinstance(e, (ConfigError, DataError)) else 1)
         except KeyboardInterrupt as e:
             exit_now(str(e) or "interrupted")
 
@@ -77,5 +112,7 @@ def parse_flags(argv):
         message = next((n for n in names if f".{key}." in n + "."), key) + ": no such config key"
         hint = re.search(r'Did you mean "(\w+)"', str(e))
         message += f" (did you mean {hint.group(1)}?)" if hint else ""
+    except Exception as e:  # pylint: disable=broad-except  # config_flags runs the --config file while parsing
+        message = str(config_file_error(_failing_file(e), e))
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

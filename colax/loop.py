@@ -1,7 +1,8 @@
 """The training loop: `run(cfg, workdir)` pre-trains from scratch or resumes the run in `workdir`.
 
-Every check that can fail on a bad config or bad data (config, workdir, tokenizer vocab) runs
-before anything is compiled. Each optimizer step takes `train.batch_size` sequences from the train
+Every check that can fail on a bad config or bad data (config, workdir, tokenizer vocab, sample
+prompt) runs before anything is compiled, and before anything is written into the workdir, which
+the run holds locked (`colax.workdir.lock`). Each optimizer step takes `train.batch_size` sequences from the train
 pipeline, reshaped on the host from [B, T] to [A, B / A, T] micro-batches (A = accumulation steps).
 The metrics of step t are fetched only after step t + 1 is dispatched, except before a checkpoint
 or an evaluation, which wait for the step's metrics so that no non-finite state is ever saved.
@@ -9,6 +10,7 @@ or an evaluation, which wait for the step's metrics so that no non-finite state 
 
 import contextlib
 import itertools
+import json
 import math
 import signal
 import time
@@ -19,8 +21,10 @@ from flax import nnx
 
 from colax import checkpoint, convert, data, evaluate, generate, metrics, optim, sharding, state, step, tokenizer
 from colax import config as config_lib
+from colax import guard as guard_lib
 from colax import model as model_lib
-from colax.errors import ConfigError, DataError, NonFiniteError
+from colax import workdir as workdir_lib
+from colax.errors import ConfigError, DataError
 
 
 def device_batch(batch, accum, mesh):
@@ -87,9 +91,9 @@ class StopOnSignal:
 class Logger:
     """Checks each step's metrics for non-finite values, feeds the progress bar, writes metrics.jsonl."""
 
-    def __init__(self, cfg, workdir, spec, start):
+    def __init__(self, cfg, workdir, spec, start, guard):
         t = cfg.train
-        self.cfg, self.skip = cfg, t.on_nonfinite == "skip"
+        self.cfg, self.guard = cfg, guard
         self.schedule = optim.schedule(cfg.optim, t.steps)
         self.tokens_per_step = t.batch_size * cfg.data.seq_len
         self.flops_per_token = model_lib.flops_per_token(spec, cfg.data.seq_len)["train"]
@@ -97,16 +101,11 @@ class Logger:
         self.progress = metrics.Progress(start, t.steps)
         self.mark = None  # (time, step) where the current throughput window starts
         self.tokens_per_s = None
-        self.skipped = 0
 
     def step(self, s, device_metrics, extra=None):
-        """Fetches step s's metrics; raises NonFiniteError (stop mode) or counts a skipped step."""
+        """Fetches step s's metrics and passes them through the divergence guard (which may raise)."""
         m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-            if not self.skip:
-                raise NonFiniteError(f"step {s}: loss {m['loss']}, gradient norm {m['grad_norm']} "
-                                     "(train.on_nonfinite='stop'; the last checkpoint was not touched)")
-            self.skipped += 1
+        self.guard.check(s, m, m.pop("finite") > 0)
         now = time.time()
         log = s % self.cfg.train.log_every == 0 or s == self.cfg.train.steps or extra
         if self.mark is None:
@@ -118,7 +117,7 @@ class Logger:
         if log:
             rate = self.tokens_per_s
             self.writer.write(dict(
-                step=s, **m, lr=float(self.schedule(s - 1)), tokens_per_s=rate, skipped_steps=self.skipped,
+                step=s, **m, lr=float(self.schedule(s - 1)), tokens_per_s=rate, skipped_steps=self.guard.skipped,
                 mfu=None if rate is None else metrics.mfu(self.flops_per_token, rate), **(extra or {})))
 
 
@@ -134,31 +133,55 @@ def run(cfg, workdir, overwrite=False, stop_after=None):
         return _run(cfg, workdir, overwrite, stop_after, stop)
 
 
-def _run(cfg, workdir, overwrite, stop_after, stop):
-    cfg, notice = config_lib.fit_warmup(cfg)
-    if notice and jax.process_index() == 0:
-        print(notice, flush=True)
-    spec = config_lib.validate(cfg)
-    accum, t = config_lib.accum_steps(cfg), cfg.train
-    mesh = sharding.make_mesh(cfg.mesh)
-    state.validate(spec, mesh, t.batch_size)
-    checkpoint.prepare_workdir(workdir, cfg, overwrite)
-    tok = tokenizer.get_or_train_tokenizer(cfg.data, workdir, spec.vocab_size)
+def prepare(cfg, spec, workdir, overwrite):
+    """Every check that reads the workdir, then (only once all passed) its writes: the replaced run's
+    files deleted (`overwrite`), tokenizer.model and config.json. Returns (tokenizer, resume step:
+    `train.resume_step`, or 0 when config.json shows that this resume was already done)."""
+    t = cfg.train
+    old, replace = checkpoint.check_workdir(workdir, cfg, overwrite)
+    tok, proto = tokenizer.find_or_train(cfg.data, workdir, spec.vocab_size, reuse=not replace)
     tokenizer.check_vocab(tok, spec.vocab_size)
     if t.sample_prompt and t.sample_tokens:
         try:
             generate.check_prompts([tok.encode(t.sample_prompt)], cfg.data.seq_len)
         except DataError as e:
             raise ConfigError(f"train.sample_prompt: {e}") from None
+    checkpoint.prepare_workdir(workdir, cfg, overwrite)
+    if proto is not None and jax.process_index() == 0:
+        workdir_lib.atomic_write(tok.path, proto)
+    changes = checkpoint.recovery_changes(old, json.loads(cfg.to_json_best_effort())) if old else []
+    if changes:
+        print(f"resuming with changed recovery settings: {', '.join(changes)}", flush=True)
+    done = old and old["train"].get("resume_step") == t.resume_step
+    return tok, 0 if done else t.resume_step
+
+
+def _run(cfg, workdir, overwrite, stop_after, stop):
+    cfg, notice = config_lib.fit_warmup(cfg)
+    if notice and jax.process_index() == 0:
+        print(notice, flush=True)
+    spec = config_lib.validate(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    state.validate(spec, mesh, cfg.train.batch_size)
+    with workdir_lib.lock(workdir):
+        tok, resume_step = prepare(cfg, spec, workdir, overwrite)
+        return _train(cfg, spec, mesh, tok, workdir, resume_step, stop_after, stop)
+
+
+def _train(cfg, spec, mesh, tok, workdir, resume_step, stop_after, stop):
+    """The body of `run` once the workdir is locked and prepared."""
+    accum, t = config_lib.accum_steps(cfg), cfg.train
     tx = optim.make(cfg.optim, t.steps)
     train_it = data.make_pipeline(cfg.data, tok, split="train", global_batch_size=t.batch_size)
-    mngr = checkpoint.manager(workdir, t)
-    start = mngr.latest_step() or 0
-    if start:
-        stop.message = f"interrupted before resuming at step {start}, nothing saved"
-    if start:  # restored straight into the shardings: no fresh parameters are created
+    guard = guard_lib.Guard(t)
+    mngr = checkpoint.manager(workdir, t, guard.pinned)
+    start = 0
+    if mngr.latest_step() or resume_step:  # restored straight into the shardings: no fresh parameters
+        stop.message = f"interrupted before resuming at step {resume_step or mngr.latest_step()}, nothing saved"
         graphdef = nnx.graphdef(model_lib.abstract_model(spec))
-        params, opt_state = checkpoint.restore(mngr, start, state.abstract_state(spec, tx, mesh), train_it)
+        start, params, opt_state = checkpoint.restore(mngr, state.abstract_state(spec, tx, mesh), train_it,
+                                                      resume_step)
+        guard.saved(start)
     else:
         graphdef, params, opt_state = state.init_state(spec, tx, mesh, t.seed)
         params, opt_state = init_from(cfg, workdir, mngr, tx, params, opt_state)
@@ -166,10 +189,11 @@ def _run(cfg, workdir, overwrite, stop_after, stop):
     evaluate_fn = evaluate.make_evaluate(graphdef, params, mesh, val)
     train_step = state.jit_train_step(step.make_train_step(graphdef, tx, t.on_nonfinite == "skip"),
                                          params, opt_state, mesh)
-    log = Logger(cfg, workdir, spec, start)
+    log = Logger(cfg, workdir, spec, start, guard)
     log.progress.write(f"{'resuming at' if start else 'starting'} step {start}/{t.steps}: "
                        f"{model_lib.count_params(spec)['total'] / 1e6:.2f}M parameters, {accum} micro-batch(es) "
                        f"of {t.batch_size // accum} x {cfg.data.seq_len} tokens per step")
+    config = json.loads(cfg.to_json_best_effort())
     pending, s, result = None, start, None
     with stop.while_training("interrupted again: stopped without saving; the last checkpoint stays valid"):
         try:
@@ -177,6 +201,7 @@ def _run(cfg, workdir, overwrite, stop_after, stop):
                 params, opt_state, m = train_step(params, opt_state, device_batch(next(train_it), accum, mesh))
                 if pending:
                     log.step(*pending)
+                checkpoint.check_saves(mngr)  # a failed async save stops the run at once
                 pending = (s, m)
                 stopping = stop.requested or s == stop_after
                 evaluating = s == t.steps or (t.eval_every and s % t.eval_every == 0)
@@ -186,14 +211,16 @@ def _run(cfg, workdir, overwrite, stop_after, stop):
                     log.step(*pending, extra=result)
                     pending = None
                 if saving:
-                    checkpoint.save(mngr, s, params, opt_state, train_it)
+                    checkpoint.save(mngr, s, params, opt_state, train_it, config)
+                    guard.saved(s)
                     log.progress.write(f"saving checkpoint {checkpoint.step_dir(workdir, s)}")
                 if stopping:
                     break
+            checkpoint.check_saves(mngr, wait=True)
         finally:
             log.progress.close()
             log.writer.close()
-            mngr.wait_until_finished()
+            _wait_quietly(mngr)
     stop.message = f"interrupted after step {s}, checkpoint {checkpoint.step_dir(workdir, s)} saved"
     if s < t.steps:
         log.progress.write(f"stopped after step {s} ({stop.requested or 'stop_after'}); checkpoint "
@@ -204,9 +231,19 @@ def _run(cfg, workdir, overwrite, stop_after, stop):
     return result
 
 
+def _wait_quietly(mngr):
+    """Waits for the saves in flight when the loop ends by an exception (that exception is the one
+    reported: a failed save was already raised by `checkpoint.check_saves` where it mattered)."""
+    try:
+        mngr.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+        pass
+
+
 def _report(cfg, tok, graphdef, params, result, val, log):
     """Prints the final validation perplexity against the unigram baseline and a sample; returns `result`."""
-    line = f"validation: loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}"
+    ppl = result["eval_ppl"]  # a diverged model's (up to e^700) in scientific notation, not 300 digits
+    line = f"validation: loss {result['eval_loss']:.4f}, perplexity {f'{ppl:.2f}' if ppl < 1e6 else f'{ppl:.3e}'}"
     if cfg.train.baseline_batches:
         line += f" (unigram baseline {unigram_ppl(cfg, tok, val):.2f})"
     log.progress.write(line)

@@ -16,6 +16,8 @@ import tqdm
 from etils import epath
 from tensorboardX import SummaryWriter
 
+from colax import workdir as workdir_lib
+
 # Dense bf16 peak FLOP/s per device, by a substring of `jax.devices()[0].device_kind` (first match).
 PEAK_FLOPS = (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("TPU v4", 275e12),
               ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v6", 918e12))
@@ -38,6 +40,21 @@ def _json_value(x):
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
+def _records_up_to(path, start):
+    """The lines of metrics.jsonl at `path` of steps <= `start`; a torn line (a run killed while
+    writing it) is dropped."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            print(f"{path}: dropping an unreadable line: {line[:60]!r}", flush=True)
+            continue
+        if step <= start:
+            kept.append(line)
+    return kept
+
+
 class Writer:
     """Appends one JSON object per call to workdir/metrics.jsonl and its numbers as TensorBoard
     scalars to workdir/tensorboard/ (process 0 only).
@@ -52,8 +69,7 @@ class Writer:
         if self.active:
             self.tensorboard = SummaryWriter(str(epath.Path(workdir) / "tensorboard"), purge_step=start + 1)
             if self.path.exists():
-                lines = self.path.read_text().splitlines()
-                self.path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= start))
+                workdir_lib.atomic_write(self.path, "".join(line + "\n" for line in _records_up_to(self.path, start)))
 
     def write(self, record):
         """record: {"step": int, name: number or None, ...}."""

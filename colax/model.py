@@ -100,9 +100,14 @@ def spec_from_config(m):
     lowrank = m.projection != "dense"
     if lowrank:
         _require(isinstance(m.rank, int) and m.rank > 0, "rank", "must be a positive integer", m.rank)
+        shapes = layers.projection_shapes(m.hidden_size, m.intermediate_size)
         for name in layers.PROJECTION_NAMES:
             _require(isinstance(m.ranks[name], int) and m.ranks[name] >= 0, f"ranks.{name}",
                      "must be an integer >= 0 (0: use model.rank)", m.ranks[name])
+            rank = m.ranks[name] or m.rank
+            _require(rank < min(shapes[name]), "ranks." + name if m.ranks[name] else "rank",
+                     f"must be smaller than both sides of the {name} projection {shapes[name]} "
+                     "(else the low-rank pair has more weights than the full-rank matrix)", rank)
     _require(lowrank or not m.only_lr_act, "only_lr_act",
              "needs a low-rank projection (the full-rank MLP would have no activation)", m.only_lr_act)
     _require(m.remat in remat.POLICIES, "remat", f"must be one of {sorted(remat.POLICIES)}", m.remat)

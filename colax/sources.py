@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sysconfig
+import zlib
 
 import grain
 
@@ -51,9 +52,15 @@ def expand_paths(pattern: str) -> list[str]:
 
 
 def _read_text(path: str) -> str:
+    """The file's text; DataError naming it if it cannot be read or decompressed."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        return f.read().decode("utf-8")
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        what = "truncated" if isinstance(e, EOFError) else (getattr(e, "strerror", None) or str(e) or type(e).__name__)
+        raise DataError(f"{path}: cannot be read ({what})") from None
+    return raw.decode("utf-8")
 
 
 def _split_text(text: str, doc_split: str) -> list[str]:
@@ -79,6 +86,12 @@ def _jsonl_docs(path: str, text: str, field: str) -> list[str]:
     return docs
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    """Logs a warning once per process (the documents are read for each split and the tokenizer)."""
+    logging.warning(message)
+
+
 def read_documents(cfg) -> list[str]:
     """All documents of a local source (`stdlib`, `text` or `jsonl`), in order.
 
@@ -86,14 +99,14 @@ def read_documents(cfg) -> list[str]:
     `cfg.on_bad_utf8 == "skip"`, else raise `DataError` naming the file.
     """
     paths = stdlib_paths() if cfg.source == "stdlib" else expand_paths(cfg.path)
-    docs, bad = [], 0
+    docs, bad = [], []
     for path in paths:
         try:
             text = _read_text(path)
         except UnicodeDecodeError as e:
             if cfg.on_bad_utf8 == "fail":
                 raise DataError(f"{path}: not UTF-8 at byte {e.start}") from None
-            bad += 1
+            bad.append(path)
             continue
         if cfg.source == "stdlib":
             docs += [text] if text.strip() else []
@@ -102,7 +115,8 @@ def read_documents(cfg) -> list[str]:
         else:
             docs += _split_text(text, cfg.doc_split)
     if bad:
-        logging.warning("data: skipped %d non-UTF-8 file(s) of %d", bad, len(paths))
+        _warn_once(f"data: skipped {len(bad)} non-UTF-8 file(s) of {len(paths)}: "
+                   f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''} (data.on_bad_utf8='fail' stops instead)")
     if not docs:
         raise DataError(f"data: no documents in source {cfg.source!r} "
                         f"(path {cfg.path!r})")

@@ -59,11 +59,17 @@ def grads(params, graphdef, batches):
     return loss_sum / count, _join(g, jax.tree.map(jnp.zeros_like, frozen))
 
 
+def all_finite(tree):
+    """True (bool scalar) if every element of every array of `tree` is finite."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 def make_train_step(graphdef, tx, skip_nonfinite=False):
     """Returns train_step(params, opt_state, batches) -> (params, opt_state, metrics).
 
-    metrics: float32 scalars "loss", "grad_norm". With `skip_nonfinite`, a step whose loss or
-    gradient norm is not finite leaves params and opt_state unchanged.
+    metrics: float32 scalars "loss", "grad_norm" and "finite" (1.0 if the loss, the gradient norm
+    and the updated parameters are all finite, else 0.0). With `skip_nonfinite`, a step that is
+    not finite leaves params and opt_state unchanged.
     """
 
     def train_step(params, opt_state, batches):
@@ -71,11 +77,11 @@ def make_train_step(graphdef, tx, skip_nonfinite=False):
         grad_norm = optax.tree.norm(g)
         updates, new_opt_state = tx.update(g, opt_state, params)
         new_params = optax.apply_updates(params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params)
         if skip_nonfinite:
-            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             keep = lambda new, old: jnp.where(ok, new, old)
             new_params, new_opt_state = jax.tree.map(keep, (new_params, new_opt_state), (params, opt_state))
-        return new_params, new_opt_state, dict(loss=loss, grad_norm=grad_norm)
+        return new_params, new_opt_state, dict(loss=loss, grad_norm=grad_norm, finite=ok.astype(jnp.float32))
 
     return train_step
 

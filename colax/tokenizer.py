@@ -21,6 +21,7 @@ from etils import epath
 import sentencepiece as spm
 
 from colax import data
+from colax import workdir as workdir_lib
 from colax.errors import ConfigError, DataError
 
 MODEL_NAME = "tokenizer.model"
@@ -62,6 +63,14 @@ def load_tokenizer(path: str) -> Tokenizer:
     """Loads a SentencePiece `.model` file (local path or any epath URL)."""
     try:
         proto = epath.Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"tokenizer {path}: cannot load ({type(e).__name__}: {e.strerror or e})") from None
+    return _from_proto(proto, path)
+
+
+def _from_proto(proto: bytes, path) -> Tokenizer:
+    """The Tokenizer of a serialized SentencePiece model; `path` names it in messages."""
+    try:
         sp = spm.SentencePieceProcessor(model_proto=proto)
     except (OSError, RuntimeError) as e:
         raise DataError(f"tokenizer {path}: cannot load ({type(e).__name__}: "
@@ -80,10 +89,9 @@ def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
             f"{tokenizer.vocab_size} pieces")
 
 
-def train_tokenizer(docs: Iterable[str], out_prefix: str, vocab_size: int,
-                    model_type: str = "bpe",
-                    sample_docs: int = 1000) -> Tokenizer:
-    """Trains on the first `sample_docs` docs; writes `out_prefix + ".model"`."""
+def _train_proto(docs: Iterable[str], name: str, vocab_size: int, model_type: str,
+                 sample_docs: int) -> bytes:
+    """A serialized SentencePiece model trained on the first `sample_docs` docs (`name`: for errors)."""
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -95,12 +103,25 @@ def train_tokenizer(docs: Iterable[str], out_prefix: str, vocab_size: int,
             user_defined_symbols=["\n"], max_sentence_length=1 << 20,
             num_threads=2, minloglevel=2)
     except RuntimeError as e:
-        raise DataError(f"tokenizer training for {out_prefix}: "
+        raise DataError(f"tokenizer training for {name}: "
                         f"{str(e).strip().splitlines()[-1]}") from None
-    path = epath.Path(out_prefix + ".model")
+    return model.getvalue()
+
+
+def _write(tok: Tokenizer, proto: bytes) -> None:
+    path = epath.Path(tok.path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(model.getvalue())
-    return load_tokenizer(str(path))
+    workdir_lib.atomic_write(path, proto)
+
+
+def train_tokenizer(docs: Iterable[str], out_prefix: str, vocab_size: int,
+                    model_type: str = "bpe",
+                    sample_docs: int = 1000) -> Tokenizer:
+    """Trains on the first `sample_docs` docs; writes `out_prefix + ".model"`."""
+    proto = _train_proto(docs, out_prefix, vocab_size, model_type, sample_docs)
+    tok = _from_proto(proto, out_prefix + ".model")
+    _write(tok, proto)
+    return tok
 
 
 def is_url(path: str) -> bool:
@@ -120,33 +141,40 @@ def download(url: str, dest) -> bytes:
                         f"elsewhere and place it at {dest}") from None
 
 
-def get_or_train_tokenizer(cfg_data, workdir: str, vocab_size: int = 0) -> Tokenizer:
-    """`workdir/tokenizer.model` if present (a resumed run), else `cfg_data.tokenizer`: a path, or an
-    http(s) URL downloaded into `workdir/tokenizer.model` (the paper's T5 model, T5_URL); else a
-    tokenizer of `cfg_data.tokenizer_vocab_size` pieces (0: `vocab_size`, the model's) trained into
-    `workdir/tokenizer.model`.
-
-    Training reads the train split only, so the held-out documents never shape
-    the vocabulary; the model is saved in `workdir`, so a resumed run reuses it.
-    With several hosts, train it once beforehand (CLI) and set `data.tokenizer`.
+def find_or_train(cfg_data, workdir: str, vocab_size: int = 0, reuse: bool = True):
+    """(tokenizer, proto): `cfg_data.tokenizer` if a path; else `workdir/tokenizer.model` if present
+    (a resumed run) and `reuse`; else the http(s) URL `cfg_data.tokenizer` downloaded (the paper's
+    T5 model, T5_URL); else a tokenizer of `cfg_data.tokenizer_vocab_size` pieces (0: `vocab_size`,
+    the model's) trained on the train split (the held-out documents never shape the vocabulary).
+    A downloaded or trained tokenizer comes with `proto`, its serialized model, not yet written to
+    its path `workdir/tokenizer.model` (the caller writes it once every check has passed); else
+    `proto` is None.
     """
     cached = epath.Path(workdir) / MODEL_NAME
     if cfg_data.tokenizer and not is_url(cfg_data.tokenizer):
-        return load_tokenizer(cfg_data.tokenizer)
-    if cached.exists():
-        return load_tokenizer(str(cached))
+        return load_tokenizer(cfg_data.tokenizer), None
+    if reuse and cached.exists():
+        return load_tokenizer(str(cached)), None
     if cfg_data.tokenizer:
         proto = download(cfg_data.tokenizer, cached)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_bytes(proto)
-        return load_tokenizer(str(cached))
+        return _from_proto(proto, cached), proto
     size = cfg_data.tokenizer_vocab_size or vocab_size
     if not size:
         raise ConfigError("data.tokenizer_vocab_size is 0 (the model's) but no model vocab size was given")
-    logging.info("data: training a %d-piece %s tokenizer into %s", size, cfg_data.tokenizer_model_type, cached)
-    return train_tokenizer(
-        data.train_documents(cfg_data, cfg_data.tokenizer_sample_docs), str(cached)[:-len(".model")],
-        size, cfg_data.tokenizer_model_type, cfg_data.tokenizer_sample_docs)
+    logging.info("data: training a %d-piece %s tokenizer for %s", size, cfg_data.tokenizer_model_type, cached)
+    proto = _train_proto(data.train_documents(cfg_data, cfg_data.tokenizer_sample_docs), str(cached), size,
+                         cfg_data.tokenizer_model_type, cfg_data.tokenizer_sample_docs)
+    return _from_proto(proto, cached), proto
+
+
+def get_or_train_tokenizer(cfg_data, workdir: str, vocab_size: int = 0) -> Tokenizer:
+    """`find_or_train`, saving a downloaded or trained tokenizer into `workdir/tokenizer.model`, so a
+    resumed run reuses it. With several hosts, train it once beforehand (CLI) and set `data.tokenizer`.
+    """
+    tok, proto = find_or_train(cfg_data, workdir, vocab_size)
+    if proto is not None:
+        _write(tok, proto)
+    return tok
 
 
 def main(argv=None) -> int:

@@ -174,3 +174,29 @@ def test_rope_is_rotate_half_convention():
     pos = jnp.arange(5)[None]
     np.testing.assert_allclose(layers.apply_rope(x, pos, 10000.0), ref_rope(np.asarray(x), np.asarray(pos)),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_rmsnorm_default_eps_is_llamas():
+    # Rows whose mean square (1e-6) is the size of LLaMA's eps = 1e-6: y = x / sqrt(2e-6), so a
+    # different default eps (1e-5, 1e-8) moves the output by far more than the tolerance.
+    x = np.full((2, 32), 1e-3, np.float32)
+    norm = layers.RMSNorm(32, model.spec_from_config(model.defaults()).replace(dtype=jnp.float32),
+                          rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(norm(jnp.asarray(x)), x / np.sqrt(1e-6 + 1e-6), rtol=1e-5)
+
+
+def test_rmsnorm_bf16_normalises_in_fp32():
+    # The bf16 output equals the fp32 RMSNorm of the same (bf16) inputs rounded to bf16, within one
+    # bf16 ulp (2^(exponent - 7)); normalising in bf16 instead is off by 2 ulps on these inputs.
+    spec = small_spec(hidden_size=256, intermediate_size=512, dtype="bfloat16")
+    norm = layers.RMSNorm(256, spec, rngs=nnx.Rngs(0))
+    norm.weight[...] = 1 + 0.1 * jax.random.normal(jax.random.key(1), (256,))
+    x = jax.random.normal(jax.random.key(0), (64, 256)).astype(jnp.bfloat16)
+    x32, w = np.asarray(x, np.float32), np.asarray(norm.weight[...].astype(jnp.bfloat16), np.float32)
+    y = x32 / np.sqrt((x32 * x32).mean(-1, keepdims=True) + spec.norm_eps)
+    ref = np.asarray(jnp.asarray(w * np.asarray(jnp.asarray(y).astype(jnp.bfloat16), np.float32)).astype(jnp.bfloat16),
+                     np.float32)
+    out = norm(x)
+    assert out.dtype == jnp.bfloat16
+    ulp = 2.0 ** (np.floor(np.log2(np.abs(ref))) - 7)
+    assert (np.abs(np.asarray(out, np.float32) - ref) / ulp).max() <= 1.0

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from colax import checkpoint, config, data, evaluate, generate, loop, metrics, model, optim, step, tokenizer
+from colax import checkpoint, config, data, evaluate, generate, loop, metrics, model, optim, sharding, step, tokenizer
 from colax.errors import ConfigError, DataError, NonFiniteError
 from conftest import small_spec
 
@@ -250,13 +250,13 @@ def test_config_saved_and_different_config_refused(tmp_path):
     cfg.train.log_every = 5  # keys that do not change the trained model may differ
     checkpoint.prepare_workdir(tmp_path, cfg)
     (tmp_path / "checkpoints").mkdir()
-    cfg.optim.lr = 0.5
-    with pytest.raises(ConfigError, match=r"optim.lr: 0.01 -> 0.5\); pass --overwrite"):
+    cfg.optim.weight_decay = 0.5  # changes the trained model (unlike optim.lr, a recovery setting)
+    with pytest.raises(ConfigError, match=r"optim.weight_decay: 0.01 -> 0.5\); pass --overwrite"):
         checkpoint.prepare_workdir(tmp_path, cfg)
     checkpoint.prepare_workdir(tmp_path, cfg, overwrite=True)
     assert os.listdir(tmp_path) == ["config.json"]
     with open(tmp_path / "config.json") as f:
-        assert json.load(f)["optim"]["lr"] == 0.5
+        assert json.load(f)["optim"]["weight_decay"] == 0.5
 
 
 def test_progress_eta_leaves_out_the_first_step_and_shows_validation(monkeypatch, capsys):
@@ -323,8 +323,8 @@ def test_cli_end_to_end(tmp_path, config_file):
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
     records = read_metrics(tmp_path / "run")
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "eval_loss", "eval_ppl"} <= set(records[-1])
-    proc = _cli(tmp_path / "run", config_file, "--config.train.steps=4", "--config.optim.lr=0.1")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: workdir") and "optim.lr" in proc.stderr
+    proc = _cli(tmp_path / "run", config_file, "--config.train.steps=4", "--config.optim.b1=0.5")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: workdir") and "optim.b1" in proc.stderr
 
 
 @pytest.mark.parametrize("override, message", [
@@ -414,3 +414,50 @@ def test_fira_exact_resume_across_a_projector_refresh(tok_path, tmp_path):
         losses[name] = [r["loss"] for r in read_metrics(tmp_path / name)]
     assert len(losses["full"]) == 8
     np.testing.assert_allclose(losses["resumed"], losses["full"], rtol=1e-6)
+
+
+def test_weight_decay_is_read_from_the_config():
+    # One step on zero gradients at lr 0.5 (no warmup): AdamW's update is -lr * wd * p, for a decay
+    # other than the default (0.01) and other than the usual 0.1.
+    o = optim.defaults()
+    o.update(lr=0.5, warmup_steps=0, weight_decay=0.37, grad_clip=0.0)
+    p = dict(w=jnp.array([1.0, -2.0, 3.0]))
+    tx = optim.make(o, 100)
+    updates, _ = tx.update(dict(w=jnp.zeros(3)), tx.init(p), p)
+    np.testing.assert_allclose(updates["w"], -0.5 * 0.37 * np.array([1.0, -2.0, 3.0]), rtol=1e-6)
+
+
+def test_gradient_clipping_scales_to_grad_clip():
+    # A gradient of norm 5 reaches AdamW scaled to norm grad_clip = 0.5: its first moment after one
+    # step is (1 - b1) * g * 0.5 / 5.
+    o = optim.defaults()
+    o.update(grad_clip=0.5, b1=0.9, warmup_steps=0)
+    p = dict(a=jnp.zeros(2), b=jnp.zeros(1))
+    g = dict(a=jnp.array([3.0, 0.0]), b=jnp.array([4.0]))
+    tx = optim.make(o, 100)
+    _, state = tx.update(g, tx.init(p), p)
+    mu = optax.tree_utils.tree_get(state, "mu")
+    np.testing.assert_allclose(mu["a"], 0.1 * np.array([3.0, 0.0]) * 0.1, rtol=1e-6)
+    np.testing.assert_allclose(mu["b"], 0.1 * np.array([4.0]) * 0.1, rtol=1e-6)
+
+
+def test_evaluation_weights_batches_by_tokens(spec):
+    # Two validation batches with 3 and 40 counted tokens: the loss is the mean over all 43 tokens,
+    # not the mean of the two per-batch means.
+    graphdef, state = nnx.split(model.Transformer(spec, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(state)
+    batches = [jax.tree.map(np.asarray, _batch(jax.random.key(k), (4, 16), spec.vocab_size)) for k in (5, 6)]
+    batches[0]["loss_mask"] = np.zeros((4, 16), np.float32)
+    batches[0]["loss_mask"][0, :3] = 1.0
+    batches[1]["loss_mask"] = np.zeros((4, 16), np.float32)
+    batches[1]["loss_mask"][:, 6:] = 1.0
+    nll_sum = count = 0.0
+    for b in batches:  # cross-entropy written out with log_softmax
+        logp = jax.nn.log_softmax(nnx.merge(graphdef, params)(jnp.asarray(b["inputs"])))
+        nll = -np.take_along_axis(np.asarray(logp), b["targets"][..., None], -1)[..., 0]
+        nll_sum, count = nll_sum + (nll * b["loss_mask"]).sum(), count + b["loss_mask"].sum()
+    mesh = sharding.make_mesh(config.defaults().mesh)
+    result = evaluate.make_evaluate(graphdef, params, mesh, batches)(params)
+    assert count == 43
+    assert result["eval_loss"] == pytest.approx(nll_sum / count, rel=1e-5)
+    assert result["eval_ppl"] == pytest.approx(math.exp(nll_sum / count), rel=1e-5)

@@ -1,0 +1,384 @@
+"""Faults a multi-day run must survive (docs/training.md, "When things go wrong").
+
+Each test reproduces one fault on the micro config of test_train.py (d=32, 2 layers, seq_len 32),
+6 steps with a checkpoint every 2, and checks that the run's earlier good state still loads, that
+the error is one line naming the cause, and that a resumed run logs the losses of the
+uninterrupted run (`reference`). Faults are forced: a NaN or a x300 step put into the optimizer's
+update at a chosen step (`poisoned`, same optimizer state layout, so checkpoints stay
+compatible), a writer that fails with ENOSPC, truncated files, a process killed with SIGKILL in
+the middle of a save, a second process holding the workdir.
+"""
+
+import errno
+import gzip
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+
+import etils.epath.gpath
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from colax import checkpoint, config, errors, layers, loop, model, sources, step, tokenizer
+from colax import workdir as workdir_lib
+from colax.errors import CheckpointError, ConfigError, DataError, DivergenceError, NonFiniteError
+from test_train import ROOT, compilation_cache, micro_config, read_metrics, tok_path  # noqa: F401
+
+STEPS = 6
+
+
+def fault_config(tok, **train):
+    """The micro config, 6 steps, a checkpoint every 2, no evaluation before the end, no sample."""
+    cfg = micro_config(steps=STEPS, checkpoint_every=2, eval_every=0, baseline_batches=0, sample_prompt="")
+    cfg.train.update(**train)
+    cfg.data.tokenizer = tok
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def reference(tok_path, tmp_path_factory):
+    """The uninterrupted run: (workdir, {step: loss})."""
+    workdir = tmp_path_factory.mktemp("reference")
+    loop.run(fault_config(tok_path), str(workdir))
+    return workdir, {r["step"]: r["loss"] for r in read_metrics(workdir)}
+
+
+def assert_losses_match(workdir, reference, steps):
+    losses = {r["step"]: r["loss"] for r in read_metrics(workdir)}
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([losses[s] for s in steps], [reference[1][s] for s in steps], rtol=1e-6)
+
+
+def one_line(e):
+    message = str(e.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+def poisoned(at, how):
+    """Wraps colax.step.make_train_step so that the optimizer's update of step `at` (the optimizer's
+    step count, so a skipped step is hit again) gets a NaN added ("nan") or is multiplied by 300
+    ("spike"); the optimizer state keeps its layout."""
+    real = step.make_train_step
+
+    def make(graphdef, tx, skip):
+        def update(g, state, params):
+            updates, new_state = tx.update(g, state, params)
+            count = next(x for x in jax.tree.leaves(state) if x.dtype == jnp.int32)
+            hit = count == at - 1
+            bad = (lambda u: u + jnp.where(hit, jnp.nan, 0.0)) if how == "nan" else (
+                lambda u: u * jnp.where(hit, 300.0, 1.0))
+            return jax.tree.map(bad, updates), new_state
+
+        return real(graphdef, optax.GradientTransformation(tx.init, update), skip)
+
+    return make
+
+
+def checkpoints(workdir):
+    return sorted(os.listdir(pathlib.Path(workdir) / "checkpoints"))
+
+
+def finite_params(workdir, s):
+    restored = ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / "checkpoints" / str(s) / "state")
+    return all(np.isfinite(x).all() for x in jax.tree.leaves(restored["params"]))
+
+
+def test_skip_mode_stops_after_the_limit_and_keeps_the_last_good_checkpoint(tok_path, reference, tmp_path,
+                                                                            monkeypatch, capsys):
+    # Item 1: the updated parameters are NaN from step 3 on (loss and gradient finite). Every step is
+    # skipped; the run stops after max_skipped_steps; rotation (keep 1) keeps the pinned checkpoint 2.
+    cfg = fault_config(tok_path, on_nonfinite="skip", max_skipped_steps=1, keep_checkpoints=1, checkpoint_every=1)
+    with monkeypatch.context() as m:
+        m.setattr(step, "make_train_step", poisoned(3, "nan"))
+        with pytest.raises(NonFiniteError) as e:
+            loop.run(cfg, str(tmp_path))
+    assert one_line(e).startswith("step 4: 2 non-finite steps in a row were skipped (train.max_skipped_steps=1)")
+    assert "resume_step=2" in str(e.value)
+    assert checkpoints(tmp_path) == ["2", "3"] and finite_params(tmp_path, 2)
+    # Item 2: resume from the pinned checkpoint, with changed recovery settings (accepted, listed).
+    cfg.train.update(resume_step=2, on_nonfinite="stop")
+    loop.run(cfg, str(tmp_path))
+    out = capsys.readouterr().out
+    assert "changed recovery settings: train.on_nonfinite: 'skip' -> 'stop', train.resume_step: 0 -> 2" in out
+    assert "checkpoint 3 set aside as checkpoints/3.abandoned" in out
+    assert_losses_match(tmp_path, reference, range(1, STEPS + 1))
+    # The same command again resumes from the newest checkpoint: resume_step was already applied.
+    assert loop.prepare(cfg, config.validate(cfg), str(tmp_path), False)[1] == 0
+
+
+def test_nonfinite_parameters_stop_before_they_are_saved(tok_path, tmp_path, monkeypatch):
+    # Item 2: loss and gradient of step 3 are finite, the parameters after its update are not.
+    cfg = fault_config(tok_path, checkpoint_every=1)
+    monkeypatch.setattr(step, "make_train_step", poisoned(3, "nan"))
+    with pytest.raises(NonFiniteError) as e:
+        loop.run(cfg, str(tmp_path))
+    assert one_line(e).startswith("step 3: loss ")
+    assert "parameters are not finite" in str(e.value) and "resume_step=2" in str(e.value)
+    assert checkpoints(tmp_path) == ["1", "2"] and finite_params(tmp_path, 2)
+
+
+def test_loss_spike_stops_the_run(tok_path, reference, tmp_path, monkeypatch):
+    # Item 3: step 3's update x300: step 4's loss explodes without being NaN.
+    cfg = fault_config(tok_path, spike_window=2)
+    with monkeypatch.context() as m:
+        m.setattr(step, "make_train_step", poisoned(3, "spike"))
+        with pytest.raises(DivergenceError) as e:
+            loop.run(cfg, str(tmp_path))
+    assert one_line(e).startswith("step 4: loss ") and "(train.spike_factor)" in str(e.value)
+    assert "resume_step=2" in str(e.value) and checkpoints(tmp_path) == ["2"]
+    assert read_metrics(tmp_path)[-1]["step"] == 3  # step 4 is not logged as a good step
+
+
+def test_failed_save_stops_at_once(tok_path, reference, tmp_path, monkeypatch):
+    # Item 4: the disk is full while checkpoint 4 is written (in orbax's background thread).
+    real = etils.epath.gpath.PosixGPath.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if "/4.orbax-checkpoint-tmp/state" in str(self) and str(self).endswith("_METADATA"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(etils.epath.gpath.PosixGPath, "write_text", full_disk)
+        with pytest.raises(CheckpointError) as e:
+            loop.run(fault_config(tok_path), str(tmp_path))
+    assert one_line(e).startswith("checkpoint 4 could not be saved: OSError: [Errno 28] No space left on device")
+    assert read_metrics(tmp_path)[-1]["step"] <= 6  # stopped before the next save
+    assert [c for c in checkpoints(tmp_path) if c.isdigit()] == ["2"]
+    loop.run(fault_config(tok_path), str(tmp_path))  # the same command resumes from checkpoint 2
+    assert_losses_match(tmp_path, reference, range(1, STEPS + 1))
+
+
+def test_corrupt_checkpoints_fall_back_to_the_newest_good_one(tok_path, reference, tmp_path, capsys):
+    # Item 5: checkpoint 6 has a truncated data file, checkpoint 4 lost its metadata.
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    data_file = max((workdir / "checkpoints/6/state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    data_file.write_bytes(data_file.read_bytes()[:data_file.stat().st_size // 2])
+    (workdir / "checkpoints/4/state/_METADATA").unlink()
+    (workdir / "metrics.jsonl").write_text("")
+    loop.run(fault_config(tok_path), str(workdir))
+    out = capsys.readouterr().out
+    assert "checkpoint 6 cannot be restored: " in out and "checkpoint 4 cannot be restored: " in out
+    assert "checkpoint 6 set aside as checkpoints/6.corrupt" in out
+    assert checkpoints(workdir) == ["2", "4", "4.corrupt", "6", "6.corrupt"]
+    assert_losses_match_from(workdir, reference, 3)
+
+
+def assert_losses_match_from(workdir, reference, first):
+    losses = {r["step"]: r["loss"] for r in read_metrics(workdir)}
+    assert sorted(losses) == list(range(first, STEPS + 1))
+    np.testing.assert_allclose([losses[s] for s in losses], [reference[1][s] for s in losses], rtol=1e-6)
+
+
+KILL_IN_SAVE = '''
+import os, signal, sys
+from colax import checkpoint, loop
+sys.path.insert(0, "tests")
+from test_faults import fault_config
+
+real_save = checkpoint.save
+
+def save_then_die(mngr, s, *args, **kwargs):
+    real_save(mngr, s, *args, **kwargs)
+    if s == 4:  # checkpoint 4 is being written in the background; metrics.jsonl gets half a line
+        with open(os.path.join(sys.argv[2], "metrics.jsonl"), "a") as f:
+            f.write('{"step": 5, "lo')
+        with open(os.path.join(sys.argv[2], "config.json"), "r+") as f:
+            f.truncate(100)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.save = save_then_die
+loop.run(fault_config(sys.argv[1]), sys.argv[2])
+'''
+
+
+def test_kill_during_a_save_and_torn_files(tok_path, reference, tmp_path, capsys):
+    # Items 5 and 7: SIGKILL while checkpoint 4 is written, a torn metrics.jsonl line, a torn config.json.
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, tok_path, str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    with pytest.raises(json.JSONDecodeError):
+        json.loads((tmp_path / "config.json").read_text())
+    changed = fault_config(tok_path)
+    changed.optim.b1 = 0.5  # another model: still refused, by the config saved in the checkpoints
+    with pytest.raises(ConfigError, match="optim.b1: 0.9 -> 0.5"):
+        checkpoint.check_workdir(tmp_path, changed)
+    loop.run(fault_config(tok_path), str(tmp_path))
+    out = capsys.readouterr().out
+    assert "config.json is unreadable" in out and "dropping an unreadable line" in out
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["b1"] == 0.9
+    assert_losses_match(tmp_path, reference, range(1, STEPS + 1))
+
+
+HOLD_LOCK = '''
+import sys, time
+from colax import workdir
+with workdir.lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(60)
+'''
+
+
+def test_a_second_run_on_the_same_workdir_is_refused(tok_path, tmp_path, capsys):
+    # Item 6: another process holds the workdir; when it dies (kill -9) its lock is stale.
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(ConfigError) as e:
+            loop.run(fault_config(tok_path), str(tmp_path))
+        assert one_line(e).startswith(f"workdir {tmp_path} is in use by another run (pid {holder.pid} on ")
+        assert not (tmp_path / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with workdir_lib.lock(tmp_path):
+        assert f"taking over the lock of a run that ended without releasing it (pid {holder.pid} " in \
+            capsys.readouterr().out
+        with pytest.raises(ConfigError, match="is in use by another run"):  # also within one process
+            with workdir_lib.lock(tmp_path):
+                pass
+    assert not tmp_path.joinpath("lock").exists()
+
+
+def test_a_refused_start_writes_nothing(tok_path, tmp_path):
+    # Item 8: the checks after the config's (tokenizer vocab, sample prompt) fail before any write.
+    cfg = fault_config("", sample_prompt="")
+    cfg.data.update(tokenizer_vocab_size=400, tokenizer_sample_docs=20)
+    with pytest.raises(ConfigError, match="model.vocab_size=512 but tokenizer .* has 400 pieces"):
+        loop.run(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    cfg = fault_config(tok_path, sample_prompt="x" * 40)  # item 9: more tokens than seq_len 32
+    with pytest.raises(ConfigError) as e:
+        loop.run(cfg, str(tmp_path / "run"))
+    assert one_line(e).startswith("train.sample_prompt: prompt 0 is ") and "(data.seq_len)" in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_changing_recovery_settings_is_allowed_and_the_model_is_not(tmp_path):
+    cfg = micro_config()
+    checkpoint.prepare_workdir(tmp_path, cfg)
+    cfg.optim.update(lr=0.001, warmup_steps=3)
+    cfg.train.update(on_nonfinite="skip", spike_factor=5.0, resume_step=2)
+    old, replace = checkpoint.check_workdir(tmp_path, cfg)
+    assert not replace and checkpoint.recovery_changes(old, json.loads(cfg.to_json_best_effort())) == [
+        "optim.lr: 0.01 -> 0.001", "optim.warmup_steps: 2 -> 3", "train.on_nonfinite: 'stop' -> 'skip'",
+        "train.resume_step: 0 -> 2", "train.spike_factor: 3.0 -> 5.0"]
+    cfg.model.rank = 4
+    with pytest.raises(ConfigError, match=r"model.rank: 8 -> 4\); pass --overwrite"):
+        checkpoint.check_workdir(tmp_path, cfg)
+    (tmp_path / "config.json").unlink()  # config.json lost, no checkpoint: a new run
+    assert checkpoint.check_workdir(tmp_path, cfg) == (None, False)
+
+
+def test_resume_step_must_name_a_kept_checkpoint(reference, tmp_path):
+    mngr = checkpoint.manager(reference[0], micro_config().train)
+    with pytest.raises(ConfigError, match=r"train.resume_step=3: no such checkpoint .* \(kept: 2, 4, 6\)"):
+        checkpoint.restore(mngr, None, None, 3)
+
+
+_FLAG = []  # the config_flags flag of parse_config_flag, defined once per process
+
+
+def parse_config_flag(path):
+    """errors.parse_flags on `--fault_config=path` (a config_flags flag, as train.py's --config),
+    then config.from_flag."""
+    if not _FLAG:
+        _FLAG.append(config_flags.DEFINE_config_file("fault_config", None, "test"))
+    errors.parse_flags(["prog", f"--fault_config={path}"])
+    return config.from_flag(_FLAG[0])
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "config file {}: no such file"),
+    ("def get_config(:\n", "config file {} cannot be loaded (syntax error at line 1: invalid syntax)"),
+    ("def get_config():\n    return undefined\n", "config file {} cannot be loaded (NameError: name 'undefined'"),
+])
+def test_config_file_errors_are_one_line(tmp_path, capsys, text, message):
+    # Item 9: a missing config file, one with a syntax error, one whose get_config fails.
+    path = tmp_path / "cfg.py"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises((ConfigError, SystemExit)) as e:
+        parse_config_flag(str(path))
+    printed = str(e.value) if e.type is ConfigError else capsys.readouterr().err.removeprefix("error: ")
+    assert printed.startswith(message.format(path)) and printed.count("\n") <= 1, printed
+    with pytest.raises(ConfigError, match="cannot be loaded|no such file"):
+        config.from_file(str(path))
+
+
+def test_bad_gzip_and_unwritable_workdir_are_one_line(tmp_path):
+    # Item 9: a truncated and a corrupt .gz input; a workdir that cannot be written.
+    good = gzip.compress(b"some text\n\nmore text\n" * 100)
+    (tmp_path / "a.txt.gz").write_bytes(good[:len(good) // 2])
+    (tmp_path / "b.txt.gz").write_bytes(b"\x1f\x8b" + b"not gzip" * 10)
+    cfg = micro_config().data
+    for name, why in (("a.txt.gz", "truncated"), ("b.txt.gz", "")):
+        cfg.update(source="text", path=str(tmp_path / name))
+        with pytest.raises(DataError) as e:
+            sources.read_documents(cfg)
+        assert one_line(e).startswith(f"{tmp_path / name}: cannot be read ({why}")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError) as e:
+        with workdir_lib.lock(tmp_path / "file" / "run"):
+            pass
+    assert one_line(e).startswith(f"workdir {tmp_path / 'file' / 'run'} cannot be written (")
+
+
+def test_rank_not_below_the_projection_sides_is_refused():
+    # Item 10: a rank >= a side of a projection trains more weights than the full-rank matrix.
+    m = model.defaults()
+    m.update(hidden_size=32, intermediate_size=48, num_heads=4, rank=32)
+    with pytest.raises(ConfigError, match=r"model.rank must be smaller than both sides of the q projection "
+                                          r"\(32, 32\)"):
+        model.spec_from_config(m)
+    m.rank = 16
+    m.ranks.down = 48
+    with pytest.raises(ConfigError, match=r"model.ranks.down must be smaller .* down projection \(48, 32\)"):
+        model.spec_from_config(m)
+    m.ranks.down = 31
+    assert model.spec_from_config(m).rank["down"] == 31 and set(layers.PROJECTION_NAMES) == set(m.ranks)
+
+
+def test_skipped_non_utf8_files_are_named_once(tmp_path, caplog):
+    # Item 10: the warning names the file, and reading the documents again (val split) does not repeat it.
+    (tmp_path / "good.txt").write_text("hello\n\nworld\n")
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9\n")
+    cfg = micro_config().data
+    cfg.update(source="text", path=str(tmp_path / "*.txt"))
+    with caplog.at_level(logging.WARNING):
+        sources.read_documents(cfg)
+        sources.read_documents(cfg)
+    warnings = [r.getMessage() for r in caplog.records if "non-UTF-8" in r.getMessage()]
+    assert len(warnings) == 1 and str(tmp_path / "bad.txt") in warnings[0], warnings
+
+
+def test_tokenizer_files_are_written_atomically(tok_path, tmp_path, monkeypatch):
+    # A writer that dies in the middle of tokenizer.model leaves no torn file behind.
+    proto = pathlib.Path(tok_path).read_bytes()
+    real = etils.epath.gpath.PosixGPath.write_bytes
+
+    def half_then_full_disk(self, data):
+        real(self, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(etils.epath.gpath.PosixGPath, "write_bytes", half_then_full_disk)
+    with pytest.raises(OSError):
+        workdir_lib.atomic_write(tmp_path / "tokenizer.model", proto)
+    assert not (tmp_path / "tokenizer.model").exists()
+    monkeypatch.undo()
+    workdir_lib.atomic_write(tmp_path / "tokenizer.model", proto)
+    assert tokenizer.load_tokenizer(str(tmp_path / "tokenizer.model")).vocab_size == 512
