@@ -46,9 +46,29 @@ def test_committed_without_outputs(path):
             assert cell["outputs"] == [] and cell["execution_count"] is None, f"{path.name} cell {i}: clear outputs"
 
 
+def first_code_cell(path):
+    return "".join(next(c for c in cells(path) if c["cell_type"] == "code")["source"])
+
+
+def test_one_setup_cell_for_colab_and_a_fresh_kernel():
+    setup = first_code_cell(NOTEBOOKS[0])
+    assert all(first_code_cell(path) == setup for path in NOTEBOOKS)
+    code = [line for line in setup.splitlines() if line and not line.startswith("#")]
+    assert code[0].startswith("COLAX_REPO = ") and setup.count("COLAX_REPO = ") == 1  # the URL, in one place
+    assert '"install", "-q", "..[notebooks]"' in setup and "-e" not in setup.split()  # not editable: no restart
+    assert "importlib.invalidate_caches()" in setup
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'notebooks = ["matplotlib' in pyproject
+    for path in NOTEBOOKS:  # matplotlib is the only import beyond colax and the dev tools' numpy/jax
+        imports = {line.split()[1].split(".")[0] for line in script(path).splitlines()
+                   if line.startswith(("import ", "from "))}
+        assert imports <= {"colax", "matplotlib", "numpy", "jax", "os", "json", "importlib", "math"}, imports
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_runs_with_the_small_budget(path, tmp_path):
     (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "pyproject.toml").symlink_to(ROOT / "pyproject.toml")  # a checkout: the setup cell clones nothing
     cwd = tmp_path / "notebooks"
     cwd.mkdir()
     code = cwd / f"{path.stem}.py"
