@@ -1,5 +1,7 @@
-"""SLTrain (`model.projection="sltrain"`): the sparse support, the product, parameter counts, and a
-support that neither training steps nor checkpoint/resume change."""
+"""SLTrain (`model.projection="sltrain"`): the sparse support, the product and parameter counts.
+
+That training steps and checkpoint/resume leave the support unchanged is checked with the loop's
+other resume tests (tests/test_train.py)."""
 
 import os
 import types
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from colax import checkpoint, config, data, layers, loop, model, tokenizer
+from colax import config, layers, model
 from conftest import small_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,28 +106,3 @@ def test_configs_hold_the_reference_settings():
         assert (cfg.model.projection, cfg.model.lora_alpha, cfg.model.sparse_density) == ("sltrain", alpha, 0.03)
         assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.model.only_lr_act) == (0.003, 0.0, False)
         assert cfg.model.rank == SIZES[size][0][3]
-
-
-def test_support_fixed_through_training_and_resume(tmp_path):
-    """Steps 1-2, a stop, a resume, steps 3-4: every checkpoint holds the initial support; values move."""
-    cfg = config.preset("sltrain", "tiny")
-    cfg.model.update(vocab_size=512, hidden_size=32, intermediate_size=64, num_heads=4, num_layers=2, rank=8,
-                     dtype="float32")
-    cfg.data.update(source="stdlib", seq_len=16, tokenizer_vocab_size=512, tokenizer_sample_docs=20, val_docs=4)
-    cfg.optim.update(lr=0.01, warmup_steps=0)
-    cfg.train.update(steps=4, batch_size=4, micro_batch_size=4, log_every=1, eval_every=0, eval_batches=1,
-                     baseline_batches=0, checkpoint_every=1, keep_checkpoints=4, sample_prompt="")
-    cfg.data.tokenizer = tokenizer.train_tokenizer(data.train_documents(cfg.data, 20), str(tmp_path / "tok"),
-                                                   512, "bpe", 20).path
-    workdir = str(tmp_path / "run")
-    assert loop.run(cfg, workdir, stop_after=2) is None
-    loop.run(cfg, workdir)
-    init = init_params(config.validate(cfg), cfg.train.seed)
-    for s in (1, 2, 3, 4):
-        _, params = checkpoint.load_params(cfg, workdir, s)
-        for name in layers.PROJECTION_NAMES:
-            np.testing.assert_array_equal(params["blocks"][name]["index"], init["blocks"][name]["index"])
-            a, b = init["blocks"][name]["A"], init["blocks"][name]["B"]
-            on_support = np.asarray(init["blocks"][name]["index"]) < a.shape[1] * b.shape[2]
-            moved = np.abs(np.asarray(params["blocks"][name]["values"]) - init["blocks"][name]["values"])
-            assert moved[on_support].max() > 0 and moved[~on_support].max() == 0, (s, name)

@@ -108,6 +108,29 @@ def test_exact_resume(full_run, tok_path, tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6", "8"]  # keep_checkpoints=3
 
 
+def test_sltrain_support_fixed_through_training_and_resume(tok_path, tmp_path):
+    """SLTrain: steps 1-2, a stop, a resume, steps 3-4; both checkpoints (2, 4) hold the initial support
+    (the int32 `index`), while the values on it moved and the padding's stayed 0."""
+    cfg = micro_config(steps=4, checkpoint_every=2, eval_every=0, eval_batches=1,
+                       baseline_batches=0, sample_tokens=0)
+    cfg.model.projection = "sltrain"
+    cfg.optim.warmup_steps = 0
+    cfg.data.tokenizer = tok_path
+    assert loop.run(cfg, str(tmp_path), stop_after=2) is None
+    loop.run(cfg, str(tmp_path))
+    spec = config.validate(cfg)
+    init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(model.Transformer(spec, rngs=nnx.Rngs(cfg.train.seed)))))()
+    for s in (2, 4):
+        _, params = checkpoint.load_params(cfg, str(tmp_path), s)
+        for name, p0 in init["blocks"].items():
+            if "index" not in p0:
+                continue
+            np.testing.assert_array_equal(params["blocks"][name]["index"], p0["index"])
+            on_support = np.asarray(p0["index"]) < p0["A"].shape[1] * p0["B"].shape[2]
+            moved = np.abs(np.asarray(params["blocks"][name]["values"]) - p0["values"])
+            assert moved[on_support].max() > 0 and moved[~on_support].max() == 0, (s, name)
+
+
 def test_load_params_evaluates_to_the_final_eval(full_run, tok_path):
     workdir, result = full_run
     cfg = micro_config()
