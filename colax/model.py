@@ -108,8 +108,9 @@ def spec_from_config(m):
             _require(rank < min(shapes[name]), "ranks." + name if m.ranks[name] else "rank",
                      f"must be smaller than both sides of the {name} projection {shapes[name]} "
                      "(else the low-rank pair has more weights than the full-rank matrix)", rank)
-    _require(lowrank or not m.only_lr_act, "only_lr_act",
-             "needs a low-rank projection (the full-rank MLP would have no activation)", m.only_lr_act)
+    _require(m.projection == "cola" or not m.only_lr_act, "only_lr_act",
+             f"needs the cola projection (with the linear {m.projection!r} the MLP would have no activation)",
+             m.only_lr_act)
     _require(m.remat in remat.POLICIES, "remat", f"must be one of {sorted(remat.POLICIES)}", m.remat)
     _require(lowrank or not remat.POLICIES[m.remat].lowrank, "remat",
              "needs a low-rank projection (the full-rank model takes none or full)", m.remat)

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from colax import config, layers, model
+from colax.errors import ConfigError
 from conftest import small_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,6 +99,14 @@ def test_parameter_counts(size):
     assert counts["total"] == total and counts["lowrank"] == n_layers * block
     # the issue's figures, to 0.1M (130M: 96.55M here, the issue says 96.6M)
     assert counts["total"] / 1e6 == pytest.approx(expected, abs=0.06)
+
+
+def test_only_lr_act_refused():
+    """SLTrain's W is linear: without the gate's SiLU the MLP would have no activation."""
+    cfg = config.preset("sltrain", "350m")
+    cfg.model.only_lr_act = True
+    with pytest.raises(ConfigError, match=r"^model\.only_lr_act needs the cola projection"):
+        config.validate(cfg)
 
 
 def test_configs_hold_the_reference_settings():
