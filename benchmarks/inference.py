@@ -7,8 +7,9 @@ Both models come from `config.preset(kind, size)` (random weights: speed does no
 them) and run through `colax.generate.generate`, the sampler of `python -m colax.generate`: greedy,
 no EOS (every row makes `--new_tokens` tokens), cache length prompt_len + new_tokens. For each batch
 size B, after one untimed call that compiles: prefill tokens/s = B * prompt_len / prefill time (one
-pass over the prompts, including the first sampled token) and decode tokens/s = B * (new_tokens - 1)
-/ decode time (one jitted step per token, host loop and stop checks included), the best of
+pass over the prompts, including the first sampled token) and decode tokens/s = B * steps / their
+time (one jitted step per token, host loop and stop checks included; `generate`'s
+"decode_tokens_per_s", over the steps after the first), the best of
 `--repeats` calls (alternating between the two models). Weight memory is the parameters' bytes; KV cache memory is what
 `model.init_cache` allocates. Prints a markdown table with a CoLA / full-rank ratio column.
 """
@@ -79,7 +80,7 @@ def measure(args, batches):
             cache = jax.eval_shape(lambda: model.init_cache(spec, b, max_len))
             out[kind][f"KV cache, batch {b} (MiB)"] = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache)) / 2**20
             out[kind][f"prefill tokens/s, batch {b}"] = b * args.prompt_len / min(s["prefill_s"] for s in stats[kind])
-            out[kind][f"decode tokens/s, batch {b}"] = b * (args.new_tokens - 1) / min(s["decode_s"] for s in stats[kind])
+            out[kind][f"decode tokens/s, batch {b}"] = max(s["decode_tokens_per_s"] for s in stats[kind])
     return out
 
 

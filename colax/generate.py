@@ -83,8 +83,10 @@ def generate(params, graphdef, prompts, max_new_tokens, eos_id, max_len, tempera
     """Continues each prompt (a list of token id lists) by up to `max_new_tokens` ids.
 
     A row stops at EOS (not returned) or at `max_len` tokens in all. Greedy if temperature is 0.
-    Returns (list of int32 numpy arrays, one per prompt, and stats: {"prompt_tokens",
-    "new_tokens", "prefill_s", "decode_s", "tokens_per_s"}; new tokens per second of prefill + decode).
+    Returns (list of int32 numpy arrays, one per prompt, and stats): "prompt_tokens", "new_tokens"
+    (returned), "prefill_s" (prefill and the first token: includes compiling it for a new batch size
+    or bucket), "decode_steps" and "decode_s" (the steps after the first, which compiles the step for
+    a new batch size) and "decode_tokens_per_s" (rows x decode_steps / decode_s; None under 2 steps).
     """
     check_prompts(prompts, max_len)
     spec = nnx.merge(graphdef, params).spec
@@ -108,20 +110,23 @@ def generate(params, graphdef, prompts, max_new_tokens, eos_id, max_len, tempera
     for i in range(1, int(limits.max())):
         if done.all():
             break
+        if i == 2:  # the first step (compiling) is done: time the steady state
+            decode_start = time.perf_counter()
         positions = np.minimum(lengths + i - 1, max_len - 1)[:, None]  # rows past their limit: ignored
         token, _, cache = step(params, cache, token[:, None], positions, np.zeros(batch, np.int32),
                                key=jax.random.fold_in(key, i))
         out.append(np.asarray(token))
         done |= (out[-1] == eos_id) | (i + 1 >= limits)
-    elapsed = time.perf_counter() - start
+    steps = len(out) - 2
+    decode_s = time.perf_counter() - decode_start if steps > 0 else 0.0
     results = []
     for row, ids in enumerate(np.stack(out, axis=1)):
         ids = ids[:limits[row]]
         stop = np.flatnonzero(ids == eos_id)
         results.append(ids[:stop[0]] if stop.size else ids)
-    new_tokens = int(sum(len(r) for r in results))
-    stats = dict(prompt_tokens=int(lengths.sum()), new_tokens=new_tokens, prefill_s=prefill_s,
-                 decode_s=elapsed - prefill_s, tokens_per_s=new_tokens / elapsed)
+    stats = dict(prompt_tokens=int(lengths.sum()), new_tokens=int(sum(len(r) for r in results)),
+                 prefill_s=prefill_s, decode_steps=max(steps, 0), decode_s=decode_s,
+                 decode_tokens_per_s=batch * steps / decode_s if steps > 0 else None)
     return results, stats
 
 
@@ -164,10 +169,11 @@ def main(argv):
                               f.max_len or cfg.data.seq_len, f.temperature, f.top_k, f.top_p, f.seed)
     for text, ids in zip(texts, results):
         print(text + tok.decode([int(i) for i in ids]))
-    print(f"{len(texts)} prompt(s), {stats['prompt_tokens']} prompt tokens: prefill {stats['prefill_s']:.3f} s; "
-          f"{stats['new_tokens']} new tokens in {stats['prefill_s'] + stats['decode_s']:.3f} s "
-          f"({stats['tokens_per_s']:.1f} tokens/s)", flush=True)
-
+    rate = stats["decode_tokens_per_s"]
+    print(f"{len(texts)} prompt(s), {stats['prompt_tokens']} prompt tokens, {stats['new_tokens']} new tokens; "
+          f"prefill + first token {stats['prefill_s']:.3f} s (compilation included); decode "
+          f"{'-' if rate is None else f'{rate:.1f}'} tokens/s ({len(texts)} rows x {stats['decode_steps']} steps "
+          f"in {stats['decode_s']:.3f} s, after the first step)", flush=True)
 
 if __name__ == "__main__":
     define_flags()
