@@ -300,12 +300,17 @@ def load_params(cfg, workdir, step=None):
 
 
 def load_config(workdir, overrides=None):
-    """The ConfigDict of the run in `workdir` (`run_config`) with `overrides` ({"a.b": value}) applied."""
+    """The ConfigDict of the run in `workdir` (`run_config`) with `overrides` ({"a.b": value}) applied.
+
+    Keys added to colax after the run was written take their defaults; a key colax does not know
+    is a ConfigError naming it.
+    """
     saved = run_config(workdir)
     if saved is None:
         raise DataError(f"{epath.Path(workdir) / CONFIG_NAME} not found: --workdir must be the folder of a colax run")
-    cfg = ml_collections.ConfigDict(saved)
-    cfg.update_from_flattened_dict(dict(overrides or {}))
+    config_lib.check_keys(ml_collections.ConfigDict(saved))
+    cfg = config_lib.defaults()
+    cfg.update_from_flattened_dict({**flatten(saved), **(overrides or {})})
     return cfg
 
 

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from colax import checkpoint, config, data, evaluate, generate, model, optim, sharding, sources, state, tokenizer
-from colax.errors import DataError
+from colax.errors import ConfigError, DataError
 from conftest import small_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,3 +250,18 @@ def test_cli_one_line_errors(run, tmp_path, module, args, message):
     proc = _cli(module, *[a.format(**fill) for a in args])
     assert proc.returncode == 2 and proc.stderr.startswith(message.format(**fill)), proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_run_config_from_an_older_colax_gets_new_keys_defaults(run, tmp_path):
+    stored = json.loads(open(os.path.join(run[4], "config.json")).read())
+    del stored["model"]["kernel"], stored["train"]["sample_tokens"]  # keys "added after the run was written"
+    stored["data"]["seq_len"] = 24
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    cfg = checkpoint.load_config(tmp_path, {"train.seed": 7})
+    assert (cfg.model.kernel, cfg.train.sample_tokens) == (config.defaults().model.kernel,
+                                                           config.defaults().train.sample_tokens)
+    assert (cfg.data.seq_len, cfg.train.seed, cfg.model.vocab_size) == (24, 7, 320)
+    stored["model"]["bogus"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(ConfigError, match="unknown config key model.bogus"):
+        checkpoint.load_config(tmp_path)
