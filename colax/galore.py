@@ -87,20 +87,26 @@ def project_back(x, p, shape):
     return x @ p if projects_right(shape) else p @ x
 
 
-def _svd_layout(g):
-    """g [..., m, n] with its leading (layer) axes flattened to one batch axis and split over the
-    FSDP/tensor devices where they divide it (`sharding.constrain_divisible`), matrices whole:
-    each device runs the SVDs of its own layers."""
+def _factor(g, rank):
+    """`svd_projector` of g [..., m, n] laid out for the SVD: the leading (layer) axes flattened
+    to one batch axis and split over fsdp, then over fsdp x tensor, where they divide it
+    (`sharding.constrain_divisible`), matrices whole, so each device factors its own layers; the
+    projectors come back split over fsdp. Two stages, because GSPMD moves a stack from its
+    parameter layout to layers-over-fsdp, and from there to layers-over-fsdp-x-tensor, by
+    all-to-alls, but from the one straight to the other only by replicating it
+    (benchmarks/galore_svd.py)."""
     b = g.reshape(-1, *g.shape[-2:])
-    return sharding.constrain_divisible(b, ("svd_batch", None, None))
+    for axes in ("svd_batch_fsdp", "svd_batch"):
+        b = sharding.constrain_divisible(b, (axes, None, None))
+    p = sharding.constrain_divisible(svd_projector(b, rank), ("svd_batch_fsdp", None, None))
+    return p.reshape(*g.shape[:-2], *p.shape[-2:])
 
 
 def _refresh(grads, projector, rank):
     """The projector tree of a refresh step: the SVD of every gradient stack, in the dtype of
     the current `projector` tree."""
     def one(g, old):
-        p = svd_projector(_svd_layout(g), rank).astype(_unwrap(old).dtype)
-        return _wrap(p.reshape(*g.shape[:-2], *p.shape[-2:]), rank_axes(g.shape)[0])
+        return _wrap(_factor(g, rank).astype(_unwrap(old).dtype), rank_axes(g.shape)[0])
 
     return jax.tree.map(one, grads, projector)
 

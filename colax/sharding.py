@@ -34,7 +34,8 @@ RULES = {
     "sparse": ("fsdp",),            # the entries of a sparse matrix's support (SLTrain)
     # optimizer state (colax.galore): the r of projectors and projected moments; FSDP where free
     "opt_rank": ("fsdp",),
-    "svd_batch": ("fsdp", "tensor"),  # the layer axis of gradient stacks during GaLore's SVD
+    "svd_batch": ("fsdp", "tensor"),  # the layer axis of gradient stacks during GaLore's SVD ...
+    "svd_batch_fsdp": ("fsdp",),      # ... and on the way there and back (colax.galore._factor)
     # activations
     "batch": BATCH_AXES,
     "length": (),
