@@ -222,6 +222,24 @@ def _set_aside(mngr, step, why):
     return target.name
 
 
+def _trained_steps(mngr, resume_step=0):
+    """The manager's checkpoints of trained steps, newest first (0 is a `colax.convert` import);
+    ConfigError unless `resume_step` (if > 0) is one of them."""
+    steps = sorted((s for s in mngr.all_steps() if s > 0), reverse=True)
+    if resume_step and resume_step not in steps:
+        raise ConfigError(f"train.resume_step={resume_step}: no such checkpoint in {mngr.directory} "
+                          f"(kept: {', '.join(map(str, sorted(steps))) or 'none'})")
+    return steps
+
+
+def check_resume_step(workdir, resume_step):
+    """ConfigError unless `resume_step` (if > 0) is a kept checkpoint of the run in `workdir` (reads only)."""
+    if resume_step:
+        path = epath.Path(workdir).absolute() / "checkpoints"
+        _trained_steps(ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True)),
+                       resume_step)
+
+
 def restore(mngr, target, data_iter, step=0):
     """(step, params, opt_state) of the newest checkpoint that restores cleanly, or of `step` if > 0.
 
@@ -230,10 +248,7 @@ def restore(mngr, target, data_iter, step=0):
     saved position. A newer checkpoint that fails to restore is renamed `<step>.corrupt`; those
     newer than an explicit `step`, `<step>.abandoned` (the run continues from `step`); a line says so.
     """
-    steps = sorted((s for s in mngr.all_steps() if s > 0), reverse=True)  # 0: a `colax.convert` import
-    if step and step not in steps:
-        raise ConfigError(f"train.resume_step={step}: no such checkpoint in {mngr.directory} "
-                          f"(kept: {', '.join(map(str, sorted(steps))) or 'none'})")
+    steps = _trained_steps(mngr, step)
     params, opt_state = target
     failed = []
     for s in [step] if step else steps:

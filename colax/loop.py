@@ -139,6 +139,8 @@ def prepare(cfg, spec, workdir, overwrite):
     `train.resume_step`, or 0 when config.json shows that this resume was already done)."""
     t = cfg.train
     old, replace = checkpoint.check_workdir(workdir, cfg, overwrite)
+    done = old and old["train"].get("resume_step") == t.resume_step
+    checkpoint.check_resume_step(workdir, 0 if done else t.resume_step)
     tok, proto = tokenizer.find_or_train(cfg.data, workdir, spec.vocab_size, reuse=not replace)
     tokenizer.check_vocab(tok, spec.vocab_size)
     if t.sample_prompt and t.sample_tokens:
@@ -152,7 +154,6 @@ def prepare(cfg, spec, workdir, overwrite):
     changes = checkpoint.recovery_changes(old, json.loads(cfg.to_json_best_effort())) if old else []
     if changes:
         print(f"resuming with changed recovery settings: {', '.join(changes)}", flush=True)
-    done = old and old["train"].get("resume_step") == t.resume_step
     return tok, 0 if done else t.resume_step
 
 
@@ -163,7 +164,7 @@ def _run(cfg, workdir, overwrite, stop_after, stop):
     spec = config_lib.validate(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     state.validate(spec, mesh, cfg.train.batch_size)
-    with workdir_lib.lock(workdir):
+    with workdir_lib.lock(workdir, jax.process_index() == 0):  # one lock per run: process 0 holds it
         tok, resume_step = prepare(cfg, spec, workdir, overwrite)
         return _train(cfg, spec, mesh, tok, workdir, resume_step, stop_after, stop)
 

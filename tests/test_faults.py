@@ -284,10 +284,16 @@ def test_changing_recovery_settings_is_allowed_and_the_model_is_not(tmp_path):
     assert checkpoint.check_workdir(tmp_path, cfg) == (None, False)
 
 
-def test_resume_step_must_name_a_kept_checkpoint(reference, tmp_path):
+def test_resume_step_must_name_a_kept_checkpoint(tok_path, reference, tmp_path):
     mngr = checkpoint.manager(reference[0], micro_config().train)
     with pytest.raises(ConfigError, match=r"train.resume_step=3: no such checkpoint .* \(kept: 2, 4, 6\)"):
         checkpoint.restore(mngr, None, None, 3)
+    shutil.copytree(reference[0], tmp_path / "run")
+    saved = (tmp_path / "run" / "config.json").read_text()
+    cfg = fault_config(tok_path, resume_step=3)
+    with pytest.raises(ConfigError, match=r"train.resume_step=3: no such checkpoint"):
+        loop.prepare(cfg, config.validate(cfg), str(tmp_path / "run"), False)
+    assert (tmp_path / "run" / "config.json").read_text() == saved  # checked before anything is written
 
 
 _FLAG = []  # the config_flags flag of parse_config_flag, defined once per process
