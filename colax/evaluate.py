@@ -20,12 +20,13 @@ import math
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import app, flags
 
 from colax import checkpoint, data, sharding, state, step
-from colax.errors import ConfigError, exit_on_error, parse_flags
+from colax.errors import ConfigError, DataError, exit_on_error, parse_flags
 
 CONVENTIONS = ("token", "reference")
 
@@ -37,18 +38,28 @@ def val_batches(cfg, tok, rows, limit=0):
 
 
 def make_batch_sums(graphdef, params, mesh):
-    """batch_sums(params, host batch) -> device float32 [2]: (s_i, n_i) of one batch ([rows, T] arrays)."""
-    fn = jax.jit(sharding.on_mesh(lambda p, b: step.eval_sums(p, graphdef, b), mesh),
+    """batch_sums(params, host batch) -> device float32 [3]: s_i, n_i and the non-pad input tokens
+    (segment id > 0; every token without segment ids) of one global batch (every host's
+    [rows / hosts, T] arrays), the same on every host."""
+
+    def sums(p, b):
+        loss_sum, count = step.eval_sums(p, graphdef, b)
+        inputs = (b["segment_ids"] > 0).sum() if "segment_ids" in b else b["inputs"].size
+        return jnp.stack([loss_sum, count, jnp.float32(inputs)])
+
+    fn = jax.jit(sharding.on_mesh(sums, mesh),
                  in_shardings=(state.tree_shardings(params, mesh), sharding.batch_sharding(mesh)))
     return lambda params, batch: fn(params, sharding.global_batch({k: v[None] for k, v in batch.items()}, mesh))
 
 
 def mean_loss(sums, convention="token"):
-    """The loss of per-batch sums float [m, 2] (s_i, n_i) under `convention` (module docstring).
+    """The loss of per-batch sums float [m, >= 2] (s_i, n_i, ...) under `convention` (module docstring).
 
     The reference convention skips batches without a counted target (its per-batch mean is undefined).
     """
-    sums = np.asarray(sums, np.float64).reshape(-1, 2)
+    if not len(sums):
+        raise DataError("the validation split gave no batch to evaluate (data.val_docs, data.val_split)")
+    sums = np.asarray(sums, np.float64)[:, :2]
     if convention == "token":
         return float(sums[:, 0].sum() / max(sums[:, 1].sum(), 1.0))
     sums = sums[sums[:, 1] > 0]
@@ -91,7 +102,7 @@ def evaluate_run(cfg, tok, graphdef, params, convention="token", max_tokens=10_0
         if max_tokens and inputs > max_tokens:
             break
         sums.append(jax.device_get(batch_sums(params, batch)))
-        inputs += int((batch["segment_ids"] > 0).sum())
+        inputs += int(sums[-1][2])  # global: every host stops after the same batch
         bar.update()
         bar.set_postfix_str(f"loss {mean_loss(sums, convention):.4f}, {inputs:,} tokens", refresh=False)
     bar.close()
