@@ -148,6 +148,7 @@ def test_only_projection_weights_wider_than_the_rank_are_projected_the_rest_get_
                           is_leaf=lambda x: isinstance(x, tuple))
     assert optim.projected(params, 4) == {"embed": False, "final_norm": {"weight": False}, "blocks": {
         "q": {"w": True}, "gate": {"A": False, "B": False}, "attn_norm": {"weight": False}}}  # sides of 4: not > 4
+    assert optim.projected(params, 3)["blocks"]["gate"] == {"A": True, "B": True}  # CoLA factors, rank below theirs
     o = optim_config()
     lr = optim.schedule(o, 100)
     tx = optim.make(o, 100)
