@@ -193,9 +193,16 @@ def svd_batches(hlo):
     return [int(m) for m in re.findall(r"= \(f32\[(\d+),\d+,\d+\][^\n]*custom-call\([^\n]*/svd", hlo)]
 
 
+def q_projector(opt_state):
+    """GaLore's projector of the q weights (a device array)."""
+    return next(x for path, x in jax.tree_util.tree_leaves_with_path(opt_state)
+                if "projector" in jax.tree_util.keystr(path) and "'q'" in jax.tree_util.keystr(path))
+
+
 def test_galore_on_fsdp_and_tensor_matches_one_device_and_splits_the_svd_by_layer():
-    """Mesh (1, 2, 2): the 2 layers do not divide over fsdp*tensor = 4, so each SVD batch is split
-    over fsdp alone (1 layer per device); losses and parameters as on one device, through a refresh."""
+    """One device: the refresh (T = 2: counts 0 and 2) runs inside one compiled step. Mesh
+    (1, 2, 2): the 2 layers do not divide over fsdp*tensor = 4, so each SVD batch is split over
+    fsdp alone (1 layer per device); losses and parameters as on one device."""
     o = optim.defaults()
     o.update(lr=1e-2, warmup_steps=1, name="galore", rank=8, update_proj_gap=2)
     tx, spec = optim.make(o, 10), spec_for("dense")
@@ -204,14 +211,19 @@ def test_galore_on_fsdp_and_tensor_matches_one_device_and_splits_the_svd_by_laye
         mesh = mesh_of(shape)
         graphdef, params, opt_state = state.init_state(spec, tx, mesh, seed=0)
         train = state.jit_train_step(step.make_train_step(graphdef, tx), params, opt_state, mesh)
-        compiled = train.lower(params, opt_state, sharding.global_batch(batches(0), mesh)).compile()
-        params, opt_state, losses = run_steps(compiled, params, opt_state, mesh, [1, 2, 3])
-        results[shape] = losses, jax.device_get(params), svd_batches(compiled.as_text())
-    (ref_losses, ref_params, ref_svd), (losses, params, svd) = results.values()
+        if shape != (1, 1, 1):
+            train = train.lower(params, opt_state, sharding.global_batch(batches(0), mesh)).compile()
+        losses, projectors = [], []
+        for seed in [1, 2, 3, 4]:
+            params, opt_state, metrics = train(params, opt_state, sharding.global_batch(batches(seed), mesh))
+            losses.append(float(metrics["loss"]))
+            projectors.append(np.array(q_projector(opt_state)))  # a copy: the state is donated
+        results[shape] = losses, jax.device_get(params), projectors, train
+    (ref_losses, ref_params, ref_projectors, ref_train), (losses, params, _, compiled) = results.values()
+    assert ref_train._cache_size() == 1  # one compilation for refresh and ordinary steps
+    assert [not np.array_equal(a, b) for a, b in zip(ref_projectors, ref_projectors[1:])] == [False, True, False]
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     # Adam amplifies the all-reduce's rounding differences in near-zero gradients (embeddings): 4e-5.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), params, ref_params)
-    assert ref_svd == [2] * 7 and svd == [1] * 7  # q, k, v, o, gate, up, down: one layer per device
-    projector = next(x for path, x in jax.tree_util.tree_leaves_with_path(opt_state)
-                     if "projector" in jax.tree_util.keystr(path) and "'q'" in jax.tree_util.keystr(path))
-    assert projector.sharding.spec == P(None, "fsdp", "tensor")  # (layers, opt_rank, heads)
+    assert svd_batches(compiled.as_text()) == [1] * 7  # q, k, v, o, gate, up, down: one layer per device
+    assert q_projector(opt_state).sharding.spec == P(None, "fsdp", "tensor")  # (layers, opt_rank, heads)
