@@ -13,6 +13,7 @@ import errno
 import gzip
 import json
 import logging
+import math
 import os
 import pathlib
 import shutil
@@ -141,7 +142,7 @@ def test_loss_spike_stops_the_run(tok_path, reference, tmp_path, monkeypatch):
     assert read_metrics(tmp_path)[-1]["step"] == 3  # step 4 is not logged as a good step
 
 
-def test_failed_save_stops_at_once(tok_path, reference, tmp_path, monkeypatch):
+def test_failed_save_stops_at_once(tok_path, reference, tmp_path, monkeypatch, caplog):
     # Item 4: the disk is full while checkpoint 4 is written (in orbax's background thread).
     real = etils.epath.gpath.PosixGPath.write_text
 
@@ -155,6 +156,7 @@ def test_failed_save_stops_at_once(tok_path, reference, tmp_path, monkeypatch):
         with pytest.raises(CheckpointError) as e:
             loop.run(fault_config(tok_path), str(tmp_path))
     assert one_line(e).startswith("checkpoint 4 could not be saved: OSError: [Errno 28] No space left on device")
+    assert not [r.getMessage() for r in caplog.records if r.exc_info]  # orbax's tracebacks are not printed
     assert read_metrics(tmp_path)[-1]["step"] <= 6  # stopped before the next save
     assert [c for c in checkpoints(tmp_path) if c.isdigit()] == ["2"]
     loop.run(fault_config(tok_path), str(tmp_path))  # the same command resumes from checkpoint 2
@@ -342,6 +344,11 @@ def test_bad_gzip_and_unwritable_workdir_are_one_line(tmp_path):
         with workdir_lib.lock(tmp_path / "file" / "run"):
             pass
     assert one_line(e).startswith(f"workdir {tmp_path / 'file' / 'run'} cannot be written (")
+    if os.geteuid() != 0:  # root writes into read-only folders
+        (tmp_path / "ro").mkdir(mode=0o555)
+        with pytest.raises(ConfigError, match=r"workdir .*/ro/run cannot be written \(Permission denied\)"):
+            with workdir_lib.lock(tmp_path / "ro" / "run"):
+                pass
 
 
 def test_rank_not_below_the_projection_sides_is_refused():
@@ -388,3 +395,19 @@ def test_tokenizer_files_are_written_atomically(tok_path, tmp_path, monkeypatch)
     monkeypatch.undo()
     workdir_lib.atomic_write(tmp_path / "tokenizer.model", proto)
     assert tokenizer.load_tokenizer(str(tmp_path / "tokenizer.model")).vocab_size == 512
+
+
+def test_a_diverged_perplexity_and_a_stopped_run_print_one_short_line(capsys):
+    # Item 3: exp(700) prints as 1.014e+304, not as 305 digits. A run stopped by divergence or by a
+    # failed save exits with 1 and one line on stderr.
+    cfg = micro_config(baseline_batches=0, sample_prompt="")
+    lines = []
+    log = type("Log", (), dict(progress=type("P", (), dict(write=lambda self, line: lines.append(line)))()))()
+    loop._report(cfg, None, None, None, dict(eval_loss=5000.0, eval_ppl=math.exp(700.0)), [], log)
+    assert lines == ["validation: loss 5000.0000, perplexity 1.014e+304"]
+    for error in (DivergenceError("step 9: loss 5000 spiked"), CheckpointError("checkpoint 4 could not be saved")):
+        def main():
+            raise error
+        with pytest.raises(SystemExit) as e:
+            errors.exit_on_error(main)()
+        assert e.value.code == 1 and capsys.readouterr().err == f"error: {error}\n"
