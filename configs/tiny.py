@@ -13,6 +13,6 @@ def get_config():
     cfg.model.vocab_size = 2048
     cfg.data.update(source="stdlib", seq_len=128, packing=True, tokenizer_sample_docs=300)
     cfg.optim.warmup_steps = 50
-    cfg.train.update(steps=500, batch_size=32, micro_batch_size=16, eval_every=100, eval_batches=8,
+    cfg.train.update(steps=500, batch_size=32, micro_batch_size=16, eval_every=50, eval_batches=8,
                      log_every=10, checkpoint_every=100, sample_tokens=64, sample_temperature=0.7)
     return cfg

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import pathlib
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -484,3 +486,36 @@ def test_evaluation_weights_batches_by_tokens(spec):
     assert count == 43
     assert result["eval_loss"] == pytest.approx(nll_sum / count, rel=1e-5)
     assert result["eval_ppl"] == pytest.approx(math.exp(nll_sum / count), rel=1e-5)
+
+
+def _demo_claims():
+    """docs/training.md's demo table: {"ppl": {step: perplexity} (CPython 3.11), "ppl_3.12": {50: perplexity},
+    "cpu_s": CPU seconds of the whole demo, "params": "0.68"}."""
+    doc = open(os.path.join(ROOT, "docs", "training.md")).read()
+    steps, values = re.search(r"\| validation perplexity \(steps ([\d, ]+)\) \| ([\d., *]+) \(loss", doc).groups()
+    ppl = dict(zip((int(s) for s in steps.split(", ")), (float(v.strip(" *")) for v in values.split(", "))))
+    ppl_312 = float(re.search(r"\| validation perplexity at step 50, CPython 3.12 \| ([\d.]+) \|", doc)[1])
+    cpu_s = float(re.search(r"\| CPU time \| \*\*(\d+) s\*\*", doc)[1])
+    return {"ppl": ppl, "ppl_3.12": {50: ppl_312}, "cpu_s": cpu_s,
+            "params": re.search(r"vocab 2048:\s+([\d.]+)M parameters", doc)[1]}
+
+
+def test_readme_demo_claims_hold(tmp_path):
+    """`make demo` (README, docs/training.md) up to its first evaluation: configs/tiny.py, tokenizer
+    training included, stopped after step 50. Its perplexity there is the documented one for this
+    Python (within 10%), and ten times its CPU time (start-up counted ten times too) is within 4x of the
+    whole demo's documented CPU time: CPU time, not wall time, so other jobs on the machine do not count."""
+    claims = _demo_claims()
+    cfg = config.from_file(os.path.join(ROOT, "configs", "tiny.py"))
+    assert f"{model.count_params(config.validate(cfg))['total'] / 1e6:.2f}" == claims["params"]
+    first_eval = min(claims["ppl"])
+    assert first_eval == cfg.train.eval_every == 50
+    documented = claims["ppl_3.12" if sys.version_info[:2] == (3, 12) else "ppl"][first_eval]
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    assert loop.run(cfg, str(tmp_path), stop_after=first_eval) is None
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    records = read_metrics(tmp_path)
+    assert records[-1]["step"] == first_eval
+    assert records[-1]["eval_ppl"] == pytest.approx(documented, rel=0.1)
+    assert cpu_s * cfg.train.steps / first_eval < 4 * claims["cpu_s"], cpu_s
