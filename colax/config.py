@@ -76,13 +76,13 @@ PAPER_DATA = dict(source="hf", hf_name="allenai/c4", hf_config="en", tokenizer=t
 
 
 def preset(kind, size):
-    """The paper's config for `kind` "cola" (low-rank), "llama" (full-rank) or "sltrain" at `size`: model,
+    """The paper's config for `kind` "cola" (low-rank), "llama" (full-rank), "sltrain" or "crnet" at `size`: model,
     optimizer, steps and (PAPER_DATA) data; "tiny" keeps the demo data of `colax.data.defaults()`.
 
     SLTrain takes CoLA's model size, rank and schedule with its own alpha, lr and no weight decay
     (sizes in SLTRAIN_ALPHA). "galore" and "fira" are the full-rank model trained with that
-    optimizer (`LOW_RANK_OPTIM`)."""
-    kinds = ("cola", "llama", "sltrain", "galore", "fira")
+    optimizer (`LOW_RANK_OPTIM`). CR-Net takes CoLA's model size, rank, lr and schedule."""
+    kinds = ("cola", "llama", "sltrain", "crnet", "galore", "fira")
     if kind not in kinds or size not in SIZES or kind == "sltrain" and size not in SLTRAIN_ALPHA:
         raise ConfigError(f"no preset {kind}_{size}: kinds {', '.join(kinds)}; sizes {', '.join(SIZES)} "
                           f"(sltrain: {', '.join(SLTRAIN_ALPHA)})")
@@ -91,7 +91,7 @@ def preset(kind, size):
     cfg.model.update(projection={"llama": "dense", "galore": "dense", "fira": "dense"}.get(kind, kind), hidden_size=d, intermediate_size=f,
                      num_heads=heads, num_layers=n_layers, rank=rank,
                      only_lr_act=only_lr_act and kind == "cola")
-    cfg.optim.update(lr=lr if kind == "cola" else FULL_RANK_LR, warmup_steps=warmup)
+    cfg.optim.update(lr=lr if kind in ("cola", "crnet") else FULL_RANK_LR, warmup_steps=warmup)
     cfg.train.steps = steps
     if kind in ("galore", "fira"):
         cfg.optim.update(name=kind, rank=rank, warmup_steps=steps // 10, **LOW_RANK_OPTIM)

@@ -7,6 +7,11 @@ A projection kind is one class in `PROJECTIONS`: it maps [..., in] -> [..., out]
 `(in_features, out_features, rank, cfg, rngs)`, states its forward FLOPs per token and the logical
 axes of its parameters (for sharding). Adding a new low-rank method means adding one class here
 and a config that names it.
+
+A cross-layer kind (one with a `first_layer` attribute, e.g. CR-Net) also reads the same
+projection's output in the previous block: the first block uses `first_layer` (another kind) in
+its place, every later block calls `projection(x, prev)`, and `Block` passes the seven outputs on
+to the next block as its carry.
 """
 
 import functools
@@ -164,7 +169,56 @@ class SLTrain(nnx.Module):
         return stored - nnz
 
 
-PROJECTIONS = {"dense": Dense, "cola": CoLA, "sltrain": SLTrain}
+def signed_scale(beta):
+    """CR-Net's s(beta) = sign(beta) * (|beta| + 1e-6): never zero, so the residual inverts."""
+    return jnp.where(beta >= 0, 1.0, -1.0).astype(beta.dtype) * (jnp.abs(beta) + 1e-6)
+
+
+class CRNet(nnx.Module):
+    """CR-Net cross-layer projection (Kong et al., ICLR 2026): `y = s(beta) * prev + (x @ A) @ B`.
+
+    prev is the same projection's output in the previous block; block 1 is full-rank
+    (`first_layer`, `y = x @ W`). A [in, r], B [r, out] ~ N(0, (r * (in + out)) ** -0.25) (CoLA's
+    init), beta a learnable scalar starting at 1, no nonlinearity between A and B. The r-wide
+    `x @ A` is tagged "crnet_xa"; `invert` recovers prev from y (the `crnet` remat policy).
+    """
+
+    first_layer = Dense
+
+    def __init__(self, in_features, out_features, rank, cfg, *, rngs):
+        std = (rank * (in_features + out_features)) ** -0.25
+        self.A = nnx.Param(_normal(std)(rngs.params(), (in_features, rank), cfg.param_dtype))
+        self.B = nnx.Param(_normal(std)(rngs.params(), (rank, out_features), cfg.param_dtype))
+        self.beta = nnx.Param(jnp.ones((), cfg.param_dtype))
+
+    def bottleneck(self, x):
+        """x @ A: x [..., in] compute dtype -> [..., r] same dtype, tagged "crnet_xa"."""
+        xa = sharding.constrain(x @ self.A[...].astype(x.dtype), ("batch", "length", "act_rank"))
+        return checkpoint_name(xa, "crnet_xa")
+
+    def __call__(self, x, prev):
+        """x: [..., in], prev: [..., out] compute dtype -> [..., out] same dtype."""
+        return self.scale(x.dtype) * prev + self.bottleneck(x) @ self.B[...].astype(x.dtype)
+
+    def invert(self, y, xa):
+        """prev = (y - xa @ B) / s(beta): y [..., out], xa [..., r] (`bottleneck(x)`) -> [..., out]."""
+        return (y - xa @ self.B[...].astype(y.dtype)) / self.scale(y.dtype)
+
+    def scale(self, dtype):
+        """s(beta) as a scalar of `dtype`."""
+        return signed_scale(self.beta[...]).astype(dtype)
+
+    @staticmethod
+    def flops_per_token(in_features, out_features, rank):
+        return 2 * rank * (in_features + out_features)
+
+    @staticmethod
+    def param_axes(in_axis, out_axis):
+        """Logical axes of each parameter, for colax.sharding: as CoLA's, and beta a scalar."""
+        return {"A": (in_axis, "rank"), "B": ("rank", out_axis), "beta": ()}
+
+
+PROJECTIONS = {"dense": Dense, "cola": CoLA, "sltrain": SLTrain, "crnet": CRNet}
 
 
 class RMSNorm(nnx.Module):
@@ -238,11 +292,15 @@ class Block(nnx.Module):
 
     The block input and the residual after attention are tagged "block_in" and "block_mid".
     On a mesh, q/k/v are split by heads and gate/up by mlp over "tensor"; the residual is whole.
+    With a cross-layer projection kind, `first=True` builds the first block (the kind's
+    `first_layer` projections) and every block returns its seven projection outputs as the carry.
     """
 
-    def __init__(self, cfg, *, rngs):
+    def __init__(self, cfg, *, first=False, rngs):
         d = cfg.hidden_size
         kind = PROJECTIONS[cfg.projection]
+        self.cross_layer = hasattr(kind, "first_layer")
+        kind = kind.first_layer if first and self.cross_layer else kind
         for name, (fan_in, fan_out) in projection_shapes(d, cfg.intermediate_size).items():
             setattr(self, name, kind(fan_in, fan_out, cfg.ranks[name], cfg, rngs=rngs))
         self.attn_norm = RMSNorm(d, cfg, rngs=rngs)
@@ -252,12 +310,23 @@ class Block(nnx.Module):
         self.attention_impl = cfg.attention_impl
         self.only_lr_act = cfg.only_lr_act
 
-    def __call__(self, x, positions, segment_ids, cache=None):
-        """x: [B, T, D] compute dtype; positions, segment_ids: int32 [B, T] -> [B, T, D].
+    def __call__(self, x, positions, segment_ids, carry=None, cache=None):
+        """x: [B, T, D] compute dtype; positions, segment_ids: int32 [B, T] -> (x' [B, T, D], carry').
 
-        With a KV `cache` ({"k", "v"} [B, S, N, H], see `cached_attention`; segment_ids unused)
-        returns (output, updated cache).
+        carry: the previous block's {projection name: output [B, T, out]} for a cross-layer kind
+        (None or {} in the first block); carry' is this block's, {} for other kinds. With a KV
+        `cache` ({"k", "v"} [B, S, N, H], see `cached_attention`; segment_ids unused) returns
+        ((x', carry'), updated cache).
         """
+        outputs = {}
+
+        def project(name, h):
+            proj = getattr(self, name)
+            y = proj(h, carry[name]) if carry else proj(h)
+            if self.cross_layer:
+                outputs[name] = y
+            return y
+
         x = checkpoint_name(sharding.constrain(x, sharding.BTD), "block_in")
         b, t, d = x.shape
         bthh = ("batch", "length", "act_heads", None)
@@ -265,17 +334,22 @@ class Block(nnx.Module):
         mlp = lambda y: sharding.constrain(y, ("batch", "length", "act_mlp"))
         residual = lambda y: sharding.constrain(y, sharding.BTD)
         h = self.attn_norm(x)
-        q = apply_rope(heads(self.q(h)), positions, self.rope_theta)
-        k = apply_rope(heads(self.k(h)), positions, self.rope_theta)
-        v = heads(self.v(h))
+        q = apply_rope(heads(project("q", h)), positions, self.rope_theta)
+        k = apply_rope(heads(project("k", h)), positions, self.rope_theta)
+        v = heads(project("v", h))
         if cache is None:
             attn = attention(q, k, v, segment_ids, self.attention_impl)
         else:
             attn, cache = cached_attention(q, k, v, positions, cache, self.attention_impl)
-        x = checkpoint_name(x + residual(self.o(attn.reshape(b, t, d))), "block_mid")
+        x = checkpoint_name(x + residual(project("o", attn.reshape(b, t, d))), "block_mid")
         h = self.mlp_norm(x)
-        gate = mlp(self.gate(h))
+        gate = mlp(project("gate", h))
         if not self.only_lr_act:  # with only_lr_act the gate's low-rank SiLU is the only one
             gate = jax.nn.silu(gate)
-        x = x + residual(self.down(gate * mlp(self.up(h))))
-        return x if cache is None else (x, cache)
+        x = x + residual(project("down", gate * mlp(project("up", h))))
+        return (x, outputs) if cache is None else ((x, outputs), cache)
+
+    def invert(self, outputs, bottlenecks):
+        """The carry this block received, from the carry it returned and its projections'
+        `bottleneck` values (cross-layer kinds with an `invert`): {name: [B, T, out]}."""
+        return {name: getattr(self, name).invert(y, bottlenecks[name]) for name, y in outputs.items()}

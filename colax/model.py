@@ -22,7 +22,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def defaults():
     """The `config.model` section: a small CoLA model (see configs/ for the paper's sizes)."""
     return ml_collections.ConfigDict(dict(
-        projection="cola",        # a key of colax.layers.PROJECTIONS: "cola" or "dense" (full-rank)
+        projection="cola",        # a key of colax.layers.PROJECTIONS: "cola", "crnet" or "dense" (full-rank)
         vocab_size=32000,
         hidden_size=512,
         intermediate_size=1376,
@@ -111,7 +111,12 @@ def spec_from_config(m):
     _require(m.projection == "cola" or not m.only_lr_act, "only_lr_act",
              f"needs the cola projection (with the linear {m.projection!r} the MLP would have no activation)",
              m.only_lr_act)
+    kind = layers.PROJECTIONS[m.projection]
+    _require(not hasattr(kind, "first_layer") or m.num_layers >= 2, "num_layers",
+             f"must be >= 2 for {m.projection} (block 1 is its full-rank first layer)", m.num_layers)
     _require(m.remat in remat.POLICIES, "remat", f"must be one of {sorted(remat.POLICIES)}", m.remat)
+    _require(not remat.POLICIES[m.remat].inverts or hasattr(kind, "invert"), "remat",
+             "needs a cross-layer projection that inverts (crnet)", m.remat)
     _require(lowrank or not remat.POLICIES[m.remat].lowrank, "remat",
              "needs a low-rank projection (the full-rank model takes none or full)", m.remat)
     for field in ("dtype", "param_dtype"):
@@ -146,7 +151,9 @@ class Transformer(nnx.Module):
     """LLaMA decoder: embed -> L pre-norm blocks -> RMSNorm -> lm_head (untied, full-rank).
 
     With `spec.pad_id`, that embedding row starts at zero and gets no gradient (torch's
-    `padding_idx`, as the reference code's embedding): AdamW then leaves it at zero.
+    `padding_idx`, as the reference code's embedding): AdamW then leaves it at zero. With a
+    cross-layer projection kind (CR-Net) block 1 is `first_block` (its own parameters, no [L]
+    axis) and `blocks` holds the other L - 1; the blocks pass their carry along (`layers.Block`).
     """
 
     def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
@@ -156,8 +163,10 @@ class Transformer(nnx.Module):
         d, v = spec.hidden_size, spec.vocab_size
         embed = normal(rngs.params(), (v, d), spec.param_dtype)
         self.embed = nnx.Param(embed if spec.pad_id is None else embed.at[spec.pad_id].set(0))
+        cross_layer = is_cross_layer(spec)
+        self.first_block = layers.Block(cfg, first=True, rngs=rngs) if cross_layer else None
 
-        @nnx.split_rngs(splits=spec.num_layers)
+        @nnx.split_rngs(splits=spec.num_layers - cross_layer)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(rngs):
             return layers.Block(cfg, rngs=rngs)
@@ -172,7 +181,7 @@ class Transformer(nnx.Module):
         positions default to 0..T-1 per row; segment_ids (packed rows) keep attention inside a
         document. With `capture`, returns (logits, acts): acts[projection]["y"] [L, B, T, out] is
         each projection's output and, for CoLA, acts[projection]["z"] [L, B, T, r] its bottleneck
-        (`bottleneck` method), for `colax.analysis`.
+        (`bottleneck` method), for `colax.analysis` (CR-Net: "y" only; block 1 has no bottleneck).
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -198,27 +207,32 @@ class Transformer(nnx.Module):
         spec = self.spec
         table = sharding.constrain(self.embed[...].astype(spec.dtype), ("vocab", "act_embed"))  # FSDP-gathered
         x = sharding.constrain(self._embed_rows(table, tokens), sharding.BTD)
+        first = self.first_block is not None
+        carry, first_out = (x, {}), None
+        if first:  # block 1 of a cross-layer kind, with layer 0 of the cache
+            first_cache, cache = (None, None) if cache is None else (
+                jax.tree.map(lambda a: a[0], cache), jax.tree.map(lambda a: a[1:], cache))
+            graphdef, state = nnx.split(self.first_block)
+            body = remat.checkpointed(_layer_fn(graphdef, capture), spec.remat)
+            carry, first_out = body(carry, (state, first_cache), positions, segment_ids)
         graphdef, stacked = nnx.split(self.blocks)
-
-        def body(x, layer):
-            block_state, layer_cache = layer
-            block = nnx.merge(graphdef, block_state)
-            if layer_cache is not None:
-                return block(x, positions, segment_ids, layer_cache)
-            if not capture:
-                return block(x, positions, segment_ids), None
-            x, outputs = nnx.capture(block, nnx.Intermediate, method_outputs=nnx.Intermediate)(
-                x, positions, segment_ids)
-            return x, _projection_values(nnx.to_pure_dict(outputs))
-
-        body = remat.checkpointed(body, spec.remat, prevent_cse=not spec.scan_layers)
+        if remat.POLICIES[spec.remat].inverts and not capture and cache is None:
+            carry = inverted_blocks(graphdef, carry, stacked, (positions, segment_ids),
+                                    remat.segment_ends(spec.num_layers),
+                                    unroll=spec.scan_unroll if spec.scan_layers else True)
+            return carry[0], None
+        body = remat.checkpointed(_layer_fn(graphdef, capture), spec.remat, prevent_cse=not spec.scan_layers)
+        step = lambda carry, layer: body(carry, layer, positions, segment_ids)
+        layers_in = (stacked, cache)
         if spec.scan_layers:
-            return jax.lax.scan(body, x, (stacked, cache), unroll=spec.scan_unroll)
-        per_layer = []
-        for i in range(spec.num_layers):
-            x, out = body(x, jax.tree.map(lambda a: a[i], (stacked, cache)))
-            per_layer.append(out)
-        return x, jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+            carry, out = jax.lax.scan(step, carry, layers_in, unroll=spec.scan_unroll)
+        else:
+            per_layer = []
+            for i in range(spec.num_layers - first):
+                carry, layer_out = step(carry, jax.tree.map(lambda a: a[i], layers_in))
+                per_layer.append(layer_out)
+            out = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        return carry[0], (out if first_out is None else _prepend(first_out, out))
 
     def _logits(self, x):
         """Final norm and lm_head: x [..., D] compute dtype -> float32 [..., V]."""
@@ -242,6 +256,57 @@ def init_cache(spec: ModelSpec, batch, length):
     return {"k": jnp.zeros(shape, spec.dtype), "v": jnp.zeros(shape, spec.dtype)}
 
 
+def _layer_fn(graphdef, capture):
+    """One block as a function: ((x, carry), (block state, KV cache or None), positions,
+    segment_ids) -> ((x', carry'), its updated cache, or its `_projection_values` with `capture`,
+    else None)."""
+
+    def layer(carry, block_layer, positions, segment_ids):
+        block_state, cache = block_layer
+        block = nnx.merge(graphdef, block_state)
+        if cache is not None:
+            return block(carry[0], positions, segment_ids, carry[1], cache)
+        if not capture:
+            return block(carry[0], positions, segment_ids, carry[1]), None
+        carry, outputs = nnx.capture(block, nnx.Intermediate, method_outputs=nnx.Intermediate)(
+            carry[0], positions, segment_ids, carry[1])
+        return carry, _projection_values(nnx.to_pure_dict(outputs))
+
+    return layer
+
+
+def inverted_blocks(graphdef, carry, stacked, extra, ends, unroll=1):
+    """Blocks 2..L as `remat.inverted_scan` (the `crnet` policy): carry (x, outputs of the block
+    before), stacked block states [n, ...], extra (positions, segment_ids) -> the last carry.
+
+    A block's residuals are its projections' bottlenecks ("z" of `_projection_values`) and
+    `Block.invert` undoes its carry update.
+    """
+    layer = _layer_fn(graphdef, capture=True)
+
+    def step(carry, block_state, extra):
+        carry, acts = layer(carry, (block_state, None), *extra)
+        return carry, {name: values["z"] for name, values in acts.items()}
+
+    def invert(block_state, outputs, bottlenecks):
+        return nnx.merge(graphdef, block_state).invert(outputs, bottlenecks)
+
+    return remat.inverted_scan(step, invert, carry, stacked, extra, ends, unroll=unroll)
+
+
+def _prepend(first, rest):
+    """Block 1's values (captured, or its cache) before the other blocks' [L - 1, ...]; a captured
+    value block 1 lacks (CR-Net's "z": its block 1 is full-rank) is left out."""
+    if isinstance(rest, dict):
+        return {k: _prepend(first[k], v) for k, v in rest.items() if k in first}
+    return jnp.concatenate([first[None], rest])
+
+
+def is_cross_layer(spec):
+    """Whether the projection kind passes outputs from block to block (has a `first_layer`)."""
+    return hasattr(layers.PROJECTIONS[spec.projection], "first_layer")
+
+
 def _projection_values(outputs):
     """Method outputs captured in a block -> {projection: {"y": output, "z": bottleneck (CoLA)}}."""
     names = {"__call__": "y", "bottleneck": "z"}
@@ -257,7 +322,7 @@ def trainable_mask(params):
 
     def trainable(path, leaf):
         keys = tuple(getattr(k, "key", None) for k in path)
-        named_frozen = len(keys) == 3 and keys[0] == "blocks" and keys[2] in frozen
+        named_frozen = len(keys) == 3 and keys[0] in ("blocks", "first_block") and keys[2] in frozen
         return jnp.issubdtype(leaf.dtype, jnp.inexact) and not named_frozen
 
     return jax.tree_util.tree_map_with_path(trainable, params)
@@ -280,7 +345,8 @@ def count_params(spec: ModelSpec):
             continue
         keys = [getattr(k, "key", None) for k in path]
         group = ("embeddings" if keys[0] in ("embed", "lm_head") else
-                 "projections" if keys[0] == "blocks" and keys[1] in layers.PROJECTION_NAMES else "norms")
+                 "projections" if keys[0] in ("blocks", "first_block") and keys[1] in layers.PROJECTION_NAMES
+                 else "norms")
         counts[group] += leaf.size
         counts["total"] += leaf.size
     kind = layers.PROJECTIONS[spec.projection]
@@ -301,7 +367,9 @@ def flops_per_token(spec: ModelSpec, seq_len):
     """
     kind = layers.PROJECTIONS[spec.projection]
     shapes = layers.projection_shapes(spec.hidden_size, spec.intermediate_size)
-    proj = sum(kind.flops_per_token(i, o, spec.rank[n]) for n, (i, o) in shapes.items())
+    proj = lambda kind: sum(kind.flops_per_token(i, o, spec.rank[n]) for n, (i, o) in shapes.items())
+    first = kind.first_layer if is_cross_layer(spec) else kind  # block 1 of a cross-layer kind
     attn = 4 * seq_len * spec.hidden_size
-    forward = spec.num_layers * (proj + attn) + 2 * spec.hidden_size * spec.vocab_size
+    forward = (proj(first) + (spec.num_layers - 1) * proj(kind) + spec.num_layers * attn
+               + 2 * spec.hidden_size * spec.vocab_size)
     return dict(forward=forward, train=3 * forward)

@@ -3,8 +3,9 @@
 Everything is compiled from abstract shapes (`jax.eval_shape`), so a 7B plan runs on a laptop
 without allocating weights. XLA's cost analysis counts a `scan` body once, so for a scanned model
 one block's FLOPs are counted as flops(2 blocks per iteration) - flops(1 block per iteration) and
-flops(L) = flops(model) + (L - 1) * flops(block), which is exact for identical blocks; an
-unrolled model is counted as compiled.
+flops(L) = flops(model) + (S - n) * flops(block) for S scanned blocks run as n scans (1; CR-Net's
+`crnet` policy: one per segment; its full-rank block 1 is never scanned), which is exact for
+identical blocks; an unrolled model is counted as compiled.
 `--remat a,b` adds one row per policy: temp memory, FLOPs and what one block saves for the backward.
 """
 
@@ -23,7 +24,7 @@ from ml_collections import config_flags
 
 from colax import config as config_lib
 from colax import model as model_lib
-from colax import optim, remat, step
+from colax import layers, optim, remat, step
 from colax.errors import ConfigError, exit_on_error, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
@@ -55,16 +56,18 @@ def step_flops(spec, cfg, batch_size, seq_len, compiled=None):
     """XLA FLOPs of one training step as the model runs (`compiled`: its step, if at hand).
 
     XLA counts a loop body once. For a scanned model, one block's forward and backward are
-    counted as the difference of 4-layer copies with one and two blocks per scan iteration: the
-    backward's recomputation stays in its own loop, as in training, where an unrolled copy would
-    let XLA merge it with the forward.
+    counted as the difference of copies with 4 scanned blocks and one and two blocks per scan
+    iteration: the backward's recomputation stays in its own loop, as in training, where an
+    unrolled copy would let XLA merge it with the forward.
     """
     compiled = compiled or compile_step(spec, cfg, batch_size, seq_len)
     flops = xla_flops(compiled)
     if spec.scan_layers:
-        per_unroll = [xla_flops(compile_step(spec.replace(num_layers=4, scan_unroll=u), cfg, batch_size, seq_len))
-                      for u in (1, 2)]
-        flops += (spec.num_layers - 1) * (per_unroll[1] - per_unroll[0])
+        unscanned = int(model_lib.is_cross_layer(spec))
+        loops = len(remat.segment_ends(spec.num_layers)) if remat.POLICIES[spec.remat].inverts else 1
+        copy = spec.replace(num_layers=4 + unscanned)
+        per_unroll = [xla_flops(compile_step(copy.replace(scan_unroll=u), cfg, batch_size, seq_len)) for u in (1, 2)]
+        flops += (spec.num_layers - unscanned - loops) * (per_unroll[1] - per_unroll[0])
     return flops
 
 
@@ -148,32 +151,59 @@ def _source(description):
 
 
 def saved_per_block(spec, batch_size, seq_len):
-    """What one block keeps for its backward under spec.remat: [{shape, dtype, source}].
+    """What one block keeps for its backward under spec.remat: [{shape, dtype, source, blocks}].
 
-    From `saved_residuals` of the block's VJP, called as f(x, positions, params); the parameters
-    and positions (shared by all blocks) are left out; source is "argument x", a tag like
-    "cola_z", or the producing primitive.
+    From `saved_residuals` of the block's VJP, called as f(x, carry, positions, params) (carry: the
+    previous block's outputs for a cross-layer kind, else {}); the parameters and positions
+    (shared by all blocks) are left out; source is "argument x", "argument carry", a tag like
+    "cola_z", or the producing primitive. Under an inverting policy (`crnet`) it is measured on
+    one segment of `remat.EVERY` blocks: a value kept once per segment has blocks = EVERY.
     """
     graphdef, stacked = nnx.split(model_lib.abstract_model(spec).blocks)
-    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked)
+    inverts = remat.POLICIES[spec.remat].inverts
+    n = remat.EVERY if inverts else 1
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape[1:]) if inverts else a.shape[1:], a.dtype),
+                          stacked)
     x = jax.ShapeDtypeStruct((batch_size, seq_len, spec.hidden_size), spec.dtype)
     positions = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-    block = remat.checkpointed(lambda x, positions, params: nnx.merge(graphdef, params)(x, positions, None),
-                               spec.remat)
-    saved = [dict(shape=list(aval.shape), dtype=str(aval.dtype), source=_source(description))
-             for aval, description in _saved_residuals(block, x, positions, params)]
+    carry = {}
+    if model_lib.is_cross_layer(spec):
+        shapes = layers.projection_shapes(spec.hidden_size, spec.intermediate_size)
+        carry = {name: jax.ShapeDtypeStruct((batch_size, seq_len, out), spec.dtype) for name, (_, out) in shapes.items()}
+    if inverts:
+        block = lambda x, carry, positions, params: model_lib.inverted_blocks(
+            graphdef, (x, carry), params, (positions, None), [n])
+    else:
+        block = remat.checkpointed(
+            lambda x, carry, positions, params: nnx.merge(graphdef, params)(x, positions, None, carry), spec.remat)
+    saved = []
+    for aval, description in _saved_residuals(block, x, carry, positions, params):
+        per_block = inverts and aval.shape[:1] == (n,)
+        saved.append(dict(shape=list(aval.shape[1:] if per_block else aval.shape), dtype=str(aval.dtype),
+                          source=_source(description), blocks=1 if per_block or not inverts else n))
     return [row for row in saved if row["source"] not in ("argument params", "argument positions")]
 
 
 def per_token(spec, saved, batch_size, seq_len):
-    """Saved values per token: (count, formula), e.g. (7680, "2d+7r") with d hidden, r rank, f mlp;
-    widths that are none of these are summed into one number at the end."""
+    """Saved values per token and block: (count, formula), e.g. (7680, "2d+7r") with d hidden, r rank,
+    f mlp; widths that are none of these are summed into one number; values kept once per n blocks
+    (row["blocks"] = n) are added as "+(...)/n"."""
     symbols = {spec.hidden_size: "d", spec.intermediate_size: "f", **{r: "r" for _, r in spec.ranks if r}}
-    widths = [math.prod(row["shape"]) // (batch_size * seq_len) for row in saved]
-    counts = collections.Counter(symbols[w] for w in widths if w in symbols)
-    terms = [f"{n if n > 1 else ''}{s}" for s, n in counts.items()]
-    other = sum(w for w in widths if w not in symbols)
-    return sum(widths), "+".join(terms + ([str(other)] if other else [])) or "0"
+
+    def formula(rows):
+        widths = [math.prod(row["shape"]) // (batch_size * seq_len) for row in rows]
+        counts = collections.Counter(symbols[w] for w in widths if w in symbols)
+        terms = [f"{n if n > 1 else ''}{s}" for s, n in counts.items()]
+        other = sum(w for w in widths if w not in symbols)
+        return sum(widths), "+".join(terms + ([str(other)] if other else [])) or "0"
+
+    count, text = formula([row for row in saved if row.get("blocks", 1) == 1])
+    shared = [row for row in saved if row.get("blocks", 1) > 1]
+    if not shared:
+        return count, text
+    n = shared[0]["blocks"]
+    shared_count, shared_text = formula(shared)
+    return count + shared_count / n, f"{text}+({shared_text})/{n}"
 
 
 def _gib(n):

@@ -27,14 +27,21 @@ PROJECTION_AXES = {"q": ("embed", "heads"), "k": ("embed", "heads"), "v": ("embe
 
 @functools.cache
 def param_axes_table():
-    """{parameter dict-key path: logical axes} for every parameter of every projection kind."""
-    table = {("embed",): ("vocab", "embed"), ("lm_head",): ("embed", "vocab"), ("final_norm", "weight"): ("norm",),
-             ("blocks", "attn_norm", "weight"): ("layers", "norm"),
-             ("blocks", "mlp_norm", "weight"): ("layers", "norm")}
+    """{parameter dict-key path: logical axes} for every parameter of every projection kind.
+
+    The stacked blocks' parameters lead with "layers"; a cross-layer kind's block 1 ("first_block",
+    its `first_layer` projections) has no such axis.
+    """
+    table = {("embed",): ("vocab", "embed"), ("lm_head",): ("embed", "vocab"), ("final_norm", "weight"): ("norm",)}
+    for norm in ("attn_norm", "mlp_norm"):
+        table["blocks", norm, "weight"] = ("layers", "norm")
+        table["first_block", norm, "weight"] = ("norm",)
     for kind in model_lib.layers.PROJECTIONS.values():
         for name, (fan_in, fan_out) in PROJECTION_AXES.items():
             for leaf, axes in kind.param_axes(fan_in, fan_out).items():
                 table["blocks", name, leaf] = ("layers", *axes)
+            for leaf, axes in getattr(kind, "first_layer", kind).param_axes(fan_in, fan_out).items():
+                table["first_block", name, leaf] = axes
     return table
 
 

@@ -74,7 +74,7 @@ def ref_rope(x, pos, theta=10000.0):
 
 
 def ref_forward(p, tokens, spec, positions=None, segments=None):
-    """The LLaMA / CoLA decoder in numpy float64, from the math."""
+    """The LLaMA / CoLA / CR-Net decoder in numpy float64, from the math, one block at a time."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
     bsz, t = tokens.shape
     nh, d = spec.num_heads, spec.hidden_size
@@ -85,18 +85,27 @@ def ref_forward(p, tokens, spec, positions=None, segments=None):
     def norm(x, w):
         return w * x / np.sqrt((x * x).mean(-1, keepdims=True) + spec.norm_eps)
 
+    prev, outputs = {}, {}  # CR-Net: the previous block's projection outputs, this block's
+
     def proj(blk, name, x):
-        if spec.projection == "dense":
-            return x @ blk[name]["w"]
-        return silu(x @ blk[name]["A"]) @ blk[name]["B"]
+        if "w" in blk[name]:  # full-rank: dense, and CR-Net's block 1
+            y = x @ blk[name]["w"]
+        elif "beta" in blk[name]:  # CR-Net: s(beta) * previous block's output + x A B
+            beta = blk[name]["beta"]
+            y = np.sign(beta) * (np.abs(beta) + 1e-6) * prev[name] + x @ blk[name]["A"] @ blk[name]["B"]
+        else:
+            y = silu(x @ blk[name]["A"]) @ blk[name]["B"]
+        outputs[name] = y
+        return y
 
     allowed = np.tril(np.ones((t, t), bool))[None]
     if segments is not None:
         s = np.asarray(segments)
         allowed = allowed & (s[:, :, None] == s[:, None, :])
     x = p["embed"][tokens]
-    for i in range(spec.num_layers):
-        blk = jax.tree.map(lambda a: a[i], p["blocks"])
+    first = [p["first_block"]] if "first_block" in p else []  # CR-Net's block 1 is stored apart
+    for blk in first + [jax.tree.map(lambda a: a[i], p["blocks"]) for i in range(spec.num_layers - len(first))]:
+        prev, outputs = outputs, {}
         h = norm(x, blk["attn_norm"]["weight"])
         q, k, v = (proj(blk, n, h).reshape(bsz, t, nh, hd) for n in ("q", "k", "v"))
         q, k = ref_rope(q, pos), ref_rope(k, pos)

@@ -34,7 +34,7 @@ def _grads(spec):
 @pytest.mark.parametrize("scan_layers", [True, False])
 @pytest.mark.parametrize("projection", ["cola", "dense"])
 def test_every_policy_gives_the_same_gradients(projection, scan_layers):
-    names = [n for n, p in remat.POLICIES.items() if projection == "cola" or not p.lowrank]
+    names = [n for n, p in remat.POLICIES.items() if (projection == "cola" or not p.lowrank) and not p.inverts]
     grads = {n: _grads(_spec(projection=projection, scan_layers=scan_layers, remat=n)) for n in names}
     for name in names[1:]:
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),

@@ -1,0 +1,7 @@
+"""CR-Net (Kong et al., ICLR 2026) at the paper's 350M LLaMA size, with CoLA's rank and recipe (docs/methods.md)."""
+
+from colax import config
+
+
+def get_config():
+    return config.preset("crnet", "350m")
