@@ -337,7 +337,8 @@ def count_params(spec: ModelSpec):
     """Parameter counts read off the model: {"total", "lowrank", "embeddings", "projections", "norms"}.
 
     Integer leaves (SLTrain's support) are model state, not parameters; a projection kind's
-    `padding` (stored entries that are not parameters) is left out too.
+    `padding` (stored entries that are not parameters) is left out too. "lowrank" is the
+    projections of the stacked blocks of a low-rank kind (not CR-Net's full-rank block 1).
     """
     counts = dict(total=0, lowrank=0, embeddings=0, projections=0, norms=0)
     for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(abstract_model(spec)))):
@@ -349,13 +350,14 @@ def count_params(spec: ModelSpec):
                  else "norms")
         counts[group] += leaf.size
         counts["total"] += leaf.size
+        counts["lowrank"] += leaf.size if group == "projections" and keys[0] == "blocks" else 0
     kind = layers.PROJECTIONS[spec.projection]
     if hasattr(kind, "padding"):
         shapes = layers.projection_shapes(spec.hidden_size, spec.intermediate_size)
         padding = spec.num_layers * sum(kind.padding(i, o, spec.rank[n], spec) for n, (i, o) in shapes.items())
-        counts["projections"] -= padding
-        counts["total"] -= padding
-    counts["lowrank"] = counts["projections"] if spec.projection != "dense" else 0
+        for group in ("projections", "total", "lowrank"):
+            counts[group] -= padding
+    counts["lowrank"] *= spec.projection != "dense"
     return counts
 
 

@@ -43,6 +43,7 @@ def test_parameter_counts_of_the_presets(size):
     counts = model.count_params(spec)
     assert counts["total"] == by_hand(d, f, 32000, layers, r)
     assert counts["embeddings"] == 2 * 32000 * d
+    assert counts["lowrank"] == (layers - 1) * sum(r * (i + o) + 1 for i, o in [(d, d)] * 4 + [(d, f)] * 2 + [(f, d)])
 
 
 def test_block_one_is_full_rank_and_later_blocks_have_no_full_rank_weight():

@@ -37,7 +37,7 @@ def _model(seed=0, **overrides):
 
 
 @pytest.mark.parametrize("projection, scan_layers", [("cola", True), ("cola", False), ("dense", True),
-                                                     ("dense", False)])
+                                                     ("dense", False), ("crnet", True)])
 def test_cached_decoding_matches_full_recompute_at_every_position(projection, scan_layers):
     graphdef, params = _model(projection=projection, scan_layers=scan_layers)
     spec, max_len, width = nnx.merge(graphdef, params).spec, 12, 8
