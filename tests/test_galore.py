@@ -153,7 +153,7 @@ def test_only_projection_weights_wider_than_the_rank_are_projected_the_rest_get_
     st, p, update = tx.init(params), params, jax.jit(tx.update)
     mu = nu = jax.tree.map(np.zeros_like, params)
     low_rank = galore.scale_by_galore(4, 2, SCALE, B1, B2, EPS)
-    low_rank_state = low_rank.init(params["blocks"]["q"])
+    low_rank_state, low_rank_update = low_rank.init(params["blocks"]["q"]), jax.jit(low_rank.update)
     for t in range(1, 4):
         grads = jax.tree.map(lambda x: np.random.default_rng(t).standard_normal(x.shape).astype(np.float32), params)
         updates, st = update(grads, st, p)
@@ -162,7 +162,7 @@ def test_only_projection_weights_wider_than_the_rank_are_projected_the_rest_get_
         # optax's AdamW: bias-corrected moments, eps added to sqrt(v_hat), decoupled decay, -lr.
         adamw = jax.tree.map(lambda m, v, x: -float(lr(t - 1)) * (
             m / (1 - B1 ** t) / (np.sqrt(v / (1 - B2 ** t)) + EPS) + 0.1 * x), mu, nu, p)
-        direction, low_rank_state = jax.jit(low_rank.update)(grads["blocks"]["q"], low_rank_state)
+        direction, low_rank_state = low_rank_update(grads["blocks"]["q"], low_rank_state)
         adamw["blocks"]["q"]["w"] = -float(lr(t - 1)) * (direction["w"] + 0.1 * p["blocks"]["q"]["w"])
         for path, u in jax.tree_util.tree_leaves_with_path(updates):
             expected = adamw
