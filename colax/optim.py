@@ -1,5 +1,5 @@
 """The optimizer: AdamW, GaLore or Fira (`optim.name`), with global-norm clipping, decoupled weight
-decay and a linear-warmup + cosine schedule (optax).
+decay and a named lr schedule (`optim.schedule`, `colax.schedules`; optax).
 
 GaLore and Fira (`colax.galore`) project the gradients of the decoder blocks' projection weights
 whose both sides exceed `optim.rank`; every other parameter (embeddings, lm_head, norms, and with a
@@ -13,6 +13,7 @@ from flax import nnx
 
 from colax import galore, layers
 from colax import model as model_lib
+from colax import schedules
 from colax.errors import ConfigError
 
 NAMES = ("adamw", "galore", "fira")
@@ -34,6 +35,11 @@ def defaults():
         rank=128,             # galore/fira: projection rank r
         update_proj_gap=200,  # galore/fira: steps T between SVD refreshes of the projectors
         scale=0.25,           # galore/fira: factor on the back-projected low-rank step
+        schedule="cosine",    # a name in colax.schedules.NAMES: "cosine" or "jagged_cosine" (ReLoRA)
+        restart_every=0,      # jagged_cosine: steps between restarts (0: only at the end of the warm start)
+        restart_warmup_steps=0,  # jagged_cosine: linear re-warmup from 0 after each restart
+        restart_keep=0.0,     # at a restart, fraction of the reset optimizer state kept (largest |.|); 0: all reset
+        full_rank_steps=0,    # full-rank warm start: steps training a low-rank kind's full weight first
     ))
 
 
@@ -49,17 +55,28 @@ def validate(o, total_steps):
               ("rank", isinstance(o.rank, int) and o.rank > 0, "must be a positive integer"),
               ("update_proj_gap", isinstance(o.update_proj_gap, int) and o.update_proj_gap > 0,
                "must be a positive integer"),
-              ("scale", o.scale > 0, "must be > 0")]
+              ("scale", o.scale > 0, "must be > 0"),
+              ("schedule", o.schedule in schedules.NAMES, f"must be one of {', '.join(schedules.NAMES)}"),
+              ("full_rank_steps", isinstance(o.full_rank_steps, int) and 0 <= o.full_rank_steps < total_steps,
+               f"must be an integer in [0, train.steps={total_steps})"),
+              ("restart_every", isinstance(o.restart_every, int) and o.restart_every >= 0, "must be an integer >= 0"),
+              ("restart_every", o.schedule != "jagged_cosine" or o.restart_every or o.full_rank_steps,
+               "must be > 0 for the jagged_cosine schedule without a full-rank warm start"),
+              ("restart_warmup_steps", isinstance(o.restart_warmup_steps, int) and (
+                  o.schedule != "jagged_cosine" or 0 < o.restart_warmup_steps <= (o.restart_every or total_steps)),
+               "must be an integer in [1, restart_every] for the jagged_cosine schedule"),
+              ("restart_keep", 0 <= o.restart_keep < 1, "must be in [0, 1)")]
     for field, ok, msg in checks:
         if not ok:
             raise ConfigError(f"optim.{field} {msg}, got {o[field]!r}")
 
 
 def schedule(o, total_steps):
-    """Learning rate at each step: 0 -> o.lr linearly over warmup, then cosine to min_lr_ratio * lr."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps, decay_steps=total_steps,
-        end_value=o.lr * o.min_lr_ratio)
+    """Learning rate at each step count: the schedule named by `o.schedule` (`colax.schedules`)."""
+    base = schedules.cosine(o.lr, o.warmup_steps, total_steps, o.min_lr_ratio)
+    if o.schedule == "cosine":
+        return base
+    return schedules.jagged_cosine(base, o.full_rank_steps, o.restart_every, o.restart_warmup_steps)
 
 
 def decay_mask(params):

@@ -1,0 +1,130 @@
+"""LoRA / ReLoRA: the layer, the merge-and-reinit hook, the jagged cosine, and the hook through the loop.
+
+References are written here in numpy from the papers' formulas (Lialin et al., ICLR 2024).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from colax import layers, model, optim, schedules
+from conftest import small_spec
+
+ALPHA = 32.0
+
+
+def test_lora_layer_is_xwt_plus_scaled_xatbt():
+    spec = small_spec(projection="lora")
+    proj = layers.LoRA(32, 48, 8, spec, rngs=nnx.Rngs(1))
+    w, a = np.asarray(proj.base[...]), np.asarray(proj.lora_a[...])
+    assert w.shape == (48, 32) and a.shape == (8, 32) and proj.lora_b[...].shape == (48, 8)
+    assert not np.any(np.asarray(proj.lora_b[...]))  # B = 0: the layer starts as x W^T
+    bound = 1 / math.sqrt(32)  # kaiming_uniform(a=sqrt(5)) on [r, in]: U(-1/sqrt(in), 1/sqrt(in))
+    assert np.abs(a).max() <= bound and np.abs(a).max() > 0.95 * bound
+    b = np.asarray(jax.random.normal(jax.random.key(3), (48, 8)))
+    proj.lora_b[...] = b
+    x = np.asarray(jax.random.normal(jax.random.key(2), (3, 5, 32)))
+    expected = x @ w.T + (ALPHA / 8) * (x @ a.T) @ b.T
+    np.testing.assert_allclose(proj(jnp.asarray(x)), expected, rtol=2e-5, atol=2e-5)
+
+
+def optim_section(**kw):
+    o = optim.defaults()
+    o.update(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="jagged_cosine", **kw)
+    return o
+
+
+def cosine_by_hand(t, total=100, warmup=10, lo=0.1):
+    if t < warmup:
+        return t / warmup
+    return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+
+
+@pytest.mark.parametrize("warm_start,every,restarts", [(20, 30, (20, 50, 80)), (0, 30, (30, 60, 90)),
+                                                        (20, 0, (20,))])
+def test_jagged_cosine_drops_to_zero_and_rewarms_onto_the_cosine(warm_start, every, restarts):
+    o = optim_section(full_rank_steps=warm_start, restart_every=every, restart_warmup_steps=5)
+    lr = optim.schedule(o, 100)
+    for t in range(100):
+        last = max([r for r in restarts if r <= t], default=None)
+        if last is not None and t - last < 5:  # 0 at the restart, then linear onto cosine(last + 5)
+            want = (t - last) / 5 * cosine_by_hand(last + 5)
+        else:
+            want = cosine_by_hand(t)
+        assert float(lr(t)) == pytest.approx(want, abs=1e-6), t
+    assert [s for s in range(1, 100) if schedules.is_restart(o, s)] == list(restarts)
+    assert float(lr(restarts[0])) == 0 and float(lr(restarts[0] + 2)) == pytest.approx(
+        0.4 * cosine_by_hand(restarts[0] + 5))  # two values by hand as well
+    o.schedule = "cosine"
+    assert not any(schedules.is_restart(o, s) for s in range(100))
+
+
+def lora_state(seed=0):
+    """(graphdef, params, opt_state) of a tiny LoRA model with random B and random Adam moments."""
+    spec = small_spec(projection="lora")
+    graphdef, state = nnx.split(model.Transformer(spec, rngs=nnx.Rngs(seed)))
+    params = nnx.to_pure_dict(state)
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
+    for name in layers.PROJECTION_NAMES:
+        b = params["blocks"][name]["lora_b"]
+        params["blocks"][name]["lora_b"] = jax.random.normal(next(keys), b.shape) * 0.05
+    opt_state = optim.make(optim_section(restart_every=4, restart_warmup_steps=2), 100).init(params)
+    random = lambda x: jax.random.normal(next(keys), x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return spec, graphdef, params, jax.tree.map(random, opt_state)
+
+
+def keep_largest_by_hand(x, keep):
+    x = np.asarray(x)
+    out = np.zeros_like(x)
+    for layer in range(x.shape[0]):
+        if keep:
+            threshold = np.quantile(np.abs(x[layer]), 1 - keep)  # linear interpolation, as torch.quantile
+            out[layer] = np.where(np.abs(x[layer]) > threshold, x[layer], 0)
+    return out
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.1])
+def test_relora_merge_keeps_the_function_and_resets_exactly_the_factor_state(keep):
+    spec, graphdef, params, opt_state = lora_state()
+    tokens = jax.random.randint(jax.random.key(5), (2, 16), 0, spec.vocab_size)
+    before = nnx.merge(graphdef, params)(tokens)
+    np_params, np_opt = jax.tree.map(np.asarray, (params, opt_state))
+    new_params, new_opt = jax.jit(layers.relora_merge, static_argnums=(0, 1))(
+        ALPHA, keep, jnp.int32(4), params, opt_state, jax.random.key(7))
+    np.testing.assert_allclose(nnx.merge(graphdef, new_params)(tokens), before, rtol=1e-5, atol=1e-5)
+    for name in layers.PROJECTION_NAMES:
+        old, new = np_params["blocks"][name], new_params["blocks"][name]
+        merged = old["base"] + ALPHA / 8 * np.einsum("lor,lri->loi", old["lora_b"], old["lora_a"])
+        np.testing.assert_allclose(new["base"], merged, rtol=1e-6, atol=1e-6)
+        assert np.abs(merged - old["base"]).max() > 1e-3  # the merge is not trivially zero
+        assert not np.any(np.asarray(new["lora_b"]))
+        a = np.asarray(new["lora_a"])
+        assert np.abs(a).max() <= 1 / math.sqrt(a.shape[-1]) and not np.allclose(a, old["lora_a"])
+    flat_old = jax.tree_util.tree_leaves_with_path(np_opt)
+    flat_new = jax.tree_util.tree_leaves(new_opt)
+    reset = 0
+    for (path, old), new in zip(flat_old, flat_new, strict=True):
+        name = getattr(path[-1], "key", None)
+        if name in ("lora_a", "lora_b"):
+            np.testing.assert_array_equal(new, keep_largest_by_hand(old, keep))
+            reset += 1
+        else:
+            np.testing.assert_array_equal(new, old)
+    assert reset == 2 * 2 * len(layers.PROJECTION_NAMES)  # mu and nu of A and B of every projection
+    if keep:  # about keep of each tensor survives, the largest ones
+        kept = np.mean(np.asarray(new_opt_leaf(new_opt, "q", "lora_a")) != 0)
+        assert kept == pytest.approx(keep, abs=0.02)
+
+
+def new_opt_leaf(opt_state, projection, leaf):
+    """The first optimizer-state leaf at blocks/projection/leaf (Adam's mu)."""
+    for path, x in jax.tree_util.tree_leaves_with_path(opt_state):
+        keys = [getattr(k, "key", None) for k in path]
+        if keys[-3:] == ["blocks", projection, leaf]:
+            return x
+    raise KeyError(projection, leaf)
