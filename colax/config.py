@@ -13,7 +13,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from colax import data, errors, model, optim, sharding, tokenizer
+from colax import data, errors, layers, model, optim, sharding, tokenizer
 from colax.errors import ConfigError
 
 # The paper's model sizes: hidden, intermediate, heads, layers, rank, CoLA peak lr, steps, warmup,
@@ -35,6 +35,10 @@ SLTRAIN_LR = 0.003
 # rank = the size's rank, T = 200 steps between projector refreshes, no weight decay, no clipping,
 # 10% warmup, the reference code's eps.
 LOW_RANK_OPTIM = dict(lr=0.01, scale=0.25, update_proj_gap=200, weight_decay=0.0, grad_clip=0.0, eps=1e-6)
+# LoRA and ReLoRA (Lialin et al.) on the full-rank model's sizes, with the size's rank, alpha 32 and the
+# full-rank lr; ReLoRA in the paper's proportions (of 20k steps: a 5k-step full-rank warm start, a merge
+# every 5k steps, 100-step re-warmups: fewer for short runs), optimizer state fully reset at merges.
+LORA_KINDS = ("lora", "relora")
 
 
 def train_defaults():
@@ -81,14 +85,16 @@ def preset(kind, size):
 
     SLTrain takes CoLA's model size, rank and schedule with its own alpha, lr and no weight decay
     (sizes in SLTRAIN_ALPHA). "galore" and "fira" are the full-rank model trained with that
-    optimizer (`LOW_RANK_OPTIM`). CR-Net takes CoLA's model size, rank, lr and schedule."""
-    kinds = ("cola", "llama", "sltrain", "crnet", "galore", "fira")
+    optimizer (`LOW_RANK_OPTIM`). CR-Net takes CoLA's model size, rank, lr and schedule. "lora" and
+    "relora" are LoRA and ReLoRA (`LORA_KINDS`) on the full-rank model's recipe."""
+    kinds = ("cola", "llama", "sltrain", "crnet", "galore", "fira") + LORA_KINDS
     if kind not in kinds or size not in SIZES or kind == "sltrain" and size not in SLTRAIN_ALPHA:
         raise ConfigError(f"no preset {kind}_{size}: kinds {', '.join(kinds)}; sizes {', '.join(SIZES)} "
                           f"(sltrain: {', '.join(SLTRAIN_ALPHA)})")
     d, f, heads, n_layers, rank, lr, steps, warmup, only_lr_act = SIZES[size]
     cfg = defaults()
-    cfg.model.update(projection={"llama": "dense", "galore": "dense", "fira": "dense"}.get(kind, kind), hidden_size=d, intermediate_size=f,
+    projection = {"llama": "dense", "galore": "dense", "fira": "dense", "relora": "lora"}.get(kind, kind)
+    cfg.model.update(projection=projection, hidden_size=d, intermediate_size=f,
                      num_heads=heads, num_layers=n_layers, rank=rank,
                      only_lr_act=only_lr_act and kind == "cola")
     cfg.optim.update(lr=lr if kind in ("cola", "crnet") else FULL_RANK_LR, warmup_steps=warmup)
@@ -102,6 +108,9 @@ def preset(kind, size):
     if kind == "sltrain":
         cfg.model.lora_alpha = SLTRAIN_ALPHA[size]
         cfg.optim.update(lr=SLTRAIN_LR, weight_decay=0.0)
+    if kind == "relora":
+        cfg.optim.update(schedule="jagged_cosine", full_rank_steps=steps // 4, restart_every=steps // 4,
+                         restart_warmup_steps=min(100, steps // 16))
     return cfg
 
 
@@ -206,6 +215,9 @@ def validate(cfg):
     accum_steps(cfg)
     optim.validate(cfg.optim, t.steps)
     optim.check_model(cfg.optim, spec)
+    if cfg.optim.full_rank_steps and not hasattr(layers.PROJECTIONS[spec.projection], "full_rank_frozen"):
+        raise ConfigError(f"optim.full_rank_steps needs a projection kind with a full-rank warm start (lora), "
+                          f"got model.projection={spec.projection!r}")
     return spec
 
 
