@@ -1,0 +1,74 @@
+"""One optimizer step after another: training phases and the method's between-steps hook.
+
+`Trainer(cfg, graphdef, mesh)(s, params, opt_state, batches)` runs optimizer step s (1, 2, ...) of
+the phase it belongs to, then the projection kind's hook where due (`colax.hooks`), then, after
+the last step of the full-rank warm start (`optim.full_rank_steps`), the switch to the low-rank
+phase. The trainable mask is static within a phase (`model.trainable_mask(params, full_rank)`), so
+each phase has its own optimizer (`optim.make(..., full_rank)`) and jitted step, compiled once when
+first used. At the switch the optimizer state is re-created for the low-rank phase, keeping every
+leaf that the two phases' states share (step counts, the moments of parameters trained in both).
+Hook and switch run jitted with the state's shardings, params and opt_state donated.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from colax import hooks, layers, optim, state, step
+
+
+def hook_of(cfg):
+    """The between-steps hook of `cfg`'s projection kind (`kind.hook(cfg)`), or None."""
+    kind = layers.PROJECTIONS[cfg.model.projection]
+    return kind.hook(cfg) if hasattr(kind, "hook") else None
+
+
+def carry_over(new, old):
+    """`new` (an optimizer state) with each leaf that `old` has at the same path and shape taken from `old`."""
+    old = dict(jax.tree_util.tree_leaves_with_path(old))
+    same = lambda path, x: path in old and old[path].shape == x.shape and old[path].dtype == x.dtype
+    return jax.tree_util.tree_map_with_path(lambda path, x: old[path] if same(path, x) else x, new)
+
+
+class Trainer:
+    """Advances (params, opt_state) by one optimizer step, its hook and any phase switch."""
+
+    def __init__(self, cfg, graphdef, mesh):
+        self.cfg, self.graphdef, self.mesh = cfg, graphdef, mesh
+        self.hook = hook_of(cfg)
+        self.compiled = {}
+
+    def full_rank(self, s):
+        """Whether the state after s optimizer steps is in the full-rank warm-start phase."""
+        return s < self.cfg.optim.full_rank_steps
+
+    def tx(self, s):
+        """The optimizer of the state after s optimizer steps."""
+        return optim.make(self.cfg.optim, self.cfg.train.steps, full_rank=self.full_rank(s))
+
+    def _compiled(self, name, make):
+        if name not in self.compiled:
+            self.compiled[name] = make()
+        return self.compiled[name]
+
+    def __call__(self, s, params, opt_state, batches):
+        """Optimizer step s on `batches` ([A, B, T] micro-batches) -> (params, opt_state, metrics)."""
+        full_rank = self.full_rank(s - 1)
+        train_step = self._compiled(("step", full_rank), lambda: state.jit_train_step(
+            step.make_train_step(self.graphdef, self.tx(s - 1), self.cfg.train.on_nonfinite == "skip",
+                                 full_rank=full_rank), params, opt_state, self.mesh))
+        params, opt_state, metrics = train_step(params, opt_state, batches)
+        if self.hook is not None and self.hook.due(s):
+            apply = self._compiled("hook", lambda: state.jit_hook(self.hook.apply, params, opt_state, self.mesh))
+            params, opt_state = apply(jnp.int32(s), params, opt_state, hooks.hook_key(self.cfg.train.seed, s))
+        if s == self.cfg.optim.full_rank_steps:
+            opt_state = self._switch(params, opt_state)
+        return params, opt_state, metrics
+
+    def _switch(self, params, opt_state):
+        """The low-rank phase's optimizer state, carrying over what the warm start's state shares with it."""
+        tx = self.tx(self.cfg.optim.full_rank_steps)
+        new = jax.eval_shape(tx.init, params)
+        switch = jax.jit(lambda params, old: carry_over(tx.init(params), old), donate_argnums=(1,),
+                         in_shardings=state.tree_shardings((params, opt_state), self.mesh),
+                         out_shardings=state.tree_shardings(new, self.mesh))
+        return switch(params, opt_state)
