@@ -243,15 +243,16 @@ def check_resume_step(workdir, resume_step):
 def restore(mngr, target, data_iter, step=0):
     """(step, params, opt_state) of the newest checkpoint that restores cleanly, or of `step` if > 0.
 
-    target: `(params, opt_state)` of ShapeDtypeStructs with shardings (`state.abstract_state`),
-    so each device reads only its shards, on any mesh. The data iterator is moved in place to its
+    target: step -> `(params, opt_state)` of ShapeDtypeStructs with shardings
+    (`state.abstract_state`; the state's structure may depend on the step, as the optimizer state
+    of a full-rank warm start does), so each device reads only its shards, on any mesh. The data iterator is moved in place to its
     saved position. A newer checkpoint that fails to restore is renamed `<step>.corrupt`; those
     newer than an explicit `step`, `<step>.abandoned` (the run continues from `step`); a line says so.
     """
     steps = _trained_steps(mngr, step)
-    params, opt_state = target
     failed = []
     for s in [step] if step else steps:
+        params, opt_state = target(s)
         try:
             restored = mngr.restore(s, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(dict(params=params, opt_state=opt_state)),

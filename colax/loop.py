@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from colax import checkpoint, convert, data, evaluate, generate, metrics, optim, sharding, state, step, tokenizer
+from colax import checkpoint, convert, data, evaluate, generate, metrics, optim, sharding, state, tokenizer
+from colax import trainer as trainer_lib
 from colax import config as config_lib
 from colax import guard as guard_lib
 from colax import model as model_lib
@@ -172,24 +173,22 @@ def _run(cfg, workdir, overwrite, stop_after, stop):
 def _train(cfg, spec, mesh, tok, workdir, resume_step, stop_after, stop):
     """The body of `run` once the workdir is locked and prepared."""
     accum, t = config_lib.accum_steps(cfg), cfg.train
-    tx = optim.make(cfg.optim, t.steps)
+    trainer = trainer_lib.Trainer(cfg, nnx.graphdef(model_lib.abstract_model(spec)), mesh)
     train_it = data.make_pipeline(cfg.data, tok, split="train", global_batch_size=t.batch_size)
     guard = guard_lib.Guard(t)
     mngr = checkpoint.manager(workdir, t, guard.pinned)
     start = 0
     if mngr.latest_step() or resume_step:  # restored straight into the shardings: no fresh parameters
         stop.message = f"interrupted before resuming at step {resume_step or mngr.latest_step()}, nothing saved"
-        graphdef = nnx.graphdef(model_lib.abstract_model(spec))
-        start, params, opt_state = checkpoint.restore(mngr, state.abstract_state(spec, tx, mesh), train_it,
-                                                      resume_step)
+        graphdef = trainer.graphdef  # each checkpoint restores into the state of its step's phase:
+        target = lambda step: state.abstract_state(spec, trainer.tx(step), mesh)
+        start, params, opt_state = checkpoint.restore(mngr, target, train_it, resume_step)
         guard.saved(start)
     else:
-        graphdef, params, opt_state = state.init_state(spec, tx, mesh, t.seed)
-        params, opt_state = init_from(cfg, workdir, mngr, tx, params, opt_state)
+        graphdef, params, opt_state = state.init_state(spec, trainer.tx(0), mesh, t.seed)
+        params, opt_state = init_from(cfg, workdir, mngr, trainer.tx(0), params, opt_state)
     val = list(evaluate.val_batches(cfg, tok, t.batch_size // accum, t.eval_batches))
     evaluate_fn = evaluate.make_evaluate(graphdef, params, mesh, val)
-    train_step = state.jit_train_step(step.make_train_step(graphdef, tx, t.on_nonfinite == "skip"),
-                                         params, opt_state, mesh)
     log = Logger(cfg, workdir, spec, start, guard)
     log.progress.write(f"{'resuming at' if start else 'starting'} step {start}/{t.steps}: "
                        f"{model_lib.count_params(spec)['total'] / 1e6:.2f}M parameters, {accum} micro-batch(es) "
@@ -199,7 +198,7 @@ def _train(cfg, spec, mesh, tok, workdir, resume_step, stop_after, stop):
     with stop.while_training("interrupted again: stopped without saving; the last checkpoint stays valid"):
         try:
             for s in range(start + 1, t.steps + 1):
-                params, opt_state, m = train_step(params, opt_state, device_batch(next(train_it), accum, mesh))
+                params, opt_state, m = trainer(s, params, opt_state, device_batch(next(train_it), accum, mesh))
                 if pending:
                     log.step(*pending)
                 checkpoint.check_saves(mngr)  # a failed async save stops the run at once

@@ -314,11 +314,14 @@ def _projection_values(outputs):
             for p in layers.PROJECTION_NAMES}
 
 
-def trainable_mask(params):
+def trainable_mask(params, full_rank=False):
     """True for each parameter the optimizer trains, False for the frozen ones: integer leaves
     (e.g. index sets) and the parameters a projection kind names in its `frozen` attribute
-    (changed only between steps, by the method's hook). params: the model's pure-dict state."""
-    frozen = {leaf for kind in layers.PROJECTIONS.values() for leaf in getattr(kind, "frozen", ())}
+    (changed only between steps, by the method's hook); with `full_rank` (the full-rank warm start,
+    `optim.full_rank_steps`) those it names in `full_rank_frozen` instead. params: the model's
+    pure-dict state."""
+    names = "full_rank_frozen" if full_rank else "frozen"
+    frozen = {leaf for kind in layers.PROJECTIONS.values() for leaf in getattr(kind, names, ())}
 
     def trainable(path, leaf):
         keys = tuple(getattr(k, "key", None) for k in path)

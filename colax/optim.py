@@ -6,6 +6,8 @@ whose both sides exceed `optim.rank`; every other parameter (embeddings, lm_head
 CoLA model the factors with a side <= rank) gets plain AdamW with the same lr.
 """
 
+import functools
+
 import jax
 import ml_collections
 import optax
@@ -111,11 +113,12 @@ def check_model(o, spec):
                           f"(largest: {name} {list(shape)})")
 
 
-def make(o, total_steps):
+def make(o, total_steps, full_rank=False):
     """optax transformation: clip_by_global_norm (if grad_clip > 0), then AdamW, or GaLore/Fira on
     the `projected` weights and Adam on the rest, with decoupled weight decay, on the schedule;
-    over the trainable parameters only (`model.trainable_mask`): frozen ones get no optimizer
-    state and a zero update."""
+    over the trainable parameters only (`model.trainable_mask(params, full_rank)`): frozen ones get
+    no optimizer state and a zero update. `full_rank`: the optimizer of the full-rank warm start
+    (`optim.full_rank_steps`)."""
     adam = optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps)
     if o.name != "adamw":
         low_rank = galore.scale_by_galore(o.rank, o.update_proj_gap, o.scale, o.b1, o.b2, o.eps, fira=o.name == "fira")
@@ -126,4 +129,4 @@ def make(o, total_steps):
     tx = optax.chain(adam, optax.add_decayed_weights(o.weight_decay, None if o.decay_norms else decay_mask),
                      optax.scale_by_learning_rate(schedule(o, total_steps)))
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx) if o.grad_clip > 0 else tx
-    return optax.masked(tx, model_lib.trainable_mask)
+    return optax.masked(tx, functools.partial(model_lib.trainable_mask, full_rank=full_rank))

@@ -127,6 +127,15 @@ def init_state(spec, tx, mesh, seed):
     return graphdef, params, opt_state
 
 
+def jit_hook(apply, params, opt_state, mesh):
+    """A between-steps hook `apply(step, params, opt_state, key) -> (params, opt_state)` (`colax.hooks`)
+    jitted on `mesh`: the state keeps its shardings, params and opt_state are donated."""
+    state_shardings = tree_shardings((params, opt_state), mesh)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(on_mesh(apply, mesh), donate_argnums=(1, 2), in_shardings=(replicated, *state_shardings, replicated),
+                   out_shardings=state_shardings)
+
+
 def jit_train_step(train_step, params, opt_state, mesh):
     """`train_step` jitted on `mesh` with explicit in/out shardings; params and opt_state donated."""
     state_shardings = tree_shardings((params, opt_state), mesh)

@@ -22,9 +22,9 @@ def loss_sums(params, graphdef, batch):
     return (ce * mask).sum(), mask.sum()
 
 
-def _split(params):
+def _split(params, full_rank):
     """(trainable, frozen) copies of `params`, each with None where the other has a leaf."""
-    mask = model_lib.trainable_mask(params)
+    mask = model_lib.trainable_mask(params, full_rank)
     pick = lambda keep: jax.tree.map(lambda p, m: p if m == keep else None, params, mask)
     return pick(True), pick(False)
 
@@ -34,13 +34,13 @@ def _join(trainable, frozen):
     return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
 
 
-def grads(params, graphdef, batches):
+def grads(params, graphdef, batches, full_rank=False):
     """Token-weighted mean loss and its gradient over micro-batches stacked on axis 0.
 
-    Only trainable parameters (`model.trainable_mask`) are differentiated; the gradient of a
-    frozen one is zeros of its shape and dtype.
+    Only trainable parameters (`model.trainable_mask(params, full_rank)`) are differentiated; the
+    gradient of a frozen one is zeros of its shape and dtype.
     """
-    trainable, frozen = _split(params)
+    trainable, frozen = _split(params, full_rank)
     grad_fn = jax.value_and_grad(lambda t, graphdef, batch: loss_sums(_join(t, frozen), graphdef, batch),
                                  has_aux=True)
 
@@ -64,16 +64,17 @@ def all_finite(tree):
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(graphdef, tx, skip_nonfinite=False):
+def make_train_step(graphdef, tx, skip_nonfinite=False, full_rank=False):
     """Returns train_step(params, opt_state, batches) -> (params, opt_state, metrics).
 
     metrics: float32 scalars "loss", "grad_norm" and "finite" (1.0 if the loss, the gradient norm
     and the updated parameters are all finite, else 0.0). With `skip_nonfinite`, a step that is
-    not finite leaves params and opt_state unchanged.
+    not finite leaves params and opt_state unchanged. `full_rank`: a step of the full-rank warm start
+    (`grads`; `tx` must be `optim.make(..., full_rank=True)`).
     """
 
     def train_step(params, opt_state, batches):
-        loss, g = grads(params, graphdef, batches)
+        loss, g = grads(params, graphdef, batches, full_rank)
         grad_norm = optax.tree.norm(g)
         updates, new_opt_state = tx.update(g, opt_state, params)
         new_params = optax.apply_updates(params, updates)

@@ -58,7 +58,8 @@ class Trainer:
                                  full_rank=full_rank), params, opt_state, self.mesh))
         params, opt_state, metrics = train_step(params, opt_state, batches)
         if self.hook is not None and self.hook.due(s):
-            apply = self._compiled("hook", lambda: state.jit_hook(self.hook.apply, params, opt_state, self.mesh))
+            apply = self._compiled(("hook", full_rank), lambda: state.jit_hook(self.hook.apply, params, opt_state,
+                                                                                self.mesh))
             params, opt_state = apply(jnp.int32(s), params, opt_state, hooks.hook_key(self.cfg.train.seed, s))
         if s == self.cfg.optim.full_rank_steps:
             opt_state = self._switch(params, opt_state)
