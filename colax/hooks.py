@@ -47,9 +47,8 @@ def map_param_state(opt_state, fn):
 def keep_largest(x, keep):
     """x [L, ...] with all but the `keep` fraction of largest |x| of each x[l] set to zero
     (ReLoRA's magnitude pruning of optimizer state, per layer as it is per tensor in torch);
-    keep = 0: all zero. The threshold is the (1 - keep) quantile (linear interpolation) of |x[l]|."""
-    if not keep:
-        return jnp.zeros_like(x)
+    keep = 0: all zero. The threshold is the (1 - keep) quantile (linear interpolation) of |x[l]|
+    (keep = 0: the maximum, which no entry exceeds)."""
     mag = jnp.abs(x.astype(jnp.float32))
     threshold = jnp.quantile(mag.reshape(x.shape[0], -1), 1.0 - keep, axis=1)
     return jnp.where(mag > threshold.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x))

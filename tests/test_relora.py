@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from colax import config, data, hooks, layers, loop, model, optim, schedules, sharding, state, tokenizer, trainer
+from colax import checkpoint, config, data, layers, loop, model, optim, schedules, tokenizer
 from conftest import small_spec
 
 ALPHA = 32.0
@@ -80,6 +80,9 @@ def lora_state(seed=0):
     return spec, graphdef, params, jax.tree.map(random, opt_state)
 
 
+MERGE = jax.jit(layers.relora_merge, static_argnums=(0,))  # keep traced: one compilation for both tests
+
+
 def keep_largest_by_hand(x, keep):
     x = np.asarray(x)
     out = np.zeros_like(x)
@@ -97,8 +100,7 @@ def test_relora_merge_keeps_the_function_and_resets_exactly_the_factor_state(kee
     forward = jax.jit(lambda p: nnx.merge(graphdef, p)(tokens))
     before = forward(params)
     np_params, np_opt = jax.tree.map(np.asarray, (params, opt_state))
-    new_params, new_opt = jax.jit(layers.relora_merge, static_argnums=(0, 1))(
-        ALPHA, keep, jnp.int32(4), params, opt_state, jax.random.key(7))
+    new_params, new_opt = MERGE(ALPHA, keep, jnp.int32(4), params, opt_state, jax.random.key(7))
     np.testing.assert_allclose(forward(new_params), before, rtol=1e-5, atol=1e-5)
     for name in layers.PROJECTION_NAMES:
         old, new = np_params["blocks"][name], new_params["blocks"][name]
@@ -133,41 +135,6 @@ def new_opt_leaf(opt_state, projection, leaf):
     raise KeyError(projection, leaf)
 
 
-def relora_config(**optim_kw):
-    """The tiny LoRA model (small_spec's sizes) with a 2-step warm start and restarts at 2 and 5."""
-    cfg = config.defaults()
-    cfg.model.update(projection="lora", vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4,
-                     num_layers=2, rank=8, dtype="float32")
-    cfg.optim.update(lr=0.01, warmup_steps=0, schedule="jagged_cosine", full_rank_steps=2, restart_every=3,
-                     restart_warmup_steps=1, **optim_kw)
-    cfg.train.update(steps=6, batch_size=4, micro_batch_size=4)
-    return cfg
-
-
-def test_trainer_runs_the_warm_start_then_merges_at_restarts():
-    """Which parameters each step changes: the warm start trains W only; the switch after step 2 (a
-    restart) re-draws A; the lr is 0 right after a restart (steps 3, 6); step 5 ends in a merge."""
-    cfg = relora_config()
-    spec = config.validate(cfg)
-    mesh = sharding.make_mesh(cfg.mesh)
-    tr = trainer.Trainer(cfg, nnx.graphdef(model.abstract_model(spec)), mesh)
-    _, params, opt_state = state.init_state(spec, tr.tx(0), mesh, 0)
-    tokens = jax.random.randint(jax.random.key(0), (1, 4, 17), 0, 64)
-    batches = dict(inputs=tokens[..., :-1], targets=tokens[..., 1:], loss_mask=jnp.ones((1, 4, 16)))
-    changed = {}
-    for s in range(1, 7):
-        before = jax.tree.map(np.array, params["blocks"]["up"])
-        params, opt_state, _ = tr(s, params, opt_state, batches)
-        after = params["blocks"]["up"]
-        changed[s] = {k for k in before if not np.array_equal(before[k], after[k])}
-        assert np.any(np.asarray(after["lora_b"])) == (s == 4), s  # B = 0 until trained, 0 again after the merge
-    assert changed == {1: {"base"}, 2: {"base", "lora_a"}, 3: set(), 4: {"lora_a", "lora_b"},
-                       5: {"base", "lora_a", "lora_b"}, 6: set()}
-    with_state = {hooks.param_keys(p)[-1] for p, _ in jax.tree_util.tree_leaves_with_path(opt_state)
-                  if hooks.param_keys(p)}  # the low-rank phase's optimizer state: none for W
-    assert {"lora_a", "lora_b", "embed"} <= with_state and "base" not in with_state
-
-
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory):
     """A persistent compilation cache: the three runs below compile the same functions."""
@@ -185,7 +152,7 @@ def micro_relora(tmp_path_factory):
     cfg.data.update(seq_len=32, tokenizer_vocab_size=512, tokenizer_sample_docs=20, val_docs=16)
     cfg.optim.update(lr=0.01, warmup_steps=0, full_rank_steps=3, restart_every=3, restart_warmup_steps=1)
     cfg.train.update(steps=8, batch_size=8, micro_batch_size=8, log_every=1, eval_every=0, eval_batches=1,
-                     baseline_batches=0, checkpoint_every=3, sample_tokens=0)
+                     baseline_batches=0, checkpoint_every=1, keep_checkpoints=8, sample_tokens=0)
     out = str(tmp_path_factory.mktemp("tok") / "micro")
     cfg.data.tokenizer = tokenizer.train_tokenizer(data.train_documents(cfg.data, 20), out, 512, "bpe", 20).path
     return cfg
@@ -197,15 +164,22 @@ def losses_and_lrs(workdir):
     return [r["step"] for r in records], [r["loss"] for r in records], [r["lr"] for r in records]
 
 
-def test_relora_run_stopped_at_a_merge_resumes_with_identical_losses(compilation_cache, tmp_path_factory):
-    """Steps 1-3 full-rank, then after step 3 the switch and a merge (restart), another merge after
-    step 6. Stopped after step 3 and resumed, the run's losses equal the uninterrupted run's."""
+def test_relora_run_warm_starts_merges_and_resumes_with_identical_losses(compilation_cache, tmp_path_factory):
+    """Steps 1-3 full-rank; after step 3 the switch and a restart (merge), another restart after
+    step 6; the lr is 0 right after each (steps 4, 7). Which parameters each step changed is read
+    from the per-step checkpoints. Stopped after step 3 and resumed, the losses equal the
+    uninterrupted run's."""
     cfg = micro_relora(tmp_path_factory)
     full, parts = str(tmp_path_factory.mktemp("full")), str(tmp_path_factory.mktemp("parts"))
     loop.run(cfg, full)
+    steps, losses, lrs = losses_and_lrs(full)
+    assert steps == list(range(1, 9)) and [s for s, lr in zip(steps, lrs) if lr == 0] == [4, 7]
+    up = [jax.tree.map(np.asarray, checkpoint.load_params(cfg, full, s)[1]["blocks"]["up"]) for s in steps]
+    changed = {s: {k for k in up[s - 1] if not np.array_equal(up[s - 2][k], up[s - 1][k])} for s in steps[1:]}
+    assert changed == {2: {"base"}, 3: {"base", "lora_a"}, 4: set(), 5: {"lora_a", "lora_b"},
+                       6: {"base", "lora_a", "lora_b"}, 7: set(), 8: {"lora_a", "lora_b"}}
+    assert [s for s in steps if np.any(up[s - 1]["lora_b"])] == [5, 8]  # B = 0 until trained, 0 after a merge
     assert loop.run(cfg, parts, stop_after=3) is None
     loop.run(cfg, parts)
-    steps, losses, lrs = losses_and_lrs(full)
-    assert losses_and_lrs(parts)[0] == steps == list(range(1, 9))
+    assert losses_and_lrs(parts)[0] == steps
     np.testing.assert_allclose(losses_and_lrs(parts)[1], losses, rtol=1e-6)
-    assert [s for s, lr in zip(steps, lrs) if lr == 0] == [4, 7]  # the steps right after the restarts
