@@ -337,14 +337,17 @@ def abstract_model(spec: ModelSpec):
 
 
 def count_params(spec: ModelSpec):
-    """Parameter counts read off the model: {"total", "lowrank", "embeddings", "projections", "norms"}.
+    """Parameter counts read off the model: {"total", "lowrank", "embeddings", "projections", "norms",
+    "trainable", "trainable_full_rank"}; the last two count what the optimizer trains (`trainable_mask`)
+    in the low-rank phase and in a full-rank warm start (`optim.full_rank_steps`).
 
     Integer leaves (SLTrain's support) are model state, not parameters; a projection kind's
     `padding` (stored entries that are not parameters) is left out too. "lowrank" is the
     projections of the stacked blocks of a low-rank kind (not CR-Net's full-rank block 1).
     """
     counts = dict(total=0, lowrank=0, embeddings=0, projections=0, norms=0)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(abstract_model(spec)))):
+    params = nnx.to_pure_dict(nnx.state(abstract_model(spec)))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         if not jnp.issubdtype(leaf.dtype, jnp.inexact):
             continue
         keys = [getattr(k, "key", None) for k in path]
@@ -354,11 +357,14 @@ def count_params(spec: ModelSpec):
         counts[group] += leaf.size
         counts["total"] += leaf.size
         counts["lowrank"] += leaf.size if group == "projections" and keys[0] == "blocks" else 0
+    for name, full_rank in (("trainable", False), ("trainable_full_rank", True)):
+        counts[name] = sum(leaf.size for leaf, trained in zip(
+            jax.tree.leaves(params), jax.tree.leaves(trainable_mask(params, full_rank))) if trained)
     kind = layers.PROJECTIONS[spec.projection]
     if hasattr(kind, "padding"):
         shapes = layers.projection_shapes(spec.hidden_size, spec.intermediate_size)
         padding = spec.num_layers * sum(kind.padding(i, o, spec.rank[n], spec) for n, (i, o) in shapes.items())
-        for group in ("projections", "total", "lowrank"):
+        for group in ("projections", "total", "lowrank", "trainable", "trainable_full_rank"):
             counts[group] -= padding
     counts["lowrank"] *= spec.projection != "dense"
     return counts

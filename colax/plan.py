@@ -89,6 +89,8 @@ def plan(cfg, remats=()):
     compiled = compile_step(spec, cfg, batch_size, seq_len)
     result = dict(
         params=counts["total"], lowrank_params=counts["lowrank"], embedding_params=counts["embeddings"],
+        trainable_params=counts["trainable"],
+        warm_start_trainable_params=counts["trainable_full_rank"] if cfg.optim.full_rank_steps else None,
         tokens_per_step=tokens, flops_per_token=analytic["train"], forward_flops_per_token=analytic["forward"],
         xla_flops_per_step=step_flops(spec, cfg, batch_size, seq_len, compiled), memory=memory(compiled))
     result["xla_flops_per_token"] = result["xla_flops_per_step"] / tokens
@@ -214,6 +216,9 @@ def format_text(p):
     lines = [
         f"parameters        {p['params'] / 1e6:10.2f} M  (low-rank {p['lowrank_params'] / 1e6:.2f} M, "
         f"embeddings {p['embedding_params'] / 1e6:.2f} M)",
+        f"trained           {p['trainable_params'] / 1e6:10.2f} M  by the optimizer (the rest frozen)"
+        + (f"; {p['warm_start_trainable_params'] / 1e6:.2f} M in the full-rank warm start"
+           if p["warm_start_trainable_params"] else ""),
         f"FLOPs per token   {p['flops_per_token'] / 1e9:10.3f} G  training step, analytic "
         f"(forward {p['forward_flops_per_token'] / 1e9:.3f} G)",
         f"XLA FLOPs/token   {p['xla_flops_per_token'] / 1e9:10.3f} G  "

@@ -183,3 +183,20 @@ def test_relora_run_warm_starts_merges_and_resumes_with_identical_losses(compila
     loop.run(cfg, parts)
     assert losses_and_lrs(parts)[0] == steps
     np.testing.assert_allclose(losses_and_lrs(parts)[1], losses, rtol=1e-6)
+
+
+def test_lora_parameter_and_optimizer_state_counts_by_hand():
+    cfg = config.preset("relora", "60m")
+    spec = config.validate(cfg)
+    d, f, v, n_layers, r = 512, 1376, 32000, 8, 128
+    shapes = [(d, d)] * 4 + [(d, f)] * 2 + [(f, d)]
+    full, low = sum(i * o for i, o in shapes), sum(r * (i + o) for i, o in shapes)
+    other = 2 * v * d + 2 * n_layers * d + d  # embed, lm_head, two norms per block, final norm
+    counts = model.count_params(spec)
+    assert counts["total"] == other + n_layers * (full + low)
+    assert counts["trainable"] == other + n_layers * low  # W frozen
+    assert counts["trainable_full_rank"] == other + n_layers * full  # A, B frozen in the warm start
+    params = nnx.to_pure_dict(nnx.state(model.abstract_model(spec)))
+    for full_rank, trained in ((False, counts["trainable"]), (True, counts["trainable_full_rank"])):
+        state = jax.eval_shape(optim.make(cfg.optim, cfg.train.steps, full_rank).init, params)
+        assert sum(x.size for x in jax.tree.leaves(state)) == 2 * trained + 2  # mu, nu; two step counts
