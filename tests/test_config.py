@@ -52,7 +52,7 @@ def test_config_files_load_their_presets():
     (lambda c: c.model.update(rank=0), r"^model\.rank must be a positive integer, got 0$"),
     (lambda c: c.model.update(rank=-3), r"^model\.rank must be a positive integer, got -3$"),
     (lambda c: c.model.ranks.update(qq=4), r"^unknown config key model\.ranks\.qq \(known here: down, gate, k, o, q, up, v\)$"),
-    (lambda c: c.model.update(projection="lora"), r"^model\.projection must be one of"),
+    (lambda c: c.model.update(projection="bogus"), r"^model\.projection must be one of"),
     (lambda c: c.model.update(remat="sometimes"), r"^model\.remat must be one of"),
     (lambda c: c.model.update(dtype="float16"), r"^model\.dtype must be one of"),
     (lambda c: c.train.update(steps=0), r"^train\.steps must be a positive integer, got 0$"),
