@@ -3,7 +3,8 @@
   python train.py --config configs/cola_350m.py --workdir runs/cola_350m [--config.train.steps=1000]
   python train.py --config configs/cola_350m.py --workdir /tmp/smoke --smoke   # a quick check of the config
 
-Rerunning the same command resumes from the newest checkpoint; SIGTERM/SIGINT save and exit.
+Rerunning the same command resumes from the newest checkpoint; SIGTERM/SIGINT save and exit (before
+the first step they exit at once: "interrupted before step 0, nothing saved", exit code 130).
 A workdir holding a run of another config is refused unless --overwrite. Multi-host: run the same
 command on every host (docs/sharding.md). See docs/training.md.
 """
