@@ -1,4 +1,5 @@
-"""Full-rank LLaMA, SLTrain, CoLA, CoLA-M, GaLore and Fira side by side: same data, same tokens, same seed.
+"""Full-rank LLaMA, SLTrain, CoLA, CoLA-M, GaLore, Fira, LoRA and ReLoRA side by side: same data, same
+tokens, same seed.
 
     python benchmarks/compare.py [--size tiny] [--steps 300] [--runs llama,cola,...] [--out runs/compare]
         [--config.a.b=v ...]
@@ -7,9 +8,12 @@ Trains the models of one size (`--runs`, default all of `RUNS`) with `colax.loop
 OUT/<name>. One tokenizer is trained into OUT (or `--tokenizer` is used) and `data.tokenizer`
 points all runs at it, so with the same data seed they see identical batches. CoLA-M is CoLA with
 `model.remat="cola_m"`: the same parameters and initialisation, only the backward pass differs.
-GaLore and Fira are the full-rank model with those optimizers (`optim.name`). Each model keeps
-its preset's recipe (peak lr: CoLA's per size, full-rank `FULL_RANK_LR`, SLTrain `SLTRAIN_LR`,
-GaLore/Fira 0.01; warmup scaled to `--steps` in the preset's proportion) unless `--lr` (CoLA,
+GaLore and Fira are the full-rank model with those optimizers (`optim.name`). LoRA and ReLoRA
+(`config.preset("lora" | "relora")`) train the full-rank model's frozen weights plus LoRA factors,
+ReLoRA with its full-rank warm start, merges and jagged cosine. Each model keeps its preset's
+recipe (peak lr: CoLA's per size, full-rank `FULL_RANK_LR` (also LoRA/ReLoRA), SLTrain
+`SLTRAIN_LR`, GaLore/Fira 0.01; warmup and ReLoRA's step counts scaled to `--steps` in the
+preset's proportion) unless `--lr` (CoLA,
 CoLA-M) / `--full_rank_lr` say otherwise; `--config.a.b=v` overrides are applied to all configs
 last (`optim.*` of GaLore/Fira are ignored by AdamW runs).
 
@@ -30,6 +34,7 @@ reported as "<=" the previous peak. The defaults are the CPU comparison of docs/
 import argparse
 import ast
 import json
+import math
 import os
 import platform
 import statistics
@@ -48,7 +53,10 @@ from colax import config, loop, plan, tokenizer  # noqa: E402
 # (name, label, preset kind, remat policy), in table order.
 RUNS = (("llama", "full-rank", "llama", "none"), ("sltrain", "SLTrain", "sltrain", "none"),
         ("cola", "CoLA", "cola", "none"), ("cola_m", "CoLA-M", "cola", "cola_m"),
-        ("galore", "GaLore", "galore", "none"), ("fira", "Fira", "fira", "none"))
+        ("galore", "GaLore", "galore", "none"), ("fira", "Fira", "fira", "none"),
+        ("lora", "LoRA", "lora", "none"), ("relora", "ReLoRA", "relora", "none"))
+# ReLoRA's step counts, scaled to --steps like the warmup (rounded up: one that is set stays >= 1).
+RESTART_FIELDS = ("full_rank_steps", "restart_every", "restart_warmup_steps")
 
 
 def parse(argv):
@@ -119,8 +127,9 @@ def make_config(args, pairs, kind, remat, tok_path):
                     seed=args.seed, tokenizer=tok_path, tokenizer_vocab_size=args.vocab_size,
                     tokenizer_sample_docs=300)
     lr = {"cola": args.lr, "llama": args.full_rank_lr}.get(kind)
-    warmup = round(cfg.optim.warmup_steps * args.steps / cfg.train.steps)
-    cfg.optim.update(lr=lr or cfg.optim.lr, warmup_steps=warmup)
+    ratio = args.steps / cfg.train.steps
+    cfg.optim.update(lr=lr or cfg.optim.lr, warmup_steps=round(cfg.optim.warmup_steps * ratio),
+                     **{k: math.ceil(cfg.optim[k] * ratio) for k in RESTART_FIELDS})
     cfg.train.update(steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                      seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
                      eval_batches=args.eval_batches, baseline_batches=0, checkpoint_every=args.steps,

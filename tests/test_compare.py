@@ -24,7 +24,7 @@ MICRO = [f"--steps={STEPS}", f"--batch_size={BATCH}", f"--micro_batch_size={BATC
          "--vocab_size=512", "--log_every=1", "--eval_every=0", "--eval_batches=1",
          "--config.model.hidden_size=32", "--config.model.intermediate_size=64", "--config.model.rank=8",
          "--config.model.num_layers=1", "--config.model.scan_layers=False", "--config.model.dtype=float32",
-         "--config.data.tokenizer_sample_docs=20", "--config.data.val_docs=16", "--runs=llama,sltrain,cola,cola_m,galore",
+         "--config.data.tokenizer_sample_docs=20", "--config.data.val_docs=16", "--runs=llama,sltrain,cola,cola_m,galore,relora",
          "--config.optim.rank=4", "--config.optim.update_proj_gap=2"]
 
 
@@ -43,7 +43,7 @@ def trained_spec(out, name):
 
 def test_files_and_table_structure(report):
     out, r = report
-    labels = ["full-rank", "SLTrain", "CoLA", "CoLA-M", "GaLore"]
+    labels = ["full-rank", "SLTrain", "CoLA", "CoLA-M", "GaLore", "ReLoRA"]
     assert [row["label"] for row in r["runs"]] == labels
     lines = r["table"].splitlines()
     assert len(lines) == 2 + len(labels) and all(line.count("|") == 24 for line in lines)
@@ -66,8 +66,9 @@ def test_numbers_match_independent_counts(report):
         flops[name] = model.flops_per_token(spec, SEQ)["train"]
         assert row["flops_per_token"] == flops[name]
         assert row["remat"] == spec.remat == {"llama": "none", "sltrain": "none", "cola": "none", "cola_m": "cola_m",
-                                              "galore": "none"}[name]
-        assert row["projection"] == spec.projection == {"llama": "dense", "cola_m": "cola", "galore": "dense"}.get(name, name)
+                                              "galore": "none", "relora": "none"}[name]
+        assert row["projection"] == spec.projection == {"llama": "dense", "cola_m": "cola", "galore": "dense",
+                                                        "relora": "lora"}.get(name, name)
         assert cfg.data.tokenizer == str(out / "tokenizer.model")
         assert row["eval_ppl"] == pytest.approx(math.exp(row["eval_loss"]))
         assert row["eval_loss"] == row["metrics"][-1]["eval_loss"]
@@ -88,6 +89,13 @@ def test_numbers_match_independent_counts(report):
     assert rows["galore"]["optimizer_state_bytes"] == 8 * (total - projected) + 4 * low_rank + 12
     assert cells["GaLore"][23].strip() == f"{rows['galore']['optimizer_state_bytes'] / (8 * total + 8):.2f}"
     assert rows["galore"]["lr"] == 0.01
+    # ReLoRA: W [out, in] frozen beside A [r, in], B [out, r] (r = 8); Adam state for all but W.
+    weights, factors = 4 * 32 * 32 + 3 * 32 * 64, 4 * 8 * (32 + 32) + 3 * 8 * (32 + 64)
+    assert rows["relora"]["params"] == total + factors and rows["relora"]["lr"] == config.FULL_RANK_LR
+    assert rows["relora"]["optimizer_state_bytes"] == 8 * (total - weights + factors) + 8
+    # The tiny recipe's warm start, restart period and re-warmup (75, 75, 18 of 300 steps) scaled to
+    # 4 steps are 1, 1, 1: restarts after steps 1, 2, 3, so steps 2-4 run at lr 0.
+    assert [m["lr"] for m in rows["relora"]["metrics"]][1:] == [0, 0, 0]
 
 
 def test_same_tokens_and_same_start(report):
