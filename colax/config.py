@@ -39,6 +39,10 @@ LOW_RANK_OPTIM = dict(lr=0.01, scale=0.25, update_proj_gap=200, weight_decay=0.0
 # full-rank lr; ReLoRA in the paper's proportions (of 20k steps: a 5k-step full-rank warm start, a merge
 # every 5k steps, 100-step re-warmups: fewer for short runs), optimizer state fully reset at merges.
 LORA_KINDS = ("lora", "relora")
+# SwitchLoRA (Zhou & Wang): LoRA's recipe with the reference code's alpha 1 (its candidates are not
+# zero-initialised: (alpha / r) B A x starts at about alpha / sqrt(3) times x) and the model section's
+# switch schedule defaults (interval 40, rate 0.3 at 10% of the steps, counterparts held 5 steps).
+SWITCHLORA_ALPHA = 1.0
 
 
 def train_defaults():
@@ -86,8 +90,9 @@ def preset(kind, size):
     SLTrain takes CoLA's model size, rank and schedule with its own alpha, lr and no weight decay
     (sizes in SLTRAIN_ALPHA). "galore" and "fira" are the full-rank model trained with that
     optimizer (`LOW_RANK_OPTIM`). CR-Net takes CoLA's model size, rank, lr and schedule. "lora" and
-    "relora" are LoRA and ReLoRA (`LORA_KINDS`) on the full-rank model's recipe."""
-    kinds = ("cola", "llama", "sltrain", "crnet", "galore", "fira") + LORA_KINDS
+    "relora" are LoRA and ReLoRA (`LORA_KINDS`) on the full-rank model's recipe, "switchlora" too
+    (`SWITCHLORA_ALPHA`)."""
+    kinds = ("cola", "llama", "sltrain", "crnet", "galore", "fira", "switchlora") + LORA_KINDS
     if kind not in kinds or size not in SIZES or kind == "sltrain" and size not in SLTRAIN_ALPHA:
         raise ConfigError(f"no preset {kind}_{size}: kinds {', '.join(kinds)}; sizes {', '.join(SIZES)} "
                           f"(sltrain: {', '.join(SLTRAIN_ALPHA)})")
@@ -108,6 +113,8 @@ def preset(kind, size):
     if kind == "sltrain":
         cfg.model.lora_alpha = SLTRAIN_ALPHA[size]
         cfg.optim.update(lr=SLTRAIN_LR, weight_decay=0.0)
+    if kind == "switchlora":
+        cfg.model.lora_alpha = SWITCHLORA_ALPHA
     if kind == "relora":
         cfg.optim.update(schedule="jagged_cosine", full_rank_steps=steps // 4, restart_every=steps // 4,
                          restart_warmup_steps=min(100, steps // 16))

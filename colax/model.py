@@ -43,6 +43,9 @@ def defaults():
         pad_id=ml_collections.FieldReference(None, field_type=int),  # embedding row kept at 0, never trained
         lora_alpha=32.0,          # LoRA's alpha: the low-rank term is scaled by lora_alpha / rank
         sparse_density=0.03,      # SLTrain: fraction of each projection's entries in its sparse part
+        switch_interval=40,       # SwitchLoRA: initial steps between switches of one vector (rank / interval per step)
+        switch_descent=0.1,       # SwitchLoRA: fraction of train.steps at which the switch rate is down to 0.3
+        switch_hold_steps=5,      # SwitchLoRA: steps the counterparts of switched vectors stay frozen
     ))
 
 
@@ -126,6 +129,12 @@ def spec_from_config(m):
     kernels.check_kernel(m.kernel, kernels.cola_pallas.INTERPRET)
     _require(m.lora_alpha > 0, "lora_alpha", "must be > 0", m.lora_alpha)
     _require(0 < m.sparse_density <= 1, "sparse_density", "must be in (0, 1]", m.sparse_density)
+    _require(isinstance(m.switch_hold_steps, int) and m.switch_hold_steps >= 0, "switch_hold_steps",
+             "must be an integer >= 0", m.switch_hold_steps)
+    _require(m.switch_interval >= 2 * m.switch_hold_steps and m.switch_interval > 0, "switch_interval",
+             f"must be > 0 and at least 2 * switch_hold_steps = {2 * m.switch_hold_steps} (a vector and its "
+             "counterpart are never held at once)", m.switch_interval)
+    _require(m.switch_descent > 0, "switch_descent", "must be > 0", m.switch_descent)
     _require(m.pad_id is None or 0 <= m.pad_id < m.vocab_size, "pad_id",
              f"must be None or an id in [0, vocab_size={m.vocab_size})", m.pad_id)
     ranks = tuple((n, (m.ranks[n] or m.rank) if lowrank else 0) for n in layers.PROJECTION_NAMES)
@@ -338,19 +347,23 @@ def abstract_model(spec: ModelSpec):
 
 def count_params(spec: ModelSpec):
     """Parameter counts read off the model: {"total", "lowrank", "embeddings", "projections", "norms",
-    "trainable", "trainable_full_rank"}; the last two count what the optimizer trains (`trainable_mask`)
+    "state", "trainable", "trainable_full_rank"}; the last two count what the optimizer trains (`trainable_mask`)
     in the low-rank phase and in a full-rank warm start (`optim.full_rank_steps`).
 
     Integer leaves (SLTrain's support) are model state, not parameters; a projection kind's
-    `padding` (stored entries that are not parameters) is left out too. "lowrank" is the
-    projections of the stacked blocks of a low-rank kind (not CR-Net's full-rank block 1).
+    `padding` (stored entries that are not parameters) is left out too, and so are the float leaves
+    it names in `state_leaves` (SwitchLoRA's candidate pools), counted in "state" instead. "lowrank"
+    is the projections of the stacked blocks of a low-rank kind (not CR-Net's full-rank block 1).
     """
-    counts = dict(total=0, lowrank=0, embeddings=0, projections=0, norms=0)
+    counts = dict(total=0, lowrank=0, embeddings=0, projections=0, norms=0, state=0)
     params = nnx.to_pure_dict(nnx.state(abstract_model(spec)))
+    state_leaves = getattr(layers.PROJECTIONS[spec.projection], "state_leaves", ())
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-            continue
         keys = [getattr(k, "key", None) for k in path]
+        if keys[-1] in state_leaves:
+            counts["state"] += leaf.size
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact) or keys[-1] in state_leaves:
+            continue
         group = ("embeddings" if keys[0] in ("embed", "lm_head") else
                  "projections" if keys[0] in ("blocks", "first_block") and keys[1] in layers.PROJECTION_NAMES
                  else "norms")

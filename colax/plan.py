@@ -89,7 +89,7 @@ def plan(cfg, remats=()):
     compiled = compile_step(spec, cfg, batch_size, seq_len)
     result = dict(
         params=counts["total"], lowrank_params=counts["lowrank"], embedding_params=counts["embeddings"],
-        trainable_params=counts["trainable"],
+        trainable_params=counts["trainable"], state_bytes=counts["state"] * jnp.dtype(spec.param_dtype).itemsize,
         warm_start_trainable_params=counts["trainable_full_rank"] if cfg.optim.full_rank_steps else None,
         tokens_per_step=tokens, flops_per_token=analytic["train"], forward_flops_per_token=analytic["forward"],
         xla_flops_per_step=step_flops(spec, cfg, batch_size, seq_len, compiled), memory=memory(compiled))
@@ -219,6 +219,8 @@ def format_text(p):
         f"trained           {p['trainable_params'] / 1e6:10.2f} M  by the optimizer (the rest frozen)"
         + (f"; {p['warm_start_trainable_params'] / 1e6:.2f} M in the full-rank warm start"
            if p["warm_start_trainable_params"] else ""),
+    ] + ([f"model state       {_gib(p['state_bytes'])}  beside the parameters (SwitchLoRA's candidate pools)"]
+         if p["state_bytes"] else []) + [
         f"FLOPs per token   {p['flops_per_token'] / 1e9:10.3f} G  training step, analytic "
         f"(forward {p['forward_flops_per_token'] / 1e9:.3f} G)",
         f"XLA FLOPs/token   {p['xla_flops_per_token'] / 1e9:10.3f} G  "
