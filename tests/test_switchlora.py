@@ -136,6 +136,10 @@ def test_switch_schedule_by_hand():
 
 
 def test_switchlora_counts_and_pool_bytes_by_hand():
+    for size in ("60m", "130m", "350m", "1b"):
+        cfg = config.from_file(f"configs/switchlora_{size}.py")
+        assert cfg == config.preset("switchlora", size) and cfg.model.projection == "switchlora"
+        assert (cfg.model.lora_alpha, cfg.model.switch_interval, cfg.model.switch_hold_steps) == (1.0, 40, 5)
     spec = config.validate(config.preset("switchlora", "60m"))
     d, f, v, n_layers, r = 512, 1376, 32000, 8, 128
     shapes = [(d, d)] * 4 + [(d, f)] * 2 + [(f, d)]
