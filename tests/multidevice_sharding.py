@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from colax import model, optim, sharding, state, step
+from colax import hooks, layers, model, optim, sharding, state, step
 from colax.errors import ConfigError
 from conftest import small_spec
 
@@ -227,3 +227,28 @@ def test_galore_on_fsdp_and_tensor_matches_one_device_and_splits_the_svd_by_laye
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), params, ref_params)
     assert svd_batches(compiled.as_text()) == [1] * 7  # q, k, v, o, gate, up, down: one layer per device
     assert q_projector(opt_state).sharding.spec == P(None, "fsdp", "tensor")  # (layers, opt_rank, heads)
+
+
+def test_relora_hook_on_fsdp_and_tensor_matches_one_device_and_keeps_the_shardings():
+    """The ReLoRA merge (keep 10% of A's and B's moments) jitted by `state.jit_hook` on a (1, 2, 2)
+    mesh, from the state after one step on one device: the same parameters and optimizer state as
+    the hook gives on one device, every leaf where it was."""
+    o = optim.defaults()
+    o.update(lr=1e-2, warmup_steps=0)
+    tx, spec = optim.make(o, 10), spec_for("lora")
+    mesh = mesh_of((1, 1, 1))
+    graphdef, params, opt_state = state.init_state(spec, tx, mesh, seed=0)
+    train = state.jit_train_step(step.make_train_step(graphdef, tx), params, opt_state, mesh)
+    trained = jax.device_get(train(params, opt_state, sharding.global_batch(batches(1), mesh))[:2])  # B != 0
+    apply = functools.partial(layers.relora_merge, spec.lora_alpha, 0.1)
+    results = []
+    for shape in [(1, 1, 1), (1, 2, 2)]:
+        mesh = mesh_of(shape)
+        params, opt_state = jax.device_put(trained, state.tree_shardings(trained, mesh))
+        where = jax.tree.map(lambda x: x.sharding, (params, opt_state))
+        params, opt_state = state.jit_hook(apply, params, opt_state, mesh)(
+            jnp.int32(1), params, opt_state, hooks.hook_key(0, 1))
+        assert jax.tree.map(lambda x: x.sharding, (params, opt_state)) == where
+        results.append(jax.device_get((params, opt_state)))
+    assert np.abs(results[0][0]["blocks"]["q"]["base"] - trained[0]["blocks"]["q"]["base"]).max() > 1e-4
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), results[1], results[0])
