@@ -1,4 +1,4 @@
-"""Full-rank LLaMA, SLTrain, CoLA, CoLA-M, GaLore, Fira, LoRA, ReLoRA and SwitchLoRA side by side: same
+"""Full-rank LLaMA, SLTrain, CR-Net, CoLA, CoLA-M, GaLore, Fira, LoRA, ReLoRA and SwitchLoRA side by side: same
 data, same tokens, same seed.
 
     python benchmarks/compare.py [--size tiny] [--steps 300] [--runs llama,cola,...] [--out runs/compare]
@@ -12,7 +12,7 @@ GaLore and Fira are the full-rank model with those optimizers (`optim.name`). Lo
 (`config.preset("lora" | "relora")`) train the full-rank model's frozen weights plus LoRA factors,
 ReLoRA with its full-rank warm start, merges and jagged cosine; SwitchLoRA
 (`config.preset("switchlora")`) LoRA with vector switches (its schedule follows `--steps`). Each model keeps its preset's
-recipe (peak lr: CoLA's per size, full-rank `FULL_RANK_LR` (also LoRA/ReLoRA), SLTrain
+recipe (peak lr: CoLA's per size (also CR-Net's), full-rank `FULL_RANK_LR` (also LoRA/ReLoRA), SLTrain
 `SLTRAIN_LR`, GaLore/Fira 0.01; warmup and ReLoRA's step counts scaled to `--steps` in the
 preset's proportion) unless `--lr` (CoLA,
 CoLA-M) / `--full_rank_lr` say otherwise; `--config.a.b=v` overrides are applied to all configs
@@ -27,7 +27,7 @@ argument bytes of one micro-batch step (`colax.plan`); the measured device peak
 (`memory_stats()["peak_bytes_in_use"]`, "n/a" on CPU); final validation loss and perplexity.
 Optimizer-state bytes are those of the optimizer's state for the model (`colax.plan`).
 Ratio columns are against full-rank. The device peak is a process-wide high-water mark, so the
-runs go in reverse table order, roughly ascending expected memory (Fira, GaLore, CoLA-M, CoLA, SLTrain,
+runs go in reverse table order, roughly ascending expected memory (Fira, GaLore, CoLA-M, CoLA, CR-Net, SLTrain,
 full-rank; the LoRA kinds, last in the table, run first, SwitchLoRA, with its candidate pools, first
 of all); a run that does not raise it is
 reported as "<=" the previous peak. The defaults are the CPU comparison of docs/compare.md.
@@ -54,7 +54,8 @@ from colax import config, loop, plan, tokenizer  # noqa: E402
 
 # (name, label, preset kind, remat policy), in table order.
 RUNS = (("llama", "full-rank", "llama", "none"), ("sltrain", "SLTrain", "sltrain", "none"),
-        ("cola", "CoLA", "cola", "none"), ("cola_m", "CoLA-M", "cola", "cola_m"),
+        ("crnet", "CR-Net", "crnet", "none"), ("cola", "CoLA", "cola", "none"),
+        ("cola_m", "CoLA-M", "cola", "cola_m"),
         ("galore", "GaLore", "galore", "none"), ("fira", "Fira", "fira", "none"),
         ("lora", "LoRA", "lora", "none"), ("relora", "ReLoRA", "relora", "none"),
         ("switchlora", "SwitchLoRA", "switchlora", "none"))

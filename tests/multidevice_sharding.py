@@ -76,7 +76,7 @@ def test_eight_devices():
 
 
 @pytest.mark.parametrize("projection,shape", [(p, s) for p in ("cola", "dense") for s in MESHES]
-                         + [("sltrain", (1, 8, 1)), ("sltrain", (2, 2, 2))])
+                         + [("sltrain", (1, 8, 1)), ("sltrain", (2, 2, 2)), ("crnet", (2, 2, 2))])
 def test_loss_and_grads_match_one_device(projection, shape):
     loss, grads, _ = loss_and_grads(projection, shape)
     ref_loss, ref_grads, _ = loss_and_grads(projection, (1, 1, 1))
