@@ -47,7 +47,7 @@ def test_parameter_counts_of_the_presets(size):
 
 
 def test_block_one_is_full_rank_and_later_blocks_have_no_full_rank_weight():
-    params = crnet_params(small_spec(projection="crnet", num_layers=3))[1]
+    params = nnx.to_pure_dict(nnx.state(model.abstract_model(small_spec(projection="crnet", num_layers=3))))
     assert set(params["first_block"]["q"]) == {"w"} and params["first_block"]["q"]["w"].shape == (32, 32)
     assert set(params["blocks"]["q"]) == {"A", "B", "beta"}
     assert params["blocks"]["up"]["A"].shape == (2, 32, 8) and params["blocks"]["up"]["beta"].shape == (2,)
