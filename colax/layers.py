@@ -23,6 +23,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from colax import hooks, kernels, schedules, sharding
+from colax.errors import ConfigError
 
 # The seven projections of a decoder block, in the order the paper lists them.
 PROJECTION_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -361,6 +362,13 @@ class SwitchLoRA(LoRA):
         m, steps = cfg.model, cfg.train.steps
         ranks = {m.ranks[n] or m.rank for n in PROJECTION_NAMES}
         tables = {r: switch_schedule(r, m.switch_interval, m.switch_descent, steps) for r in ranks}
+        for name, (n_in, n_out) in projection_shapes(m.hidden_size, m.intermediate_size).items():
+            rank = m.ranks[name] or m.rank
+            most, free = int(np.diff(tables[rank]).max(initial=0)), min(n_in, n_out) - rank
+            if most > free:
+                raise ConfigError(f"model.switch_interval={m.switch_interval}: up to {most} vectors of the {name} "
+                                  f"projection switch in one step, more than its {free} free candidates "
+                                  "(min(in, out) - rank)")
         last = lambda s: min(s, steps)
         due = lambda s: any(t[last(s)] > t[last(max(s - 1 - m.switch_hold_steps, 0))] for t in tables.values())
         return hooks.Hook(due=due, apply=functools.partial(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from colax import checkpoint, config, layers, loop, model, optim, step
+from colax import checkpoint, config, errors, layers, loop, model, optim, step
 from conftest import small_spec
 from test_relora import compilation_cache, losses_and_lrs, micro_relora  # noqa: F401 (a fixture)
 
@@ -133,6 +133,15 @@ def test_switch_schedule_by_hand():
     # due after each switch and the HOLD steps after it (the countdowns), never otherwise
     assert [s for s in range(1, 101) if hook.due(s)] == sorted({t + k for t in switched for k in range(HOLD + 1)
                                                                if t + k <= 100})
+
+
+def test_more_switches_a_step_than_free_candidates_is_a_config_error():
+    cfg = config.preset("switchlora", "tiny")
+    cfg.model.update(rank=120, switch_interval=1, switch_hold_steps=0)  # ~115 a step; min(128, 344) - 120 = 8 free
+    with pytest.raises(errors.ConfigError, match=r"model.switch_interval=1: up to \d+ vectors of the q projection"):
+        layers.SwitchLoRA.hook(cfg)
+    cfg.model.rank = 32  # the preset's: at most 1 a step
+    assert layers.SwitchLoRA.hook(cfg) is not None
 
 
 def test_switchlora_counts_and_pool_bytes_by_hand():
