@@ -73,7 +73,7 @@ def poisoned(at, how):
     ("spike"); the optimizer state keeps its layout."""
     real = step.make_train_step
 
-    def make(graphdef, tx, skip):
+    def make(graphdef, tx, skip, **kwargs):
         def update(g, state, params):
             updates, new_state = tx.update(g, state, params)
             count = next(x for x in jax.tree.leaves(state) if x.dtype == jnp.int32)
@@ -82,7 +82,7 @@ def poisoned(at, how):
                 lambda u: u * jnp.where(hit, 300.0, 1.0))
             return jax.tree.map(bad, updates), new_state
 
-        return real(graphdef, optax.GradientTransformation(tx.init, update), skip)
+        return real(graphdef, optax.GradientTransformation(tx.init, update), skip, **kwargs)
 
     return make
 
