@@ -43,6 +43,8 @@ LORA_KINDS = ("lora", "relora")
 # zero-initialised: (alpha / r) B A x starts at about alpha / sqrt(3) times x) and the model section's
 # switch schedule defaults (interval 40, rate 0.3 at 10% of the steps, counterparts held 5 steps).
 SWITCHLORA_ALPHA = 1.0
+# SST (Zhao et al.) on the full-rank model's sizes with the size's rank r (sampled singular vectors), the
+# full-rank lr and the model section's round of 200 steps (GaLore's refresh interval; docs/methods.md#sst).
 
 
 def train_defaults():
@@ -91,8 +93,8 @@ def preset(kind, size):
     (sizes in SLTRAIN_ALPHA). "galore" and "fira" are the full-rank model trained with that
     optimizer (`LOW_RANK_OPTIM`). CR-Net takes CoLA's model size, rank, lr and schedule. "lora" and
     "relora" are LoRA and ReLoRA (`LORA_KINDS`) on the full-rank model's recipe, "switchlora" too
-    (`SWITCHLORA_ALPHA`)."""
-    kinds = ("cola", "llama", "sltrain", "crnet", "galore", "fira", "switchlora") + LORA_KINDS
+    (`SWITCHLORA_ALPHA`), "sst" too."""
+    kinds = ("cola", "llama", "sltrain", "crnet", "galore", "fira", "switchlora", "sst") + LORA_KINDS
     if kind not in kinds or size not in SIZES or kind == "sltrain" and size not in SLTRAIN_ALPHA:
         raise ConfigError(f"no preset {kind}_{size}: kinds {', '.join(kinds)}; sizes {', '.join(SIZES)} "
                           f"(sltrain: {', '.join(SLTRAIN_ALPHA)})")

@@ -46,6 +46,7 @@ def defaults():
         switch_interval=40,       # SwitchLoRA: initial steps between switches of one vector (rank / interval per step)
         switch_descent=0.1,       # SwitchLoRA: fraction of train.steps at which the switch rate is down to 0.3
         switch_hold_steps=5,      # SwitchLoRA: steps the counterparts of switched vectors stay frozen
+        sst_round_steps=200,      # SST: optimizer steps per round (re-SVD and new singular vectors after each)
     ))
 
 
@@ -137,7 +138,14 @@ def spec_from_config(m):
     _require(m.switch_descent > 0, "switch_descent", "must be > 0", m.switch_descent)
     _require(m.pad_id is None or 0 <= m.pad_id < m.vocab_size, "pad_id",
              f"must be None or an id in [0, vocab_size={m.vocab_size})", m.pad_id)
+    _require(isinstance(m.sst_round_steps, int) and m.sst_round_steps > 0, "sst_round_steps",
+             "must be a positive integer", m.sst_round_steps)
     ranks = tuple((n, (m.ranks[n] or m.rank) if lowrank else 0) for n in layers.PROJECTION_NAMES)
+    if m.projection == "sst":
+        smallest = min(m.hidden_size, m.intermediate_size)
+        _require(max(r for _, r in ranks) <= smallest, "rank",
+                 f"must be at most min(hidden_size, intermediate_size) = {smallest} for sst (sampled singular vectors)",
+                 max(r for _, r in ranks))
     return ModelSpec(
         projection=m.projection, vocab_size=m.vocab_size, hidden_size=m.hidden_size,
         intermediate_size=m.intermediate_size, num_heads=m.num_heads, num_layers=m.num_layers,
