@@ -27,7 +27,7 @@ def test_multidevice_suite_passes():
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("projection", ["cola", "dense", "sltrain", "crnet", "lora", "switchlora"])
+@pytest.mark.parametrize("projection", ["cola", "dense", "sltrain", "crnet", "lora", "switchlora", "sst"])
 def test_every_parameter_has_logical_axes(projection):
     params = nnx.to_pure_dict(nnx.state(model.abstract_model(small_spec(projection=projection))))
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
