@@ -1,4 +1,4 @@
-"""Full-rank LLaMA, SLTrain, CR-Net, CoLA, CoLA-M, GaLore, Fira, LoRA, ReLoRA, SwitchLoRA and SST side by side: same
+"""Full-rank LLaMA, SLTrain, CR-Net, CoLA, CoLA-M, GaLore, Fira, LoRA, ReLoRA and SwitchLoRA side by side: same
 data, same tokens, same seed.
 
     python benchmarks/compare.py [--size tiny] [--steps 300] [--runs llama,cola,...] [--out runs/compare]
@@ -11,8 +11,7 @@ points all runs at it, so with the same data seed they see identical batches. Co
 GaLore and Fira are the full-rank model with those optimizers (`optim.name`). LoRA and ReLoRA
 (`config.preset("lora" | "relora")`) train the full-rank model's frozen weights plus LoRA factors,
 ReLoRA with its full-rank warm start, merges and jagged cosine; SwitchLoRA
-(`config.preset("switchlora")`) LoRA with vector switches (its schedule follows `--steps`); SST
-(`config.preset("sst")`) W = U diag(s) Vᵀ with sampled singular vectors, its rounds of `model.sst_round_steps`. Each model keeps its preset's
+(`config.preset("switchlora")`) LoRA with vector switches (its schedule follows `--steps`). Each model keeps its preset's
 recipe (peak lr: CoLA's per size (also CR-Net's), full-rank `FULL_RANK_LR` (also LoRA/ReLoRA), SLTrain
 `SLTRAIN_LR`, GaLore/Fira 0.01; warmup and ReLoRA's step counts scaled to `--steps` in the
 preset's proportion) unless `--lr` (CoLA,
@@ -59,7 +58,7 @@ RUNS = (("llama", "full-rank", "llama", "none"), ("sltrain", "SLTrain", "sltrain
         ("cola_m", "CoLA-M", "cola", "cola_m"),
         ("galore", "GaLore", "galore", "none"), ("fira", "Fira", "fira", "none"),
         ("lora", "LoRA", "lora", "none"), ("relora", "ReLoRA", "relora", "none"),
-        ("switchlora", "SwitchLoRA", "switchlora", "none"), ("sst", "SST", "sst", "none"))
+        ("switchlora", "SwitchLoRA", "switchlora", "none"))
 # ReLoRA's step counts, scaled to --steps like the warmup (rounded up: one that is set stays >= 1).
 RESTART_FIELDS = ("full_rank_steps", "restart_every", "restart_warmup_steps")
 

@@ -179,15 +179,10 @@ def test_relora_run_warm_starts_merges_and_resumes_with_identical_losses(compila
     assert changed == {2: {"base"}, 3: {"base", "lora_a"}, 4: set(), 5: {"lora_a", "lora_b"},
                        6: {"base", "lora_a", "lora_b"}, 7: set(), 8: {"lora_a", "lora_b"}}
     assert [s for s in steps if np.any(up[s - 1]["lora_b"])] == [5, 8]  # B = 0 until trained, 0 after a merge
-    assert_resumes_with_identical_losses(cfg, parts, 3, steps, losses)
-
-
-def assert_resumes_with_identical_losses(cfg, workdir, stop_after, steps, losses):
-    """A run of cfg into workdir stopped after step stop_after, then resumed, logs `steps` and `losses`."""
-    assert loop.run(cfg, workdir, stop_after=stop_after) is None
-    loop.run(cfg, workdir)
-    assert losses_and_lrs(workdir)[0] == steps
-    np.testing.assert_allclose(losses_and_lrs(workdir)[1], losses, rtol=1e-6)
+    assert loop.run(cfg, parts, stop_after=3) is None
+    loop.run(cfg, parts)
+    assert losses_and_lrs(parts)[0] == steps
+    np.testing.assert_allclose(losses_and_lrs(parts)[1], losses, rtol=1e-6)
 
 
 def test_lora_parameter_and_optimizer_state_counts_by_hand():
