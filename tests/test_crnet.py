@@ -79,9 +79,9 @@ def test_inverting_the_residual_reproduces_every_earlier_output():
             x, positions, None, carry)
         ys.append(carry)
         xas.append({name: v["bottleneck"][0] for name, v in nnx.to_pure_dict(out).items() if "bottleneck" in v})
-    _, acts = net(tokens, capture=True)  # the same outputs as the model's own forward
-    for name, y in ys[-1].items():
-        np.testing.assert_allclose(y, acts[name]["y"][-1], rtol=1e-5, atol=1e-6)
+    _, acts = net(tokens, capture=True)  # the same outputs as the model's own (scanned) forward,
+    for name, y in ys[-1].items():       # up to float32 reassociation (|y| up to ~5 here)
+        np.testing.assert_allclose(y, acts[name]["y"][-1], rtol=1e-5, atol=1e-5)
     outputs = ys[-1]
     for i in reversed(range(spec.num_layers - 1)):
         outputs = blocks[i].invert(outputs, xas[i])
