@@ -459,10 +459,18 @@ def sst_matmul(x, u, s, v, u_active, v_active, active):
     return x @ ((u * s) @ v.T).astype(x.dtype)
 
 
+@jax.custom_batching.sequential_vmap
+def _svd(w):
+    """The thin SVD of w [in, out] float32. Vmapped (over layers), one matrix after another: on CPU,
+    jaxlib 0.10's batched SVD kernel waits for its batch on the thread pool it runs in, and two of
+    them at once (two projections) deadlock a 2-core machine."""
+    return jnp.linalg.svd(w, full_matrices=False)
+
+
 def sst_split(key, w, r):
     """(u [in, m], s [m], v [out, m], active int32 [r]) of w [in, out] (float32 SVD, m = min(in, out))
     with r indices sampled from s (`sst_sample`)."""
-    u, s, vt = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
+    u, s, vt = _svd(w.astype(jnp.float32))
     return u, s, vt.T, sst_sample(key, s, r)
 
 

@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import signal
+import sys
 import time
 
 import jax
@@ -60,24 +61,40 @@ class StopOnSignal:
     """SIGTERM and SIGINT while a run is active (`run`). Outside the training steps (start-up, the
     final report) they raise KeyboardInterrupt(`message`) at once: the CLI prints it and exits
     (`errors.exit_on_error`). Inside `while_training()` the first one sets `requested` (the loop then
-    saves and returns) and a second one raises KeyboardInterrupt at once."""
+    saves and returns) and a second one raises KeyboardInterrupt at once.
+
+    A KeyboardInterrupt raised where Python swallows exceptions (a `__del__`, a gc callback such as
+    jax's `_xla_gc_callback`) is not lost: it is kept out of stderr (`sys.unraisablehook`) and raised
+    again at the next `check()` (the loop checks between start-up stages and on entering training)."""
 
     def __init__(self, message):
-        self.message, self.training, self.requested = message, False, False
+        self.message, self.training, self.requested, self.interrupted = message, False, False, False
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     def _handle(self, signum, frame):
         del frame
         if self.requested or not self.training:
+            self.interrupted = True
             raise KeyboardInterrupt(self.message)
         self.requested = signal.Signals(signum).name
+
+    def _unraisable(self, unraisable):
+        if not (self.interrupted and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            self.previous_hook(unraisable)
+
+    def check(self):
+        """Raises KeyboardInterrupt(`message`) if a signal's KeyboardInterrupt was swallowed."""
+        if self.interrupted:
+            raise KeyboardInterrupt(self.message)
 
     @contextlib.contextmanager
     def while_training(self, message):
         """Signals ask the loop to stop; a second one raises KeyboardInterrupt(`message`)."""
+        self.check()
         self.training, self.message = True, message
         try:
             yield self
@@ -87,6 +104,9 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        sys.unraisablehook = self.previous_hook
+        if exc == (None, None, None):
+            self.check()
 
 
 class Logger:
@@ -187,6 +207,7 @@ def _train(cfg, spec, mesh, tok, workdir, resume_step, stop_after, stop):
     else:
         graphdef, params, opt_state = state.init_state(spec, trainer.tx(0), mesh, t.seed)
         params, opt_state = init_from(cfg, workdir, mngr, trainer.tx(0), params, opt_state)
+    stop.check()  # an interrupt swallowed while the state was compiled (e.g. in a gc callback)
     val = list(evaluate.val_batches(cfg, tok, t.batch_size // accum, t.eval_batches))
     evaluate_fn = evaluate.make_evaluate(graphdef, params, mesh, val)
     log = Logger(cfg, workdir, spec, start, guard)

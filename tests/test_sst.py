@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from colax import config, layers, model, optim
+from colax import checkpoint, config, layers, loop, model, optim
 from colax.errors import ConfigError
 from conftest import small_spec
+from test_relora import compilation_cache, losses_and_lrs, micro_relora  # noqa: F401 (a fixture)
 
 def effective_factors(p, layer):
     """numpy (U, s, V) of one layer of one projection's pure dict: the active columns written into U, V."""
@@ -158,3 +159,27 @@ def test_sst_bad_config_is_one_line():
     cfg.model.update(sst_round_steps=5, rank=129)  # tiny: hidden 128
     with pytest.raises(ConfigError, match="model.rank .* 128"):
         config.validate(cfg)
+
+
+def test_sst_run_trains_only_the_active_columns_and_resumes_with_identical_losses(compilation_cache,  # noqa: F811
+                                                                                 tmp_path_factory):
+    """Rounds of 3 steps over 8: read from the per-step checkpoints, a step inside a round changes
+    s and the active columns only (U, V and the indices stay), and the rounds after steps 3 and 6
+    re-factor U, V and draw new indices. Stopped after step 4 (inside a round) and resumed, the losses
+    equal the uninterrupted run's, also after the round that follows the resume (its new columns
+    train in step 7, which shows in step 8's loss)."""
+    cfg = micro_relora(tmp_path_factory)
+    cfg.model.update(projection="sst", sst_round_steps=3)
+    cfg.optim.update(schedule="cosine", full_rank_steps=0, restart_every=0)
+    cfg.train.steps = 8
+    full, parts = str(tmp_path_factory.mktemp("full")), str(tmp_path_factory.mktemp("parts"))
+    loop.run(cfg, full)
+    steps, losses, _ = losses_and_lrs(full)
+    up = [jax.tree.map(np.asarray, checkpoint.load_params(cfg, full, s)[1]["blocks"]["up"]) for s in steps]
+    changed = {s: {k for k in up[s - 1] if not np.array_equal(up[s - 2][k], up[s - 1][k])} for s in steps[1:]}
+    inside, round_end = {"s", "u_active", "v_active"}, {"u", "s", "v", "u_active", "v_active", "active"}
+    assert changed == {2: inside, 3: round_end, 4: inside, 5: inside, 6: round_end, 7: inside, 8: inside}
+    assert loop.run(cfg, parts, stop_after=4) is None
+    loop.run(cfg, parts)
+    assert losses_and_lrs(parts)[0] == steps
+    np.testing.assert_allclose(losses_and_lrs(parts)[1], losses, rtol=1e-6)
