@@ -1,5 +1,5 @@
-"""Full-rank LLaMA, SLTrain, CR-Net, CoLA, CoLA-M, GaLore, Fira, LoRA, ReLoRA and SwitchLoRA side by side: same
-data, same tokens, same seed.
+"""Full-rank LLaMA, SLTrain, CR-Net, CoLA, CoLA-M, GaLore, Fira, LoRA, ReLoRA, SwitchLoRA and SST side by side:
+same data, same tokens, same seed.
 
     python benchmarks/compare.py [--size tiny] [--steps 300] [--runs llama,cola,...] [--out runs/compare]
         [--config.a.b=v ...]
@@ -11,7 +11,9 @@ points all runs at it, so with the same data seed they see identical batches. Co
 GaLore and Fira are the full-rank model with those optimizers (`optim.name`). LoRA and ReLoRA
 (`config.preset("lora" | "relora")`) train the full-rank model's frozen weights plus LoRA factors,
 ReLoRA with its full-rank warm start, merges and jagged cosine; SwitchLoRA
-(`config.preset("switchlora")`) LoRA with vector switches (its schedule follows `--steps`). Each model keeps its preset's
+(`config.preset("switchlora")`) LoRA with vector switches (its schedule follows `--steps`); SST
+(`config.preset("sst")`) the full-rank model's sizes as sampled spectral factors (rounds of
+`model.sst_round_steps`, not scaled: set it with `--config.model.sst_round_steps=N`). Each model keeps its preset's
 recipe (peak lr: CoLA's per size (also CR-Net's), full-rank `FULL_RANK_LR` (also LoRA/ReLoRA), SLTrain
 `SLTRAIN_LR`, GaLore/Fira 0.01; warmup and ReLoRA's step counts scaled to `--steps` in the
 preset's proportion) unless `--lr` (CoLA,
@@ -28,8 +30,8 @@ argument bytes of one micro-batch step (`colax.plan`); the measured device peak
 Optimizer-state bytes are those of the optimizer's state for the model (`colax.plan`).
 Ratio columns are against full-rank. The device peak is a process-wide high-water mark, so the
 runs go in reverse table order, roughly ascending expected memory (Fira, GaLore, CoLA-M, CoLA, CR-Net, SLTrain,
-full-rank; the LoRA kinds, last in the table, run first, SwitchLoRA, with its candidate pools, first
-of all); a run that does not raise it is
+full-rank; the kinds last in the table run first, SST, with full U and V per projection, and
+SwitchLoRA, with its candidate pools, first of all); a run that does not raise it is
 reported as "<=" the previous peak. The defaults are the CPU comparison of docs/compare.md.
 """
 
@@ -58,7 +60,7 @@ RUNS = (("llama", "full-rank", "llama", "none"), ("sltrain", "SLTrain", "sltrain
         ("cola_m", "CoLA-M", "cola", "cola_m"),
         ("galore", "GaLore", "galore", "none"), ("fira", "Fira", "fira", "none"),
         ("lora", "LoRA", "lora", "none"), ("relora", "ReLoRA", "relora", "none"),
-        ("switchlora", "SwitchLoRA", "switchlora", "none"))
+        ("switchlora", "SwitchLoRA", "switchlora", "none"), ("sst", "SST", "sst", "none"))
 # ReLoRA's step counts, scaled to --steps like the warmup (rounded up: one that is set stays >= 1).
 RESTART_FIELDS = ("full_rank_steps", "restart_every", "restart_warmup_steps")
 

@@ -261,6 +261,11 @@ class LoRA(nnx.Module):
         return 2 * in_features * out_features + 2 * rank * (in_features + out_features)
 
     @staticmethod
+    def frozen_flops_per_token(in_features, out_features, rank):
+        """x Wᵀ's: W is frozen in the low-rank phase, so its weight gradient is never computed."""
+        return 2 * in_features * out_features
+
+    @staticmethod
     def param_axes(in_axis, out_axis):
         """Logical axes of each parameter, for colax.sharding (torch layout: [out, in])."""
         return {"base": (out_axis, in_axis), "lora_a": ("rank", in_axis), "lora_b": (out_axis, "rank")}

@@ -1,7 +1,7 @@
 """Training metrics: MFU, the metrics.jsonl file, TensorBoard events and the progress display.
 
 MFU = flops_per_token * tokens_per_s / (peak FLOP/s per device * devices), with the analytic
-training FLOPs per token of `colax.model.flops_per_token` (3 x forward matmul FLOPs; remat
+training FLOPs per token of `colax.model.flops_per_token` (3 x forward matmul FLOPs less frozen weights' weight gradients; remat
 recomputation is not counted) and the dense bf16 peak of the device kind (None where unknown,
 e.g. CPU).
 """

@@ -392,16 +392,23 @@ def count_params(spec: ModelSpec):
 
 
 def flops_per_token(spec: ModelSpec, seq_len):
-    """Analytic matmul FLOPs per token: {"forward", "train"} (train = 3 x forward).
+    """Analytic matmul FLOPs per token: {"forward", "train"}.
 
     Projections and lm_head: 2 FLOPs per weight; attention: QK^T and AV over the full [T, T]
     score matrix (as XLA computes it), 4 * T * D per layer. Elementwise work is not counted.
+    train = 3 x forward (forward, input gradient, weight gradient), less the weight gradients never
+    computed: a kind's `frozen_flops_per_token(in, out, rank)` is the forward FLOPs of its matmuls
+    with a frozen weight (LoRA's x Wᵀ), counted twice instead of three times.
     """
     kind = layers.PROJECTIONS[spec.projection]
     shapes = layers.projection_shapes(spec.hidden_size, spec.intermediate_size)
-    proj = lambda kind: sum(kind.flops_per_token(i, o, spec.rank[n]) for n, (i, o) in shapes.items())
     first = kind.first_layer if is_cross_layer(spec) else kind  # block 1 of a cross-layer kind
+
+    def blocks(method):  # sum over every block's projections of kind.method (0 where a kind has none)
+        proj = lambda kind: sum(getattr(kind, method, lambda i, o, r: 0)(i, o, spec.rank[n])
+                                for n, (i, o) in shapes.items())
+        return proj(first) + (spec.num_layers - 1) * proj(kind)
+
     attn = 4 * seq_len * spec.hidden_size
-    forward = (proj(first) + (spec.num_layers - 1) * proj(kind) + spec.num_layers * attn
-               + 2 * spec.hidden_size * spec.vocab_size)
-    return dict(forward=forward, train=3 * forward)
+    forward = blocks("flops_per_token") + spec.num_layers * attn + 2 * spec.hidden_size * spec.vocab_size
+    return dict(forward=forward, train=3 * forward - blocks("frozen_flops_per_token"))

@@ -26,9 +26,14 @@ def test_analytic_flops_by_hand():
     fwd = layers * (2 * (4 * d * d + 3 * d * f) + 4 * t * d) + 2 * d * v
     got = model.flops_per_token(config.validate(config.preset("llama", "60m")), t)
     assert got == dict(forward=fwd, train=3 * fwd)
+    # LoRA, r = 128: the factors' 2 r (in + out) on top; W frozen: its x Wᵀ has no weight gradient.
+    r, full = 128, 2 * (4 * d * d + 3 * d * f)
+    lora_fwd = fwd + layers * 2 * r * (4 * 2 * d + 3 * (d + f))
+    got = model.flops_per_token(config.validate(config.preset("lora", "60m")), t)
+    assert got == dict(forward=lora_fwd, train=3 * lora_fwd - layers * full)
 
 
-@pytest.mark.parametrize("kind", ["cola", "llama"])
+@pytest.mark.parametrize("kind", ["cola", "llama", "lora"])
 def test_xla_flops_within_3_percent_of_analytic(kind):
     # At the config's micro-batch (32 x 256). The analytic count has no elementwise work and no
     # optimizer update; XLA counts both (measured at 60M: CoLA 2.6%, full-rank 1.4%).
