@@ -74,7 +74,7 @@ def main():
     args = p.parse_args()
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={max(args.tensor)}"
     assert "jax" not in sys.modules
-    print(f"| tensor | full-rank fwd | CoLA fwd | full-rank train | CoLA train | CoLA / full-rank (train) |")
+    print("| tensor | full-rank fwd | CoLA fwd | full-rank train | CoLA train | CoLA / full-rank (train) |")
     print("|---|---|---|---|---|---|")
     for t in args.tensor:
         (df, dt), (cf, ct) = (per_block_per_token(k, args.size, t, args.batch, args.seq_len)

@@ -57,7 +57,7 @@ def refresh_cost(size, mesh_shape, rank, split):
     import ml_collections
     from jax.sharding import NamedSharding
 
-    from colax import config, galore, model, optim, sharding, state
+    from colax import config, galore, model, sharding, state
     from flax import nnx
 
     cfg = config.preset("galore", size)

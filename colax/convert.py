@@ -32,12 +32,13 @@ from ml_collections import config_flags
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for safetensors)
 import numpy as np
 from etils import epath
-from flax import nnx
+from flax import nnx, traverse_util
 from safetensors import numpy as st_numpy
 from safetensors import SafetensorError, safe_open
 
 from colax import checkpoint, layers, model, sharding, tokenizer
 from colax import config as config_lib
+from colax import run as run_lib
 from colax.errors import ConfigError, DataError, exit_on_error, parse_flags
 
 CONFIG_NAME = "config.json"
@@ -119,7 +120,7 @@ def to_tensors(params, fmt):
     """Params (nested dict of arrays) -> {safetensors key: contiguous numpy array} in format `fmt`."""
     params = jax.device_get(params)
     if fmt == "colax":
-        return {key: np.asarray(leaf) for key, leaf in checkpoint.flatten(params).items()}
+        return {key: np.asarray(leaf) for key, leaf in traverse_util.flatten_dict(params, sep=".").items()}
     out = {}
     for path, layer, key, transpose in _entries(LAYOUTS[fmt], params):
         array = np.asarray(_get(params, path))
@@ -135,7 +136,7 @@ def from_tensors(tensors, fmt, abstract, where):
     both shapes). Arrays are cast to the abstract dtypes.
     """
     if fmt == "colax":
-        expected = checkpoint.flatten(abstract)
+        expected = traverse_util.flatten_dict(abstract, sep=".")
         checkpoint.check_shapes(expected, tensors, where)
         return _unflatten({tuple(k.split(".")): np.asarray(v, expected[k].dtype) for k, v in tensors.items()})
     entries = _entries(LAYOUTS[fmt], abstract)
@@ -364,7 +365,7 @@ def export_run(workdir, out, step=None, fmt="auto", max_shard_bytes=5 * 10**9):
     The run's tokenizer (workdir/tokenizer.model or data.tokenizer) is copied beside the weights
     and gives config.json its bos/eos ids.
     """
-    cfg = _local(checkpoint.load_config(workdir))
+    cfg = _local(run_lib.load_config(workdir))
     _, params = checkpoint.load_params(cfg, workdir, step)
     tok_path = cfg.data.tokenizer or str(epath.Path(workdir) / tokenizer.MODEL_NAME)
     tok = tokenizer.load_tokenizer(tok_path) if epath.Path(tok_path).exists() else None
@@ -384,7 +385,7 @@ def import_run(src, workdir, cfg=None, overwrite=False):
     fields, params = read(src, cfg.model)
     cfg.model.update(fields)
     config_lib.validate(cfg)
-    checkpoint.prepare_workdir(workdir, cfg, overwrite)
+    run_lib.prepare_workdir(workdir, cfg, overwrite)
     ckpt_dir = epath.Path(workdir) / "checkpoints"
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         if not overwrite:
@@ -404,9 +405,9 @@ def init_params(cfg, params, source):
     fields (config.json) must equal `cfg.model`'s, except those in FREE_MODEL_FIELDS: ConfigError
     naming the first that differs.
     """
-    is_run = (epath.Path(source) / checkpoint.CONFIG_NAME).exists() and (epath.Path(source) / "checkpoints").exists()
+    is_run = (epath.Path(source) / run_lib.CONFIG_NAME).exists() and (epath.Path(source) / "checkpoints").exists()
     if is_run:
-        fields = {k: v for k, v in checkpoint.load_config(source).model.items() if k not in FREE_MODEL_FIELDS}
+        fields = {k: v for k, v in run_lib.load_config(source).model.items() if k not in FREE_MODEL_FIELDS}
     else:
         fields, loaded = read(source, cfg.model)
     plain = lambda v: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v

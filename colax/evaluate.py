@@ -25,7 +25,8 @@ import numpy as np
 import tqdm
 from absl import app, flags
 
-from colax import checkpoint, data, sharding, state, step
+from colax import data, sharding, state, step
+from colax import run as run_lib
 from colax.errors import ConfigError, DataError, exit_on_error, parse_flags
 
 CONVENTIONS = ("token", "reference")
@@ -113,7 +114,7 @@ def evaluate_run(cfg, tok, graphdef, params, convention="token", max_tokens=10_0
 
 def define_flags():
     """The command line flags of `python -m colax.evaluate` (defined only when run as a program)."""
-    checkpoint.define_run_flags()
+    run_lib.define_run_flags()
     flags.DEFINE_enum("convention", "token", CONVENTIONS, "token: token-weighted mean loss; reference: the "
                       "CoLA/GaLore code's mean of per-batch means over one batch more than it ran.")
     flags.DEFINE_integer("max_tokens", 10_000_000, "Stop once more non-pad input tokens than this have been "
@@ -123,7 +124,7 @@ def define_flags():
 
 @exit_on_error
 def main(argv):
-    cfg, tok, graphdef, params, ckpt_step = checkpoint.load_run_from_flags(argv)
+    cfg, tok, graphdef, params, ckpt_step = run_lib.load_run_from_flags(argv)
     f = flags.FLAGS
     result = evaluate_run(cfg, tok, graphdef, params, f.convention, f.max_tokens, f.batch_rows,
                           progress=sys.stderr.isatty())

@@ -20,8 +20,8 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from colax import checkpoint
 from colax import model as model_lib
+from colax import run as run_lib
 from colax.errors import DataError, exit_on_error, parse_flags
 
 BUCKET_MIN = 16
@@ -132,7 +132,7 @@ def generate(params, graphdef, prompts, max_new_tokens, eos_id, max_len, tempera
 
 def define_flags():
     """The command line flags of `python -m colax.generate` (defined only when run as a program)."""
-    checkpoint.define_run_flags()
+    run_lib.define_run_flags()
     flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for a batch of prompts.")
     flags.DEFINE_string("prompt-file", None, "A text file, one prompt per line (added to the --prompt ones).")
     flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt at most (a row also stops at EOS).")
@@ -164,7 +164,7 @@ def main(argv):
         raise DataError(f"--temperature must be >= 0, --top_k >= 0 and --top_p in (0, 1], got {f.temperature}, "
                         f"{f.top_k}, {f.top_p}")
     texts = read_prompts(f.prompt, f["prompt-file"].value)
-    cfg, tok, graphdef, params, _ = checkpoint.load_run_from_flags(argv)
+    cfg, tok, graphdef, params, _ = run_lib.load_run_from_flags(argv)
     results, stats = generate(params, graphdef, [tok.encode(t) for t in texts], f.max_new_tokens, tok.eos_id,
                               f.max_len or cfg.data.seq_len, f.temperature, f.top_k, f.top_p, f.seed)
     for text, ids in zip(texts, results):

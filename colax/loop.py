@@ -25,6 +25,7 @@ from colax import trainer as trainer_lib
 from colax import config as config_lib
 from colax import guard as guard_lib
 from colax import model as model_lib
+from colax import run as run_lib
 from colax import workdir as workdir_lib
 from colax.errors import ConfigError, DataError
 
@@ -159,7 +160,7 @@ def prepare(cfg, spec, workdir, overwrite):
     files deleted (`overwrite`), tokenizer.model and config.json. Returns (tokenizer, resume step:
     `train.resume_step`, or 0 when config.json shows that this resume was already done)."""
     t = cfg.train
-    old, replace = checkpoint.check_workdir(workdir, cfg, overwrite)
+    old, replace = run_lib.check_workdir(workdir, cfg, overwrite)
     done = old and old["train"].get("resume_step") == t.resume_step
     checkpoint.check_resume_step(workdir, 0 if done else t.resume_step)
     tok, proto = tokenizer.find_or_train(cfg.data, workdir, spec.vocab_size, reuse=not replace)
@@ -169,10 +170,10 @@ def prepare(cfg, spec, workdir, overwrite):
             generate.check_prompts([tok.encode(t.sample_prompt)], cfg.data.seq_len)
         except DataError as e:
             raise ConfigError(f"train.sample_prompt: {e}") from None
-    checkpoint.prepare_workdir(workdir, cfg, overwrite)
+    run_lib.prepare_workdir(workdir, cfg, overwrite)
     if proto is not None and jax.process_index() == 0:
         workdir_lib.atomic_write(tok.path, proto)
-    changes = checkpoint.recovery_changes(old, json.loads(cfg.to_json_best_effort())) if old else []
+    changes = run_lib.recovery_changes(old, json.loads(cfg.to_json_best_effort())) if old else []
     if changes:
         print(f"resuming with changed recovery settings: {', '.join(changes)}", flush=True)
     return tok, 0 if done else t.resume_step

@@ -16,11 +16,18 @@ import os
 import socket
 import time
 
+import jax
 from etils import epath
 
 from colax.errors import ConfigError
 
 LOCK_NAME = "lock"
+
+
+def note(line):
+    """Prints a line about the workdir (process 0 only)."""
+    if jax.process_index() == 0:
+        print(line, flush=True)
 
 
 def atomic_write(path, data):

@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from colax import checkpoint, config, convert, data, evaluate, layers, loop, model, optim, step, tokenizer
+from colax import run as run_lib
 from colax.errors import ConfigError, DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +104,7 @@ def read_dir(path):
 
 
 def assert_same_params(a, b):
-    fa, fb = checkpoint.flatten(a), checkpoint.flatten(b)
+    fa, fb = (traverse_util.flatten_dict(x, sep=".") for x in (a, b))
     assert sorted(fa) == sorted(fb)
     for key in fa:
         assert np.asarray(fa[key]).dtype == np.asarray(fb[key]).dtype, key
@@ -346,7 +347,7 @@ def test_import_then_load_continue_training_and_export(micro, tmp_path):
     convert.export(micro, params, tmp_path / "exported")
     cfg = convert.import_run(str(tmp_path / "exported"), str(tmp_path / "imported"), micro)
     assert cfg.model.to_dict() == micro.model.to_dict()
-    run_cfg, tok, graphdef, loaded, at = checkpoint.load_run(str(tmp_path / "imported"))  # as evaluate/generate
+    run_cfg, tok, graphdef, loaded, at = run_lib.load_run(str(tmp_path / "imported"))  # as evaluate/generate
     assert at == 0 and run_cfg.to_dict() == cfg.to_dict()
     assert_same_params(jax.device_get(loaded), params)
     # colax.evaluate on the import = the token-weighted loss of the exported state dict by numpy.

@@ -28,10 +28,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from absl import flags
 from ml_collections import config_flags
 
 from colax import checkpoint, config, errors, layers, loop, model, sources, step, tokenizer
+from colax import run as run_lib
 from colax import workdir as workdir_lib
 from colax.errors import CheckpointError, ConfigError, DataError, DivergenceError, NonFiniteError
 from test_train import ROOT, compilation_cache, micro_config, read_metrics, tok_path  # noqa: F401
@@ -217,7 +217,7 @@ def test_kill_during_a_save_and_torn_files(tok_path, reference, tmp_path, capsys
     changed = fault_config(tok_path)
     changed.optim.b1 = 0.5  # another model: still refused, by the config saved in the checkpoints
     with pytest.raises(ConfigError, match="optim.b1: 0.9 -> 0.5"):
-        checkpoint.check_workdir(tmp_path, changed)
+        run_lib.check_workdir(tmp_path, changed)
     loop.run(fault_config(tok_path), str(tmp_path))
     out = capsys.readouterr().out
     assert "config.json is unreadable" in out and "dropping an unreadable line" in out
@@ -272,18 +272,18 @@ def test_a_refused_start_writes_nothing(tok_path, tmp_path):
 
 def test_changing_recovery_settings_is_allowed_and_the_model_is_not(tmp_path):
     cfg = micro_config()
-    checkpoint.prepare_workdir(tmp_path, cfg)
+    run_lib.prepare_workdir(tmp_path, cfg)
     cfg.optim.update(lr=0.001, warmup_steps=3)
     cfg.train.update(on_nonfinite="skip", spike_factor=5.0, resume_step=2)
-    old, replace = checkpoint.check_workdir(tmp_path, cfg)
-    assert not replace and checkpoint.recovery_changes(old, json.loads(cfg.to_json_best_effort())) == [
+    old, replace = run_lib.check_workdir(tmp_path, cfg)
+    assert not replace and run_lib.recovery_changes(old, json.loads(cfg.to_json_best_effort())) == [
         "optim.lr: 0.01 -> 0.001", "optim.warmup_steps: 2 -> 3", "train.on_nonfinite: 'stop' -> 'skip'",
         "train.resume_step: 0 -> 2", "train.spike_factor: 3.0 -> 5.0"]
     cfg.model.rank = 4
     with pytest.raises(ConfigError, match=r"model.rank: 8 -> 4\); pass --overwrite"):
-        checkpoint.check_workdir(tmp_path, cfg)
+        run_lib.check_workdir(tmp_path, cfg)
     (tmp_path / "config.json").unlink()  # config.json lost, no checkpoint: a new run
-    assert checkpoint.check_workdir(tmp_path, cfg) == (None, False)
+    assert run_lib.check_workdir(tmp_path, cfg) == (None, False)
 
 
 def test_resume_step_must_name_a_kept_checkpoint(tok_path, reference, tmp_path):

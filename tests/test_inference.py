@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from colax import checkpoint, config, data, evaluate, generate, model, optim, sharding, sources, state, tokenizer
+from colax import run as run_lib
 from colax.errors import ConfigError, DataError
 from conftest import small_spec
 
@@ -160,7 +161,7 @@ def run(tmp_path_factory):
     cfg.train.update(batch_size=2, micro_batch_size=2, steps=3)
     cfg.optim.update(warmup_steps=1)
     workdir = str(root / "workdir")
-    checkpoint.prepare_workdir(workdir, cfg)
+    run_lib.prepare_workdir(workdir, cfg)
     tok = tokenizer.train_tokenizer(DOCS, os.path.join(workdir, "tokenizer"), 320, "bpe", 30)
     spec = config.validate(cfg)
     tx = optim.make(cfg.optim, cfg.train.steps)
@@ -257,11 +258,11 @@ def test_run_config_from_an_older_colax_gets_new_keys_defaults(run, tmp_path):
     del stored["model"]["kernel"], stored["train"]["sample_tokens"]  # keys "added after the run was written"
     stored["data"]["seq_len"] = 24
     (tmp_path / "config.json").write_text(json.dumps(stored))
-    cfg = checkpoint.load_config(tmp_path, {"train.seed": 7})
+    cfg = run_lib.load_config(tmp_path, {"train.seed": 7})
     assert (cfg.model.kernel, cfg.train.sample_tokens) == (config.defaults().model.kernel,
                                                            config.defaults().train.sample_tokens)
     assert (cfg.data.seq_len, cfg.train.seed, cfg.model.vocab_size) == (24, 7, 320)
     stored["model"]["bogus"] = 1
     (tmp_path / "config.json").write_text(json.dumps(stored))
     with pytest.raises(ConfigError, match="unknown config key model.bogus"):
-        checkpoint.load_config(tmp_path)
+        run_lib.load_config(tmp_path)

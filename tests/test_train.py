@@ -25,6 +25,7 @@ import pytest
 from flax import nnx
 
 from colax import checkpoint, config, data, evaluate, generate, loop, metrics, model, optim, sharding, step, tokenizer
+from colax import run as run_lib
 from colax.errors import ConfigError, DataError, NonFiniteError
 from conftest import small_spec
 
@@ -268,17 +269,17 @@ def test_nonfinite_skip(tok_path, tmp_path):
 
 def test_config_saved_and_different_config_refused(tmp_path):
     cfg = micro_config()
-    checkpoint.prepare_workdir(tmp_path, cfg)
+    run_lib.prepare_workdir(tmp_path, cfg)
     with open(tmp_path / "config.json") as f:
         assert json.load(f) == json.loads(cfg.to_json_best_effort())
-    checkpoint.prepare_workdir(tmp_path, cfg)  # the same run resumes
+    run_lib.prepare_workdir(tmp_path, cfg)  # the same run resumes
     cfg.train.log_every = 5  # keys that do not change the trained model may differ
-    checkpoint.prepare_workdir(tmp_path, cfg)
+    run_lib.prepare_workdir(tmp_path, cfg)
     (tmp_path / "checkpoints").mkdir()
     cfg.optim.weight_decay = 0.5  # changes the trained model (unlike optim.lr, a recovery setting)
     with pytest.raises(ConfigError, match=r"optim.weight_decay: 0.01 -> 0.5\); pass --overwrite"):
-        checkpoint.prepare_workdir(tmp_path, cfg)
-    checkpoint.prepare_workdir(tmp_path, cfg, overwrite=True)
+        run_lib.prepare_workdir(tmp_path, cfg)
+    run_lib.prepare_workdir(tmp_path, cfg, overwrite=True)
     assert os.listdir(tmp_path) == ["config.json"]
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["optim"]["weight_decay"] == 0.5
