@@ -6,7 +6,8 @@ median loss of the previous `train.spike_window` steps (checked once that window
 `on_nonfinite="stop"` stops at the first non-finite step; `"skip"` (the step's update was discarded
 on the device) stops after more than `train.max_skipped_steps` consecutive skipped steps. A spike
 always stops. The guard also tracks the last checkpoint saved before the first bad step: rotation
-never deletes it (`pinned`), and the stop message names it as the place to resume from.
+never deletes it (`pinned`), and the stop message names it as the place to resume from. The loop
+stores the pin in the workdir (`on_pin`, `colax.run.write_pinned`), so a restarted run keeps it too.
 """
 
 import collections
@@ -19,7 +20,8 @@ from colax.errors import DivergenceError, NonFiniteError
 class Guard:
     """check(step, metrics, finite) per step in order; saved(step) after each checkpoint save."""
 
-    def __init__(self, cfg_train):
+    def __init__(self, cfg_train, pinned=(), on_pin=lambda pinned: None):
+        """pinned: steps pinned by an earlier process of the run; on_pin(pinned) is called when a pin is added."""
         t = cfg_train
         self.skip, self.max_skipped = t.on_nonfinite == "skip", t.max_skipped_steps
         self.factor = t.spike_factor
@@ -27,7 +29,8 @@ class Guard:
         self.skipped = 0        # skipped steps since this process started
         self.consecutive = 0    # skipped steps in a row, up to the current one
         self.last_saved = None  # the newest checkpoint saved so far
-        self.pinned = set()     # {the last checkpoint saved before the first bad step}: never rotated out
+        self.pinned = set(pinned)  # {the last checkpoint saved before the first bad step}: never rotated out
+        self.on_pin = on_pin
 
     def saved(self, step):
         self.last_saved = step
@@ -36,6 +39,7 @@ class Guard:
         """Pins the last good checkpoint and returns `message` with a pointer to it."""
         if self.last_saved is not None and not self.pinned:
             self.pinned.add(self.last_saved)
+            self.on_pin(self.pinned)
         good = min(self.pinned, default=None)
         return message + ("" if good is None else
                           f"; the last checkpoint before it is {good}: resume from it with "

@@ -196,7 +196,9 @@ def _train(cfg, spec, mesh, tok, workdir, resume_step, stop_after, stop):
     accum, t = config_lib.accum_steps(cfg), cfg.train
     trainer = trainer_lib.Trainer(cfg, nnx.graphdef(model_lib.abstract_model(spec)), mesh)
     train_it = data.make_pipeline(cfg.data, tok, split="train", global_batch_size=t.batch_size)
-    guard = guard_lib.Guard(t)
+    if resume_step:  # resuming from a chosen checkpoint starts a new branch: earlier pins are released
+        run_lib.write_pinned(workdir, set())
+    guard = guard_lib.Guard(t, run_lib.read_pinned(workdir), lambda pinned: run_lib.write_pinned(workdir, pinned))
     mngr = checkpoint.manager(workdir, t, guard.pinned)
     start = 0
     if mngr.latest_step() or resume_step:  # restored straight into the shardings: no fresh parameters

@@ -28,8 +28,10 @@ FREE_KEYS = ("mesh.", "train.micro_batch_size", "train.log_every", "train.eval_e
 # Recovery settings: they may change on resume too (to get past a divergence); a notice lists them.
 RECOVERY_KEYS = ("optim.lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.grad_clip", "train.on_nonfinite",
                  "train.max_skipped_steps", "train.spike_factor", "train.spike_window", "train.resume_step")
+# The checkpoint steps the divergence guard pinned (`colax.guard`), kept across restarts.
+PINNED_NAME = "pinned.json"
 # What --overwrite deletes: everything a run writes into its workdir.
-RUN_FILES = (CONFIG_NAME, "checkpoints", "metrics.jsonl", "tensorboard", "tokenizer.model")
+RUN_FILES = (CONFIG_NAME, "checkpoints", "metrics.jsonl", "tensorboard", "tokenizer.model", PINNED_NAME)
 
 
 def _changed(old, new, keep):
@@ -100,6 +102,25 @@ def prepare_workdir(workdir, cfg: ml_collections.ConfigDict, overwrite=False):
                 target.unlink()
         workdir_lib.atomic_write(workdir / CONFIG_NAME, json.dumps(json.loads(cfg.to_json_best_effort()), indent=2) + "\n")
     return old
+
+
+def read_pinned(workdir):
+    """The checkpoint steps pinned by the run in `workdir` (a set; empty if none, or unreadable: a torn write)."""
+    try:
+        return set(json.loads((epath.Path(workdir) / PINNED_NAME).read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def write_pinned(workdir, steps):
+    """Stores the pinned checkpoint `steps` (none: removes the file); process 0 writes."""
+    path = epath.Path(workdir) / PINNED_NAME
+    if jax.process_index() != 0:
+        return
+    if steps:
+        workdir_lib.atomic_write(path, json.dumps({"steps": sorted(steps)}) + "\n")
+    else:
+        path.unlink(missing_ok=True)
 
 
 def load_config(workdir, overrides=None):

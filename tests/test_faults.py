@@ -108,13 +108,18 @@ def test_skip_mode_stops_after_the_limit_and_keeps_the_last_good_checkpoint(tok_
     assert one_line(e).startswith("step 4: 2 non-finite steps in a row were skipped (train.max_skipped_steps=1)")
     assert "resume_step=2" in str(e.value)
     assert checkpoints(tmp_path) == ["2", "3"] and finite_params(tmp_path, 2)
-    # Item 2: resume from the pinned checkpoint, with changed recovery settings (accepted, listed).
+    # A restart (the fault was transient) keeps the pin: rotation (keep 1) still spares checkpoint 2.
+    loop.run(cfg, str(tmp_path))
+    assert checkpoints(tmp_path) == ["2", "6"]
+    # Item 2: resume from the pinned checkpoint, with changed recovery settings (accepted, listed);
+    # that releases the pin.
     cfg.train.update(resume_step=2, on_nonfinite="stop")
     loop.run(cfg, str(tmp_path))
     out = capsys.readouterr().out
     assert "changed recovery settings: train.on_nonfinite: 'skip' -> 'stop', train.resume_step: 0 -> 2" in out
-    assert "checkpoint 3 set aside as checkpoints/3.abandoned" in out
+    assert "checkpoint 6 set aside as checkpoints/6.abandoned" in out
     assert_losses_match(tmp_path, reference, range(1, STEPS + 1))
+    assert checkpoints(tmp_path) == ["6", "6.abandoned"] and not (tmp_path / run_lib.PINNED_NAME).exists()
     # The same command again resumes from the newest checkpoint: resume_step was already applied.
     assert loop.prepare(cfg, config.validate(cfg), str(tmp_path), False)[1] == 0
 
