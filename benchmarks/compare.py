@@ -15,7 +15,7 @@ ReLoRA with its full-rank warm start, merges and jagged cosine; SwitchLoRA
 (`config.preset("sst")`) the full-rank model's sizes as sampled spectral factors (rounds of
 `model.sst_round_steps`, not scaled: set it with `--config.model.sst_round_steps=N`). Each model keeps its preset's
 recipe (peak lr: CoLA's per size (also CR-Net's), full-rank `FULL_RANK_LR` (also LoRA/ReLoRA), SLTrain
-`SLTRAIN_LR`, GaLore/Fira 0.01; warmup and ReLoRA's step counts scaled to `--steps` in the
+`projections.sltrain.LR`, GaLore/Fira 0.01; warmup and ReLoRA's step counts scaled to `--steps` in the
 preset's proportion) unless `--lr` (CoLA,
 CoLA-M) / `--full_rank_lr` say otherwise; `--config.a.b=v` overrides are applied to all configs
 last (`optim.*` of GaLore/Fira are ignored by AdamW runs).

@@ -58,6 +58,7 @@ def refresh_cost(size, mesh_shape, rank, split):
     from jax.sharding import NamedSharding
 
     from colax import config, galore, model, sharding, state
+    from colax.projections import common
     from flax import nnx
 
     cfg = config.preset("galore", size)
@@ -66,7 +67,7 @@ def refresh_cost(size, mesh_shape, rank, split):
     spec = config.validate(cfg)
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.AXES, mesh_shape))))
     params = nnx.to_pure_dict(nnx.state(model.abstract_model(spec)))
-    grads = {k: v for k, v in params["blocks"].items() if k in model.layers.PROJECTION_NAMES}
+    grads = {k: v for k, v in params["blocks"].items() if k in common.PROJECTION_NAMES}
     tx = galore.scale_by_galore(cfg.optim.rank, 1, cfg.optim.scale)
     projector = jax.eval_shape(tx.init, grads).projector
     prefix = lambda tree: {"blocks": tree}  # the parameters' dict-key paths, for their logical axes

@@ -4,7 +4,7 @@
       [--seq_len 256]
 
 S [in, out] has nnz = round(0.03 * in * out) trained values on a fixed, sorted support of flat
-indices (colax.layers.SLTrain). Three formulations of the same product, timed for the projection
+indices (colax.projections.sltrain.SLTrain). Three formulations of the same product, timed for the projection
 shapes of one preset size (q [d->d], up [d->F], down [F->d]) on the default backend:
 
 - scatter: S written into a dense [in, out] zero matrix (`.at[idx].set`), then one dense matmul;
@@ -18,7 +18,7 @@ One warmup (compile) call, then the median of --iters calls. "fwd+bwd" is y plus
 values). Prints one table; the ratio columns are against scatter.
 
 A second table compiles the gradient of the whole SLTrain model of --size (`colax.step.grads`,
-one micro-batch of --batch x --seq_len, abstract shapes, nothing run) with `layers.sltrain_matmul`
+one micro-batch of --batch x --seq_len, abstract shapes, nothing run) with `sltrain.sltrain_matmul`
 as colax has it (checkpointed: the backward rebuilds W) and with W kept for the backward (the
 same function without jax.checkpoint): XLA's temporary memory and FLOPs.
 """
@@ -31,7 +31,8 @@ import numpy as np
 
 from flax import nnx
 
-from colax import config, layers, model, step
+from colax import config, model, step
+from colax.projections import common, sltrain
 from kernels import median_ms  # benchmarks/kernels.py (this script's directory is on sys.path)
 
 
@@ -95,7 +96,7 @@ def inputs(n, shape, dtype, density=0.03):
 def grad_cost(cfg, batch, seq_len, matmul):
     """(temp MiB, XLA FLOPs) of the compiled gradient of the model of `cfg` with `matmul` as the
     SLTrain product."""
-    saved, layers.sltrain_matmul = layers.sltrain_matmul, matmul
+    saved, sltrain.sltrain_matmul = sltrain.sltrain_matmul, matmul
     try:
         spec = model.spec_from_config(cfg.model)
         graphdef, state = nnx.split(model.abstract_model(spec))
@@ -103,7 +104,7 @@ def grad_cost(cfg, batch, seq_len, matmul):
         batches = dict(inputs=tokens, targets=tokens, loss_mask=jax.ShapeDtypeStruct(tokens.shape, jnp.float32))
         compiled = jax.jit(lambda p, b: step.grads(p, graphdef, b)).lower(nnx.to_pure_dict(state), batches).compile()
     finally:
-        layers.sltrain_matmul = saved
+        sltrain.sltrain_matmul = saved
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return compiled.memory_analysis().temp_size_in_bytes / 2**20, cost["flops"]
@@ -111,7 +112,7 @@ def grad_cost(cfg, batch, seq_len, matmul):
 
 def memory_table(size, batch, seq_len):
     cfg = config.preset("sltrain", size)
-    forms = {"checkpointed (colax)": layers.sltrain_matmul, "W kept": layers.sltrain_matmul.__wrapped__}
+    forms = {"checkpointed (colax)": sltrain.sltrain_matmul, "W kept": sltrain.sltrain_matmul.__wrapped__}
     costs = {name: grad_cost(cfg, batch, seq_len, fn) for name, fn in forms.items()}
     base_mib, base_flops = costs["checkpointed (colax)"]
     print(f"\nSLTrain {size} gradient, one micro-batch of {batch} x {seq_len} (compiled, not run)\n")
@@ -122,7 +123,7 @@ def memory_table(size, batch, seq_len):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", default="60m", choices=list(config.SLTRAIN_ALPHA))
+    p.add_argument("--size", default="60m", choices=list(sltrain.ALPHA))
     p.add_argument("--tokens", type=int, nargs="+", default=[2048])
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -130,7 +131,7 @@ def main():
     p.add_argument("--seq_len", type=int, default=256, help="sequence length of the memory table")
     args = p.parse_args()
     d, f = config.SIZES[args.size][:2]
-    shapes = {k: v for k, v in layers.projection_shapes(d, f).items() if k in ("q", "up", "down")}
+    shapes = {k: v for k, v in common.projection_shapes(d, f).items() if k in ("q", "up", "down")}
     names = list(FORMS)
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), {args.size}, {args.dtype}, "
           f"median of {args.iters}; ms (x: ratio to scatter)\n")

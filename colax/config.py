@@ -13,11 +13,11 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from colax import data, errors, layers, model, optim, sharding, tokenizer
+from colax import data, errors, model, optim, projections, sharding, tokenizer
 from colax.errors import ConfigError
 
 # The paper's model sizes: hidden, intermediate, heads, layers, rank, CoLA peak lr, steps, warmup,
-# only_lr_act. "tiny" is the CPU demo size.
+# only_lr_act (CoLA's lr and only_lr_act: a projection kind's `preset` may take them). "tiny" is the CPU demo size.
 SIZES = {
     "tiny": (128, 344, 4, 2, 32, 0.003, 300, 30, False),
     "60m": (512, 1376, 8, 8, 128, 0.006, 10_000, 2_000, False),
@@ -28,23 +28,17 @@ SIZES = {
 }
 # The reference code ships no full-rank recipe: the usual peak lr for these LLaMA baselines.
 FULL_RANK_LR = 0.001
-# SLTrain (Han et al., 2024): alpha per size (tiny: as 60M), peak lr, AdamW without weight decay.
-SLTRAIN_ALPHA = {"tiny": 32.0, "60m": 32.0, "130m": 16.0, "350m": 16.0, "1b": 8.0}
-SLTRAIN_LR = 0.003
 # GaLore / Fira on the full-rank model (their papers' recipes): peak lr, scale (Fira: 0.0625 at 1B),
 # rank = the size's rank, T = 200 steps between projector refreshes, no weight decay, no clipping,
 # 10% warmup, the reference code's eps.
 LOW_RANK_OPTIM = dict(lr=0.01, scale=0.25, update_proj_gap=200, weight_decay=0.0, grad_clip=0.0, eps=1e-6)
-# LoRA and ReLoRA (Lialin et al.) on the full-rank model's sizes, with the size's rank, alpha 32 and the
-# full-rank lr; ReLoRA in the paper's proportions (of 20k steps: a 5k-step full-rank warm start, a merge
-# every 5k steps, 100-step re-warmups: fewer for short runs), optimizer state fully reset at merges.
-LORA_KINDS = ("lora", "relora")
-# SwitchLoRA (Zhou & Wang): LoRA's recipe with the reference code's alpha 1 (its candidates are not
-# zero-initialised: (alpha / r) B A x starts at about alpha / sqrt(3) times x) and the model section's
-# switch schedule defaults (interval 40, rate 0.3 at 10% of the steps, counterparts held 5 steps).
-SWITCHLORA_ALPHA = 1.0
-# SST (Zhao et al.) on the full-rank model's sizes with the size's rank r (sampled singular vectors), the
-# full-rank lr and the model section's round of 200 steps (GaLore's refresh interval; docs/methods.md#sst).
+# Presets that are not a projection kind's own: {preset name: the projection kind it trains}. The
+# full-rank model ("dense") is "llama", and "galore" and "fira" when trained by GaLore or Fira
+# (`LOW_RANK_OPTIM`). "relora" is ReLoRA (Lialin et al.): LoRA on the full-rank model's sizes with the
+# size's rank, alpha 32 and the full-rank lr, in the paper's proportions (of 20k steps: a 5k-step
+# full-rank warm start, a merge every 5k steps, 100-step re-warmups: fewer for short runs), optimizer
+# state fully reset at merges.
+VARIANTS = {"llama": "dense", "galore": "dense", "fira": "dense", "relora": "lora"}
 
 
 def train_defaults():
@@ -86,37 +80,37 @@ PAPER_DATA = dict(source="hf", hf_name="allenai/c4", hf_config="en", tokenizer=t
 
 
 def preset(kind, size):
-    """The paper's config for `kind` "cola" (low-rank), "llama" (full-rank), "sltrain" or "crnet" at `size`: model,
-    optimizer, steps and (PAPER_DATA) data; "tiny" keeps the demo data of `colax.data.defaults()`.
+    """The paper's config for `kind` at `size`: model, optimizer, steps and (PAPER_DATA) data; "tiny"
+    keeps the demo data of `colax.data.defaults()`.
 
-    SLTrain takes CoLA's model size, rank and schedule with its own alpha, lr and no weight decay
-    (sizes in SLTRAIN_ALPHA). "galore" and "fira" are the full-rank model trained with that
-    optimizer (`LOW_RANK_OPTIM`). CR-Net takes CoLA's model size, rank, lr and schedule. "lora" and
-    "relora" are LoRA and ReLoRA (`LORA_KINDS`) on the full-rank model's recipe, "switchlora" too
-    (`SWITCHLORA_ALPHA`), "sst" too."""
-    kinds = ("cola", "llama", "sltrain", "crnet", "galore", "fira", "switchlora", "sst") + LORA_KINDS
-    if kind not in kinds or size not in SIZES or kind == "sltrain" and size not in SLTRAIN_ALPHA:
+    `kind` is a projection kind but "dense" (`projections.PROJECTIONS`) or a `VARIANTS` name. Every
+    preset starts from the size's model and rank with the full-rank lr (`FULL_RANK_LR`) and the size's
+    schedule; the projection kind's `preset(cfg, size, paper)` then makes its own changes (paper: the
+    size's CoLA recipe, {"lr", "only_lr_act"}), e.g. CoLA and CR-Net take CoLA's lr, SLTrain its own
+    alpha, lr and no weight decay. A kind with `preset_sizes` has presets at those sizes only.
+    "galore" and "fira" are the full-rank model trained with that optimizer (`LOW_RANK_OPTIM`), "relora"
+    LoRA with ReLoRA's schedule."""
+    kinds = tuple(k for k in projections.PROJECTIONS if k != "dense") + tuple(VARIANTS)
+    projection = VARIANTS.get(kind, kind)
+    limited = {k: v.preset_sizes for k, v in projections.PROJECTIONS.items() if hasattr(v, "preset_sizes")}
+    if kind not in kinds or size not in SIZES or size not in limited.get(projection, SIZES):
         raise ConfigError(f"no preset {kind}_{size}: kinds {', '.join(kinds)}; sizes {', '.join(SIZES)} "
-                          f"(sltrain: {', '.join(SLTRAIN_ALPHA)})")
+                          + " ".join(f"({k}: {', '.join(v)})" for k, v in limited.items()))
     d, f, heads, n_layers, rank, lr, steps, warmup, only_lr_act = SIZES[size]
     cfg = defaults()
-    projection = {"llama": "dense", "galore": "dense", "fira": "dense", "relora": "lora"}.get(kind, kind)
     cfg.model.update(projection=projection, hidden_size=d, intermediate_size=f,
-                     num_heads=heads, num_layers=n_layers, rank=rank,
-                     only_lr_act=only_lr_act and kind == "cola")
-    cfg.optim.update(lr=lr if kind in ("cola", "crnet") else FULL_RANK_LR, warmup_steps=warmup)
+                     num_heads=heads, num_layers=n_layers, rank=rank, only_lr_act=False)
+    cfg.optim.update(lr=FULL_RANK_LR, warmup_steps=warmup)
     cfg.train.steps = steps
+    if size != "tiny":
+        cfg.data.update(PAPER_DATA)
+    kind_class = projections.PROJECTIONS[projection]
+    if hasattr(kind_class, "preset"):
+        kind_class.preset(cfg, size, dict(lr=lr, only_lr_act=only_lr_act))
     if kind in ("galore", "fira"):
         cfg.optim.update(name=kind, rank=rank, warmup_steps=steps // 10, **LOW_RANK_OPTIM)
         if kind == "fira" and size == "1b":
             cfg.optim.scale = 0.0625
-    if size != "tiny":
-        cfg.data.update(PAPER_DATA)
-    if kind == "sltrain":
-        cfg.model.lora_alpha = SLTRAIN_ALPHA[size]
-        cfg.optim.update(lr=SLTRAIN_LR, weight_decay=0.0)
-    if kind == "switchlora":
-        cfg.model.lora_alpha = SWITCHLORA_ALPHA
     if kind == "relora":
         cfg.optim.update(schedule="jagged_cosine", full_rank_steps=steps // 4, restart_every=steps // 4,
                          restart_warmup_steps=min(100, steps // 16))
@@ -224,7 +218,7 @@ def validate(cfg):
     accum_steps(cfg)
     optim.validate(cfg.optim, t.steps)
     optim.check_model(cfg.optim, spec)
-    if cfg.optim.full_rank_steps and not hasattr(layers.PROJECTIONS[spec.projection], "full_rank_frozen"):
+    if cfg.optim.full_rank_steps and not hasattr(projections.PROJECTIONS[spec.projection], "full_rank_frozen"):
         raise ConfigError(f"optim.full_rank_steps needs a projection kind with a full-rank warm start (lora), "
                           f"got model.projection={spec.projection!r}")
     return spec

@@ -36,10 +36,11 @@ from flax import nnx, traverse_util
 from safetensors import numpy as st_numpy
 from safetensors import SafetensorError, safe_open
 
-from colax import checkpoint, layers, model, sharding, tokenizer
+from colax import checkpoint, model, sharding, tokenizer
 from colax import config as config_lib
 from colax import run as run_lib
 from colax.errors import ConfigError, DataError, exit_on_error, parse_flags
+from colax.projections.common import PROJECTION_NAMES
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -104,7 +105,7 @@ def _entries(layout, params):
     for i in range(num_layers):
         out += [(("blocks", "attn_norm", "weight"), i, f"model.layers.{i}.input_layernorm.weight", False),
                 (("blocks", "mlp_norm", "weight"), i, f"model.layers.{i}.post_attention_layernorm.weight", False)]
-        for name in layers.PROJECTION_NAMES:
+        for name in PROJECTION_NAMES:
             for leaf in params["blocks"][name]:
                 out.append((("blocks", name, leaf), i, layout.key(name, leaf, i, num_layers), layout.transpose))
     return out
@@ -191,8 +192,8 @@ def hf_config(cfg, fmt, tok=None):
         attention_bias=False, mlp_bias=False, tie_word_embeddings=False, torch_dtype=m.param_dtype, **ids)
     if fmt == "cola":
         out.update(rank=m.rank, only_lr_act=m.only_lr_act)
-        if any(m.ranks[n] for n in layers.PROJECTION_NAMES):
-            out["ranks"] = {n: m.ranks[n] or m.rank for n in layers.PROJECTION_NAMES}
+        if any(m.ranks[n] for n in PROJECTION_NAMES):
+            out["ranks"] = {n: m.ranks[n] or m.rank for n in PROJECTION_NAMES}
     return out
 
 
@@ -232,7 +233,7 @@ def model_fields(conf, where):
         only_lr_act=bool(conf.get("only_lr_act", False)))
     if model_type != "llama":
         fields["rank"] = _need(conf, "rank", where)
-        fields["ranks"] = {n: conf.get("ranks", {}).get(n, 0) for n in layers.PROJECTION_NAMES}
+        fields["ranks"] = {n: conf.get("ranks", {}).get(n, 0) for n in PROJECTION_NAMES}
     return fields
 
 

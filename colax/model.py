@@ -13,23 +13,25 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from colax import kernels, layers, remat, sharding
+from colax import kernels, layers, projections, remat, sharding
 from colax.errors import ConfigError
+from colax.projections.common import PROJECTION_NAMES, projection_shapes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def defaults():
-    """The `config.model` section: a small CoLA model (see configs/ for the paper's sizes)."""
+    """The `config.model` section: a small CoLA model (see configs/ for the paper's sizes), then every
+    projection kind's own keys (`projections.config_defaults()`: lora_alpha, sparse_density, ...)."""
     return ml_collections.ConfigDict(dict(
-        projection="cola",        # a key of colax.layers.PROJECTIONS: "cola", "crnet" or "dense" (full-rank)
+        projection="cola",        # a key of colax.projections.PROJECTIONS: "cola", "crnet", "dense" (full-rank), ...
         vocab_size=32000,
         hidden_size=512,
         intermediate_size=1376,
         num_heads=8,
         num_layers=8,
         rank=128,                 # rank of every low-rank projection ...
-        ranks=ml_collections.ConfigDict({n: 0 for n in layers.PROJECTION_NAMES}),  # ... unless > 0 here
+        ranks=ml_collections.ConfigDict({n: 0 for n in PROJECTION_NAMES}),  # ... unless > 0 here
         only_lr_act=False,        # MLP: down(gate(x) * up(x)) if True else down(silu(gate(x)) * up(x))
         rope_theta=10000.0,
         norm_eps=1e-6,
@@ -41,12 +43,7 @@ def defaults():
         attention_impl="",        # jax.nn.dot_product_attention implementation: "", "xla", "cudnn"
         kernel="xla",             # CoLA silu(z) @ B kernel: "xla" or "pallas" (GPU; docs/kernels.md)
         pad_id=ml_collections.FieldReference(None, field_type=int),  # embedding row kept at 0, never trained
-        lora_alpha=32.0,          # LoRA's alpha: the low-rank term is scaled by lora_alpha / rank
-        sparse_density=0.03,      # SLTrain: fraction of each projection's entries in its sparse part
-        switch_interval=40,       # SwitchLoRA: initial steps between switches of one vector (rank / interval per step)
-        switch_descent=0.1,       # SwitchLoRA: fraction of train.steps at which the switch rate is down to 0.3
-        switch_hold_steps=5,      # SwitchLoRA: steps the counterparts of switched vectors stay frozen
-        sst_round_steps=200,      # SST: optimizer steps per round (re-SVD and new singular vectors after each)
+        **projections.config_defaults(),  # each kind's own keys, documented where the kind declares them
     ))
 
 
@@ -59,7 +56,7 @@ class ModelSpec:
     intermediate_size: int
     num_heads: int
     num_layers: int
-    ranks: tuple  # ((projection name, rank), ...) in layers.PROJECTION_NAMES order
+    ranks: tuple  # ((projection name, rank), ...) in PROJECTION_NAMES order
     only_lr_act: bool
     rope_theta: float
     norm_eps: float
@@ -71,16 +68,26 @@ class ModelSpec:
     attention_impl: str
     kernel: str
     pad_id: object = None  # int or None
-    lora_alpha: float = 32.0
-    sparse_density: float = 0.03
+    options: tuple = ()  # ((key, value), ...): the projection kinds' own keys (`projections.config_defaults()`)
     scan_unroll: int = 1  # blocks per scan iteration; colax.plan sets 2 to count one block's FLOPs
 
     @property
     def rank(self):
         return dict(self.ranks)
 
+    def __getattr__(self, name):
+        """A projection kind's own key (e.g. `spec.lora_alpha`), read from `options`."""
+        options = dict(self.__dict__.get("options", ()))
+        if name not in options:
+            raise AttributeError(f"ModelSpec has no field or option {name!r}")
+        return options[name]
+
     def replace(self, **kw):
-        return dataclasses.replace(self, **kw)
+        """A copy with fields or options (a projection kind's keys) replaced."""
+        options = dict(self.options)
+        changed = {k: v for k, v in kw.items() if k in options}
+        fields = {k: v for k, v in kw.items() if k not in options}
+        return dataclasses.replace(self, **fields, options=tuple({**options, **changed}.items()))
 
 
 def _require(ok, field, msg, value):
@@ -90,22 +97,22 @@ def _require(ok, field, msg, value):
 
 def spec_from_config(m):
     """Validates the `config.model` ConfigDict `m` and returns a ModelSpec (ConfigError if bad)."""
-    _require(m.projection in layers.PROJECTIONS, "projection",
-             f"must be one of {sorted(layers.PROJECTIONS)}", m.projection)
+    _require(m.projection in projections.PROJECTIONS, "projection",
+             f"must be one of {sorted(projections.PROJECTIONS)}", m.projection)
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_layers"):
         _require(isinstance(m[field], int) and m[field] > 0, field, "must be a positive integer", m[field])
     _require(m.hidden_size % m.num_heads == 0, "num_heads", f"must divide hidden_size={m.hidden_size}",
              m.num_heads)
     _require((m.hidden_size // m.num_heads) % 2 == 0, "num_heads",
              "must leave an even head size for RoPE", m.num_heads)
-    unknown = sorted(set(m.ranks) - set(layers.PROJECTION_NAMES))
-    _require(not unknown, "ranks", f"names unknown projections (known: {', '.join(layers.PROJECTION_NAMES)})",
+    unknown = sorted(set(m.ranks) - set(PROJECTION_NAMES))
+    _require(not unknown, "ranks", f"names unknown projections (known: {', '.join(PROJECTION_NAMES)})",
              unknown)
     lowrank = m.projection != "dense"
     if lowrank:
         _require(isinstance(m.rank, int) and m.rank > 0, "rank", "must be a positive integer", m.rank)
-        shapes = layers.projection_shapes(m.hidden_size, m.intermediate_size)
-        for name in layers.PROJECTION_NAMES:
+        shapes = projection_shapes(m.hidden_size, m.intermediate_size)
+        for name in PROJECTION_NAMES:
             _require(isinstance(m.ranks[name], int) and m.ranks[name] >= 0, f"ranks.{name}",
                      "must be an integer >= 0 (0: use model.rank)", m.ranks[name])
             rank = m.ranks[name] or m.rank
@@ -115,7 +122,7 @@ def spec_from_config(m):
     _require(m.projection == "cola" or not m.only_lr_act, "only_lr_act",
              f"needs the cola projection (with the linear {m.projection!r} the MLP would have no activation)",
              m.only_lr_act)
-    kind = layers.PROJECTIONS[m.projection]
+    kind = projections.PROJECTIONS[m.projection]
     _require(not hasattr(kind, "first_layer") or m.num_layers >= 2, "num_layers",
              f"must be >= 2 for {m.projection} (block 1 is its full-rank first layer)", m.num_layers)
     _require(m.remat in remat.POLICIES, "remat", f"must be one of {sorted(remat.POLICIES)}", m.remat)
@@ -128,39 +135,28 @@ def spec_from_config(m):
     _require(m.attention_impl in ("", "xla", "cudnn"), "attention_impl", "must be '', 'xla' or 'cudnn'",
              m.attention_impl)
     kernels.check_kernel(m.kernel, kernels.cola_pallas.INTERPRET)
-    _require(m.lora_alpha > 0, "lora_alpha", "must be > 0", m.lora_alpha)
-    _require(0 < m.sparse_density <= 1, "sparse_density", "must be in (0, 1]", m.sparse_density)
-    _require(isinstance(m.switch_hold_steps, int) and m.switch_hold_steps >= 0, "switch_hold_steps",
-             "must be an integer >= 0", m.switch_hold_steps)
-    _require(m.switch_interval >= 2 * m.switch_hold_steps and m.switch_interval > 0, "switch_interval",
-             f"must be > 0 and at least 2 * switch_hold_steps = {2 * m.switch_hold_steps} (a vector and its "
-             "counterpart are never held at once)", m.switch_interval)
-    _require(m.switch_descent > 0, "switch_descent", "must be > 0", m.switch_descent)
     _require(m.pad_id is None or 0 <= m.pad_id < m.vocab_size, "pad_id",
              f"must be None or an id in [0, vocab_size={m.vocab_size})", m.pad_id)
-    _require(isinstance(m.sst_round_steps, int) and m.sst_round_steps > 0, "sst_round_steps",
-             "must be a positive integer", m.sst_round_steps)
-    ranks = tuple((n, (m.ranks[n] or m.rank) if lowrank else 0) for n in layers.PROJECTION_NAMES)
-    if m.projection == "sst":
-        smallest = min(m.hidden_size, m.intermediate_size)
-        _require(max(r for _, r in ranks) <= smallest, "rank",
-                 f"must be at most min(hidden_size, intermediate_size) = {smallest} for sst (sampled singular vectors)",
-                 max(r for _, r in ranks))
+    for other in projections.PROJECTIONS.values():  # every kind's own keys, whichever kind is used
+        if hasattr(other, "check_config"):
+            other.check_config(m, _require, selected=other is kind)
+    ranks = tuple((n, (m.ranks[n] or m.rank) if lowrank else 0) for n in PROJECTION_NAMES)
+    options = tuple((key, float(m[key]) if isinstance(default, float) else m[key])
+                    for key, default in projections.config_defaults().items())
     return ModelSpec(
         projection=m.projection, vocab_size=m.vocab_size, hidden_size=m.hidden_size,
         intermediate_size=m.intermediate_size, num_heads=m.num_heads, num_layers=m.num_layers,
         ranks=ranks, only_lr_act=bool(m.only_lr_act), rope_theta=float(m.rope_theta),
         norm_eps=float(m.norm_eps), init_std=float(m.init_std), scan_layers=bool(m.scan_layers),
         remat=m.remat, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
-        attention_impl=m.attention_impl, kernel=m.kernel, pad_id=m.pad_id, lora_alpha=float(m.lora_alpha),
-        sparse_density=float(m.sparse_density))
+        attention_impl=m.attention_impl, kernel=m.kernel, pad_id=m.pad_id, options=options)
 
 
 class _BlockCfg:
     """The attributes `layers.Block` reads, with `ranks` as a dict."""
 
     def __init__(self, spec):
-        self.__dict__.update(dataclasses.asdict(spec))
+        self.__dict__.update(dataclasses.asdict(spec), **dict(spec.options))
         self.ranks = spec.rank
 
 
@@ -321,14 +317,14 @@ def _prepend(first, rest):
 
 def is_cross_layer(spec):
     """Whether the projection kind passes outputs from block to block (has a `first_layer`)."""
-    return hasattr(layers.PROJECTIONS[spec.projection], "first_layer")
+    return hasattr(projections.PROJECTIONS[spec.projection], "first_layer")
 
 
 def _projection_values(outputs):
     """Method outputs captured in a block -> {projection: {"y": output, "z": bottleneck (CoLA)}}."""
     names = {"__call__": "y", "bottleneck": "z"}
     return {p: {names[m]: values[0] for m, values in outputs[p].items() if m in names}
-            for p in layers.PROJECTION_NAMES}
+            for p in PROJECTION_NAMES}
 
 
 def trainable_mask(params, full_rank=False):
@@ -338,7 +334,7 @@ def trainable_mask(params, full_rank=False):
     `optim.full_rank_steps`) those it names in `full_rank_frozen` instead. params: the model's
     pure-dict state."""
     names = "full_rank_frozen" if full_rank else "frozen"
-    frozen = {leaf for kind in layers.PROJECTIONS.values() for leaf in getattr(kind, names, ())}
+    frozen = {leaf for kind in projections.PROJECTIONS.values() for leaf in getattr(kind, names, ())}
 
     def trainable(path, leaf):
         keys = tuple(getattr(k, "key", None) for k in path)
@@ -365,7 +361,7 @@ def count_params(spec: ModelSpec):
     """
     counts = dict(total=0, lowrank=0, embeddings=0, projections=0, norms=0, state=0)
     params = nnx.to_pure_dict(nnx.state(abstract_model(spec)))
-    state_leaves = getattr(layers.PROJECTIONS[spec.projection], "state_leaves", ())
+    state_leaves = getattr(projections.PROJECTIONS[spec.projection], "state_leaves", ())
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         keys = [getattr(k, "key", None) for k in path]
         if keys[-1] in state_leaves:
@@ -373,7 +369,7 @@ def count_params(spec: ModelSpec):
         if not jnp.issubdtype(leaf.dtype, jnp.inexact) or keys[-1] in state_leaves:
             continue
         group = ("embeddings" if keys[0] in ("embed", "lm_head") else
-                 "projections" if keys[0] in ("blocks", "first_block") and keys[1] in layers.PROJECTION_NAMES
+                 "projections" if keys[0] in ("blocks", "first_block") and keys[1] in PROJECTION_NAMES
                  else "norms")
         counts[group] += leaf.size
         counts["total"] += leaf.size
@@ -381,9 +377,9 @@ def count_params(spec: ModelSpec):
     for name, full_rank in (("trainable", False), ("trainable_full_rank", True)):
         counts[name] = sum(leaf.size for leaf, trained in zip(
             jax.tree.leaves(params), jax.tree.leaves(trainable_mask(params, full_rank))) if trained)
-    kind = layers.PROJECTIONS[spec.projection]
+    kind = projections.PROJECTIONS[spec.projection]
     if hasattr(kind, "padding"):
-        shapes = layers.projection_shapes(spec.hidden_size, spec.intermediate_size)
+        shapes = projection_shapes(spec.hidden_size, spec.intermediate_size)
         padding = spec.num_layers * sum(kind.padding(i, o, spec.rank[n], spec) for n, (i, o) in shapes.items())
         for group in ("projections", "total", "lowrank", "trainable", "trainable_full_rank"):
             counts[group] -= padding
@@ -400,8 +396,8 @@ def flops_per_token(spec: ModelSpec, seq_len):
     computed: a kind's `frozen_flops_per_token(in, out, rank)` is the forward FLOPs of its matmuls
     with a frozen weight (LoRA's x Wᵀ), counted twice instead of three times.
     """
-    kind = layers.PROJECTIONS[spec.projection]
-    shapes = layers.projection_shapes(spec.hidden_size, spec.intermediate_size)
+    kind = projections.PROJECTIONS[spec.projection]
+    shapes = projection_shapes(spec.hidden_size, spec.intermediate_size)
     first = kind.first_layer if is_cross_layer(spec) else kind  # block 1 of a cross-layer kind
 
     def blocks(method):  # sum over every block's projections of kind.method (0 where a kind has none)

@@ -13,7 +13,8 @@ import ml_collections
 import optax
 from flax import nnx
 
-from colax import galore, layers
+from colax import galore
+from colax.projections.common import PROJECTION_NAMES
 from colax import model as model_lib
 from colax import schedules
 from colax.errors import ConfigError
@@ -94,7 +95,7 @@ def projected(params, rank):
     with min(m, n) > rank. params: a pure dict of arrays (or ShapeDtypeStructs, MaskedNodes)."""
     def is_projected(path, p):
         keys = tuple(k.key for k in path)
-        return (len(keys) == 3 and keys[0] == "blocks" and keys[1] in layers.PROJECTION_NAMES
+        return (len(keys) == 3 and keys[0] == "blocks" and keys[1] in PROJECTION_NAMES
                 and p.ndim == 3 and min(p.shape[-2:]) > rank)
 
     return jax.tree_util.tree_map_with_path(is_projected, params)
@@ -107,7 +108,7 @@ def check_model(o, spec):
     params = nnx.to_pure_dict(nnx.state(model_lib.abstract_model(spec)))
     if not any(jax.tree.leaves(projected(params, o.rank))):
         sides = {"/".join(k.key for k in path): p.shape[-2:] for path, p in jax.tree_util.tree_leaves_with_path(
-            params) if path[0].key == "blocks" and path[1].key in layers.PROJECTION_NAMES}
+            params) if path[0].key == "blocks" and path[1].key in PROJECTION_NAMES}
         name, shape = max(sides.items(), key=lambda kv: min(kv[1]))
         raise ConfigError(f"optim.rank={o.rank} must be smaller than the smaller side of a projection weight "
                           f"(largest: {name} {list(shape)})")

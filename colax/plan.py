@@ -24,8 +24,9 @@ from ml_collections import config_flags
 
 from colax import config as config_lib
 from colax import model as model_lib
-from colax import layers, optim, remat, step
+from colax import optim, remat, step
 from colax.errors import ConfigError, exit_on_error, parse_flags
+from colax.projections.common import projection_shapes
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _REMAT = flags.DEFINE_string("remat", "", "Comma-separated remat policies to compare, one row each: " + "; ".join(
@@ -170,7 +171,7 @@ def saved_per_block(spec, batch_size, seq_len):
     positions = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
     carry = {}
     if model_lib.is_cross_layer(spec):
-        shapes = layers.projection_shapes(spec.hidden_size, spec.intermediate_size)
+        shapes = projection_shapes(spec.hidden_size, spec.intermediate_size)
         carry = {name: jax.ShapeDtypeStruct((batch_size, seq_len, out), spec.dtype) for name, (_, out) in shapes.items()}
     if inverts:
         block = lambda x, carry, positions, params: model_lib.inverted_blocks(

@@ -1,8 +1,8 @@
 """Rematerialisation policies by name: what each decoder block keeps for the backward pass.
 
-The model tags values with `jax.ad_checkpoint.checkpoint_name` (see `colax.layers`): "block_in"
-and "block_mid" (the block input and the residual after attention, [B, T, D] each), and for every
-CoLA projection "cola_z" (x @ A) and "cola_h" (silu(z)), [B, T, R] each. Per token and block,
+The model tags values with `jax.ad_checkpoint.checkpoint_name` (see `colax.layers` and
+`colax.projections.cola`): "block_in" and "block_mid" (the block input and the residual after
+attention, [B, T, D] each), and for every CoLA projection "cola_z" (x @ A) and "cola_h" (silu(z)), [B, T, R] each. Per token and block,
 `cola_m` and `cola_m_paper` keep 2D + 7R values; everything else is recomputed in the backward.
 `crnet` (CR-Net's scheme) is not a checkpoint policy but a custom VJP over the blocks,
 `inverted_scan`. See docs/remat.md for measurements and which policy to pick.

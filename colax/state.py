@@ -15,12 +15,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colax import model as model_lib
-from colax import sharding
+from colax import projections, sharding
 from colax.errors import ConfigError
 from colax.sharding import logical_spec, on_mesh
 
 # (in, out) logical axes of each projection; each projection kind maps them to its parameters'
-# axes (`param_axes` of the classes in colax.layers.PROJECTIONS: CoLA A (in, rank), B (rank, out)).
+# axes (`param_axes` of the classes in colax.projections.PROJECTIONS: CoLA A (in, rank), B (rank, out)).
 PROJECTION_AXES = {"q": ("embed", "heads"), "k": ("embed", "heads"), "v": ("embed", "heads"),
                    "o": ("heads", "embed"), "gate": ("embed", "mlp"), "up": ("embed", "mlp"),
                    "down": ("mlp", "embed")}
@@ -36,7 +36,7 @@ def param_axes_table():
     for norm in ("attn_norm", "mlp_norm"):
         table["blocks", norm, "weight"] = ("layers", "norm")
         table["first_block", norm, "weight"] = ("norm",)
-    for kind in model_lib.layers.PROJECTIONS.values():
+    for kind in projections.PROJECTIONS.values():
         for name, (fan_in, fan_out) in PROJECTION_AXES.items():
             for leaf, axes in kind.param_axes(fan_in, fan_out).items():
                 table["blocks", name, leaf] = ("layers", *axes)

@@ -13,12 +13,12 @@ Hook and switch run jitted with the state's shardings, params and opt_state dona
 import jax
 import jax.numpy as jnp
 
-from colax import hooks, layers, optim, state, step
+from colax import hooks, optim, projections, state, step
 
 
 def hook_of(cfg):
     """The between-steps hook of `cfg`'s projection kind (`kind.hook(cfg)`), or None."""
-    kind = layers.PROJECTIONS[cfg.model.projection]
+    kind = projections.PROJECTIONS[cfg.model.projection]
     return kind.hook(cfg) if hasattr(kind, "hook") else None
 
 

@@ -16,7 +16,8 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from colax import hooks, layers, model, optim, sharding, state, step
+from colax import hooks, model, optim, sharding, state, step
+from colax.projections import lora
 from colax.errors import ConfigError
 from conftest import small_spec
 
@@ -240,7 +241,7 @@ def test_relora_hook_on_fsdp_and_tensor_matches_one_device_and_keeps_the_shardin
     graphdef, params, opt_state = state.init_state(spec, tx, mesh, seed=0)
     train = state.jit_train_step(step.make_train_step(graphdef, tx), params, opt_state, mesh)
     trained = jax.device_get(train(params, opt_state, sharding.global_batch(batches(1), mesh))[:2])  # B != 0
-    apply = functools.partial(layers.relora_merge, spec.lora_alpha, 0.1)
+    apply = functools.partial(lora.relora_merge, spec.lora_alpha, 0.1)
     results = []
     for shape in [(1, 1, 1), (1, 2, 2)]:
         mesh = mesh_of(shape)

@@ -15,6 +15,7 @@ import ml_collections
 import pytest
 
 from colax import config, model
+from colax.projections import sltrain
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import compare  # noqa: E402
@@ -73,7 +74,7 @@ def test_numbers_match_independent_counts(report):
         assert row["eval_ppl"] == pytest.approx(math.exp(row["eval_loss"]))
         assert row["eval_loss"] == row["metrics"][-1]["eval_loss"]
     assert rows["llama"]["lr"] == config.FULL_RANK_LR and rows["cola"]["lr"] == config.SIZES["tiny"][5]
-    assert rows["sltrain"]["lr"] == config.SLTRAIN_LR
+    assert rows["sltrain"]["lr"] == sltrain.LR
     cells = {line.split("|")[1].strip(): line.split("|") for line in r["table"].splitlines()[2:]}
     assert cells["CoLA"][9].strip() == f"{flops['cola'] / flops['llama']:.2f}"
     assert cells["CoLA"][5].strip() == f"{rows['cola']['params'] / rows['llama']['params']:.2f}"

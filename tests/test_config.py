@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from colax import config, model
+from colax import config, model, projections
 from colax.errors import ConfigError
+from colax.projections import dense
 
 # The paper's parameter counts (millions, to 0.01M): CoLA and full-rank LLaMA.
 PAPER_PARAMS = {
@@ -127,3 +128,59 @@ def test_smoke_shrinks_batches_and_evaluation_only():
     assert c.train.batch_size == 512  # a copy
     config.validate(config.fit_warmup(s)[0])
     assert config.smoke(c, 7).train.steps == 7
+
+
+class Scaled(dense.Dense):
+    """A made-up kind, `y = scale * x @ W`: its key, check, preset and sizes live on the class only."""
+
+    config = dict(scaled_factor=0.5)
+    preset_sizes = ("tiny",)
+
+    def __init__(self, in_features, out_features, rank, cfg, *, rngs):
+        super().__init__(in_features, out_features, rank, cfg, rngs=rngs)
+        self.factor = cfg.scaled_factor
+
+    def __call__(self, x):
+        return self.factor * super().__call__(x)
+
+    @staticmethod
+    def check_config(m, require, selected):
+        require(0 < m.scaled_factor < 1 or not selected, "scaled_factor", "must be in (0, 1)", m.scaled_factor)
+
+    @staticmethod
+    def preset(cfg, size, paper):
+        cfg.optim.lr = paper["lr"] / 2
+
+
+def test_a_new_kind_brings_its_config_key_check_and_preset(monkeypatch):
+    monkeypatch.setitem(projections.PROJECTIONS, "scaled", Scaled)
+    assert model.defaults().scaled_factor == 0.5 and config.defaults().model.scaled_factor == 0.5
+    cfg = config.preset("scaled", "tiny")
+    assert (cfg.model.projection, cfg.optim.lr) == ("scaled", config.SIZES["tiny"][5] / 2)
+    with pytest.raises(ConfigError, match=r"^no preset scaled_60m: .*\(scaled: tiny\)"):
+        config.preset("scaled", "60m")
+    spec = config.validate(cfg)
+    assert spec.scaled_factor == 0.5 and spec.replace(scaled_factor=0.25).scaled_factor == 0.25
+    assert model.abstract_model(spec.replace(scaled_factor=0.25)).blocks.q.factor == 0.25  # the block's cfg has it
+    cfg.model.scaled_factor = 1.5
+    with pytest.raises(ConfigError, match=r"^model.scaled_factor must be in \(0, 1\), got 1.5$"):
+        config.validate(cfg)
+    cfg.model.projection = "cola"  # checked with `selected` False: another kind's key is not this one's business
+    assert config.validate(cfg).scaled_factor == 1.5
+
+
+def test_kinds_that_share_a_key_share_its_default():
+    defaults = model.defaults()
+    declared = [(key, value) for kind in projections.PROJECTIONS.values()
+                for key, value in getattr(kind, "config", {}).items()]
+    assert {key for key, _ in declared} == {"lora_alpha", "sparse_density", "switch_interval", "switch_descent",
+                                            "switch_hold_steps", "sst_round_steps"}
+    assert [(key, defaults[key]) for key, _ in declared] == declared
+
+
+def test_spec_options_are_read_and_replaced_like_fields(spec):
+    assert (spec.lora_alpha, spec.sst_round_steps) == (32.0, 200)
+    changed = spec.replace(lora_alpha=2.0, num_layers=3)
+    assert (changed.lora_alpha, changed.num_layers, changed.sparse_density) == (2.0, 3, spec.sparse_density)
+    with pytest.raises(AttributeError, match="no_such_option"):
+        spec.no_such_option  # pylint: disable=pointless-statement

@@ -18,7 +18,7 @@ from flax import nnx, traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from colax import checkpoint, config, convert, data, evaluate, layers, loop, model, optim, step, tokenizer
+from colax import checkpoint, config, convert, data, evaluate, loop, model, optim, projections, step, tokenizer
 from colax import run as run_lib
 from colax.errors import ConfigError, DataError
 
@@ -114,7 +114,7 @@ def assert_same_params(a, b):
 # --- layouts -------------------------------------------------------------------------------------
 
 def test_export_then_import_is_identity_for_every_kind_and_layout(tmp_path):
-    cases = [(kind, fmt) for kind in layers.PROJECTIONS for fmt in ("colax", "cola", "llama")
+    cases = [(kind, fmt) for kind in projections.PROJECTIONS for fmt in ("colax", "cola", "llama")
              if fmt == "colax" or convert.LAYOUTS[fmt].projection == kind]
     assert {"cola", "dense"} <= {kind for kind, fmt in cases if fmt != "colax"}
     for kind, fmt in cases + [("cola", "cola_bf16")]:

@@ -30,8 +30,9 @@ import orbax.checkpoint as ocp
 import pytest
 from ml_collections import config_flags
 
-from colax import checkpoint, config, errors, layers, loop, model, sources, step, tokenizer
+from colax import checkpoint, config, errors, loop, model, sources, step, tokenizer
 from colax import run as run_lib
+from colax.projections import common
 from colax import workdir as workdir_lib
 from colax.errors import CheckpointError, ConfigError, DataError, DivergenceError, NonFiniteError
 from test_train import ROOT, compilation_cache, micro_config, read_metrics, tok_path  # noqa: F401
@@ -368,7 +369,7 @@ def test_rank_not_below_the_projection_sides_is_refused():
     with pytest.raises(ConfigError, match=r"model.ranks.down must be smaller .* down projection \(48, 32\)"):
         model.spec_from_config(m)
     m.ranks.down = 31
-    assert model.spec_from_config(m).rank["down"] == 31 and set(layers.PROJECTION_NAMES) == set(m.ranks)
+    assert model.spec_from_config(m).rank["down"] == 31 and set(common.PROJECTION_NAMES) == set(m.ranks)
 
 
 def test_skipped_non_utf8_files_are_named_once(tmp_path, caplog):

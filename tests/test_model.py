@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from colax import layers, model
+from colax.projections import cola
 from conftest import small_spec
 
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -18,7 +19,7 @@ def init(spec, seed=0):
 
 
 def test_cola_block_is_silu_xa_times_b(spec):
-    proj = layers.CoLA(32, 48, 8, spec, rngs=nnx.Rngs(1))
+    proj = cola.CoLA(32, 48, 8, spec, rngs=nnx.Rngs(1))
     x = jax.random.normal(jax.random.key(2), (3, 5, 32))
     a, b = np.asarray(proj.A[...]), np.asarray(proj.B[...])
     xa = np.asarray(x) @ a
@@ -29,7 +30,7 @@ def test_cola_block_is_silu_xa_times_b(spec):
 
 @pytest.mark.parametrize("fan_in,fan_out,rank", [(512, 512, 128), (512, 1376, 128), (2048, 5461, 512)])
 def test_cola_init_statistics(spec, fan_in, fan_out, rank):
-    proj = layers.CoLA(fan_in, fan_out, rank, spec, rngs=nnx.Rngs(0))
+    proj = cola.CoLA(fan_in, fan_out, rank, spec, rngs=nnx.Rngs(0))
     want = (rank * (fan_in + fan_out)) ** -0.25
     for w in (proj.A[...], proj.B[...]):
         assert abs(float(jnp.std(w)) / want - 1) < 0.02

@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from colax import config, layers, model, optim, step
+from colax import config, model, optim, projections, step
 
 
 class FrozenBase(nnx.Module):
@@ -30,7 +30,7 @@ class FrozenBase(nnx.Module):
 
 @pytest.fixture
 def frozen_setup(monkeypatch):
-    monkeypatch.setitem(layers.PROJECTIONS, "frozen_base", FrozenBase)
+    monkeypatch.setitem(projections.PROJECTIONS, "frozen_base", FrozenBase)
     cfg = config.preset("cola", "tiny")
     cfg.model.update(projection="frozen_base", vocab_size=64, hidden_size=16, intermediate_size=32,
                      num_heads=2, num_layers=2, rank=4, dtype="float32")

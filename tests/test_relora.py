@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from colax import checkpoint, config, data, layers, loop, model, optim, schedules, tokenizer
+from colax import checkpoint, config, data, loop, model, optim, schedules, tokenizer
+from colax.projections import common, lora
 from conftest import small_spec
 
 ALPHA = 32.0
@@ -22,7 +23,7 @@ ALPHA = 32.0
 
 def test_lora_layer_is_xwt_plus_scaled_xatbt():
     spec = small_spec(projection="lora")
-    proj = layers.LoRA(32, 48, 8, spec, rngs=nnx.Rngs(1))
+    proj = lora.LoRA(32, 48, 8, spec, rngs=nnx.Rngs(1))
     w, a = np.asarray(proj.base[...]), np.asarray(proj.lora_a[...])
     assert w.shape == (48, 32) and a.shape == (8, 32) and proj.lora_b[...].shape == (48, 8)
     assert not np.any(np.asarray(proj.lora_b[...]))  # B = 0: the layer starts as x W^T
@@ -72,7 +73,7 @@ def lora_state(seed=0):
     graphdef, state = nnx.split(model.Transformer(spec, rngs=nnx.Rngs(seed)))
     params = nnx.to_pure_dict(state)
     keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
-    for name in layers.PROJECTION_NAMES:
+    for name in common.PROJECTION_NAMES:
         b = params["blocks"][name]["lora_b"]
         params["blocks"][name]["lora_b"] = jax.random.normal(next(keys), b.shape) * 0.05
     opt_state = optim.make(optim_section(restart_every=4, restart_warmup_steps=2), 100).init(params)
@@ -80,7 +81,7 @@ def lora_state(seed=0):
     return spec, graphdef, params, jax.tree.map(random, opt_state)
 
 
-MERGE = jax.jit(layers.relora_merge, static_argnums=(0,))  # keep traced: one compilation for both tests
+MERGE = jax.jit(lora.relora_merge, static_argnums=(0,))  # keep traced: one compilation for both tests
 
 
 def keep_largest_by_hand(x, keep):
@@ -102,7 +103,7 @@ def test_relora_merge_keeps_the_function_and_resets_exactly_the_factor_state(kee
     np_params, np_opt = jax.tree.map(np.asarray, (params, opt_state))
     new_params, new_opt = MERGE(ALPHA, keep, jnp.int32(4), params, opt_state, jax.random.key(7))
     np.testing.assert_allclose(forward(new_params), before, rtol=1e-5, atol=1e-5)
-    for name in layers.PROJECTION_NAMES:
+    for name in common.PROJECTION_NAMES:
         old, new = np_params["blocks"][name], new_params["blocks"][name]
         merged = old["base"] + ALPHA / 8 * np.einsum("lor,lri->loi", old["lora_b"], old["lora_a"])
         np.testing.assert_allclose(new["base"], merged, rtol=1e-6, atol=1e-6)
@@ -120,7 +121,7 @@ def test_relora_merge_keeps_the_function_and_resets_exactly_the_factor_state(kee
             reset += 1
         else:
             np.testing.assert_array_equal(new, old)
-    assert reset == 2 * 2 * len(layers.PROJECTION_NAMES)  # mu and nu of A and B of every projection
+    assert reset == 2 * 2 * len(common.PROJECTION_NAMES)  # mu and nu of A and B of every projection
     if keep:  # about keep of each tensor survives, the largest ones
         kept = np.mean(np.asarray(new_opt_leaf(new_opt, "q", "lora_a")) != 0)
         assert kept == pytest.approx(keep, abs=0.02)

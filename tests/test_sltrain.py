@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from colax import config, layers, model
+from colax import config, model
+from colax.projections import common, sltrain
 from colax.errors import ConfigError
 from conftest import small_spec
 
@@ -38,11 +39,11 @@ def test_support_is_sorted_unique_in_range_with_density():
     spec = small_spec(projection="sltrain", sparse_density=density)
     params = init_params(spec)
     supports = []
-    for name, (n_in, n_out) in layers.projection_shapes(spec.hidden_size, spec.intermediate_size).items():
+    for name, (n_in, n_out) in common.projection_shapes(spec.hidden_size, spec.intermediate_size).items():
         size, nnz = n_in * n_out, int(np.floor(density * n_in * n_out + 0.5))
         index, values = (np.asarray(params["blocks"][name][k]) for k in ("index", "values"))
         assert index.dtype == np.int32 and index.shape == values.shape
-        assert index.shape[0] == spec.num_layers and index.shape[1] % layers.SPARSE_ALIGN == 0
+        assert index.shape[0] == spec.num_layers and index.shape[1] % sltrain.SPARSE_ALIGN == 0
         for layer in range(spec.num_layers):
             support = index[layer][index[layer] < size]
             assert support.size == nnz, (name, layer)
@@ -63,7 +64,7 @@ def test_product_equals_dense_reference():
     """y = x @ ((alpha / r) A B + S) against numpy, and d(sum y * g)/d values = (x^T g) at the support."""
     n_in, n_out, rank, alpha = 24, 40, 4, 12.0
     cfg = types.SimpleNamespace(param_dtype=jnp.float32, lora_alpha=alpha, sparse_density=0.1)
-    proj = layers.SLTrain(n_in, n_out, rank, cfg, rngs=nnx.Rngs(3))
+    proj = sltrain.SLTrain(n_in, n_out, rank, cfg, rngs=nnx.Rngs(3))
     proj.B[...] = jax.random.normal(jax.random.key(1), (rank, n_out))  # B = 0 at init would hide A @ B
     proj.values[...] = jax.random.normal(jax.random.key(2), proj.values.shape)  # the padding slots too
     kx, kg = jax.random.split(jax.random.key(4))

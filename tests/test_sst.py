@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from colax import checkpoint, config, layers, loop, model, optim
+from colax import checkpoint, config, loop, model, optim
+from colax.projections import common, sst
 from colax.errors import ConfigError
 from conftest import small_spec
 from test_relora import compilation_cache, losses_and_lrs, micro_relora  # noqa: F401 (a fixture)
@@ -30,7 +31,7 @@ def sst_state(seed=0):
     params = nnx.to_pure_dict(state)
     keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
     noise = lambda x, scale: x + scale * jax.random.normal(next(keys), x.shape, x.dtype)
-    for name in layers.PROJECTION_NAMES:
+    for name in common.PROJECTION_NAMES:
         p = params["blocks"][name]
         p.update(u_active=noise(p["u_active"], 0.3), v_active=noise(p["v_active"], 0.3), s=noise(p["s"], 0.05))
     o = optim.defaults()
@@ -42,7 +43,7 @@ def sst_state(seed=0):
 
 def test_sst_layer_starts_as_the_svd_of_its_init_and_computes_x_u_diag_s_vt():
     spec = small_spec(projection="sst")
-    proj = layers.SST(32, 48, 8, spec, rngs=nnx.Rngs(1))
+    proj = sst.SST(32, 48, 8, spec, rngs=nnx.Rngs(1))
     u, s, v = (np.asarray(getattr(proj, n)[...]) for n in ("u", "s", "v"))
     idx = np.asarray(proj.active[...])
     assert u.shape == (32, 32) and v.shape == (48, 32) and idx.shape == (8,) and len(set(idx.tolist())) == 8
@@ -66,9 +67,9 @@ def test_sst_round_reorthonormalises_keeps_w_and_resets_exactly_the_active_state
     forward = jax.jit(lambda p: nnx.merge(graphdef, p)(tokens))
     before = forward(params)
     np_params, np_opt = jax.tree.map(np.asarray, (params, opt_state))
-    new_params, new_opt = jax.jit(layers.sst_round)(jnp.int32(3), params, opt_state, jax.random.key(7))
+    new_params, new_opt = jax.jit(sst.sst_round)(jnp.int32(3), params, opt_state, jax.random.key(7))
     np.testing.assert_allclose(forward(new_params), before, rtol=1e-4, atol=1e-4)
-    for name in layers.PROJECTION_NAMES:
+    for name in common.PROJECTION_NAMES:
         old, new = np_params["blocks"][name], jax.tree.map(np.asarray, new_params["blocks"][name])
         for layer in range(2):
             u, s, v = effective_factors(old, layer)
@@ -86,12 +87,12 @@ def test_sst_round_reorthonormalises_keeps_w_and_resets_exactly_the_active_state
     reset = 0
     for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(np_opt), jax.tree.leaves(new_opt), strict=True):
         keys = [getattr(k, "key", None) for k in path]
-        if keys[-1] in ("s", "u_active", "v_active") and keys[-2] in layers.PROJECTION_NAMES:
+        if keys[-1] in ("s", "u_active", "v_active") and keys[-2] in common.PROJECTION_NAMES:
             assert not np.any(np.asarray(new)) and np.any(old)
             reset += 1
         else:
             np.testing.assert_array_equal(new, old)
-    assert reset == 2 * 3 * len(layers.PROJECTION_NAMES)  # mu and nu of s, u_active, v_active per projection
+    assert reset == 2 * 3 * len(common.PROJECTION_NAMES)  # mu and nu of s, u_active, v_active per projection
 
 
 def successive_inclusion(p, r):
@@ -118,7 +119,7 @@ def test_sst_sampling_follows_p(r):
     s = np.array([4.0, 2.0, 1.0, 0.5, 0.25, 0.0])
     m, n = s.size, 20000
     p = 0.5 * (1 / m + s / s.sum())
-    draws = np.asarray(jax.jit(jax.vmap(lambda k: layers.sst_sample(k, jnp.asarray(s, jnp.float32), r)))(
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: sst.sst_sample(k, jnp.asarray(s, jnp.float32), r)))(
         jax.random.split(jax.random.key(0), n)))
     assert draws.shape == (n, r) and all(len(set(d)) == r for d in draws[:500])
     counts = np.bincount(draws.ravel(), minlength=m)

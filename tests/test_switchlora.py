@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from colax import checkpoint, config, errors, layers, loop, model, optim, step
+from colax import checkpoint, config, errors, loop, model, optim, step
+from colax.projections import common, switchlora
 from conftest import small_spec
 from test_relora import compilation_cache, losses_and_lrs, micro_relora  # noqa: F401 (a fixture)
 
@@ -33,7 +34,7 @@ def tiny():
     return spec, graphdef, params, tx, jax.tree.map(random, jax.eval_shape(tx.init, params))
 
 
-SWITCH = jax.jit(layers.switchlora_switch, static_argnums=(0, 1))  # one compilation for both tests below
+SWITCH = jax.jit(switchlora.switchlora_switch, static_argnums=(0, 1))  # one compilation for both tests below
 # The hand-made switch table of both (cumulative switches after each step): 3 vectors after step 1.
 TABLE = {R: jnp.asarray([0, 3] + [3] * 10, jnp.int32)}
 
@@ -48,7 +49,7 @@ def test_switch_keeps_every_layer_output_and_resets_exactly_the_switched_state(t
     """After step 1 (TABLE) A rows 0-2 and B columns 4-6 (half a turn ahead) switch."""
     spec, graphdef, params, tx, opt_state = tiny
     params = jax.tree.map(jnp.array, params)  # a copy: the hook donates nothing, but the test edits it
-    for name in layers.PROJECTION_NAMES:  # countdowns running from before: they drop by one
+    for name in common.PROJECTION_NAMES:  # countdowns running from before: they drop by one
         params["blocks"][name]["hold_a"] = params["blocks"][name]["hold_a"].at[:, 7].set(2)
         params["blocks"][name]["hold_b"] = params["blocks"][name]["hold_b"].at[:, 3].set(1)
     old_p, old_o = jax.tree.map(np.asarray, (params, opt_state))
@@ -56,7 +57,7 @@ def test_switch_keeps_every_layer_output_and_resets_exactly_the_switched_state(t
     new_p, new_o = jax.tree.map(np.asarray, (new_p, new_o))
     rows_a, rows_b = np.isin(np.arange(R), [0, 1, 2]), np.isin(np.arange(R), [4, 5, 6])
     rng = np.random.default_rng(0)
-    for name in layers.PROJECTION_NAMES:
+    for name in common.PROJECTION_NAMES:
         old, new = old_p["blocks"][name], new_p["blocks"][name]
         for layer in range(spec.num_layers):
             x = rng.normal(size=(5, old["base"].shape[-1]))
@@ -87,7 +88,7 @@ def test_switch_keeps_every_layer_output_and_resets_exactly_the_switched_state(t
             reset += 1
         else:
             np.testing.assert_array_equal(new, old)
-    assert reset == 2 * 2 * len(layers.PROJECTION_NAMES)  # mu and nu of A and B of every projection
+    assert reset == 2 * 2 * len(common.PROJECTION_NAMES)  # mu and nu of A and B of every projection
 
 
 def test_counterparts_get_no_update_for_exactly_5_steps(tiny):
@@ -116,7 +117,7 @@ def test_counterparts_get_no_update_for_exactly_5_steps(tiny):
 def test_switch_schedule_by_hand():
     """Rank 64, interval 40, 100 steps, descent 0.1: step t switches 1.6 * 0.3^((t + 1) / 10) vectors
     in expectation; the running sum is floored. By hand: 1.257, 2.373, 3.361, 4.238, 5.014 after steps 1-5."""
-    table = layers.switch_schedule(64, 40, 0.1, 100)
+    table = switchlora.switch_schedule(64, 40, 0.1, 100)
     assert list(table[:6]) == [0, 1, 2, 3, 4, 5]
     total, want = 0.0, [0]
     for t in range(1, 101):
@@ -128,7 +129,7 @@ def test_switch_schedule_by_hand():
     cfg = config.preset("switchlora", "tiny")
     cfg.model.update(rank=64, hidden_size=128, intermediate_size=256, num_heads=4)
     cfg.train.steps = 100
-    hook = layers.SwitchLoRA.hook(cfg)
+    hook = switchlora.SwitchLoRA.hook(cfg)
     switched = [s for s in range(1, 101) if table[s] > table[s - 1]]
     # due after each switch and the HOLD steps after it (the countdowns), never otherwise
     assert [s for s in range(1, 101) if hook.due(s)] == sorted({t + k for t in switched for k in range(HOLD + 1)
@@ -139,9 +140,9 @@ def test_more_switches_a_step_than_free_candidates_is_a_config_error():
     cfg = config.preset("switchlora", "tiny")
     cfg.model.update(rank=120, switch_interval=1, switch_hold_steps=0)  # ~115 a step; min(128, 344) - 120 = 8 free
     with pytest.raises(errors.ConfigError, match=r"model.switch_interval=1: up to \d+ vectors of the q projection"):
-        layers.SwitchLoRA.hook(cfg)
+        switchlora.SwitchLoRA.hook(cfg)
     cfg.model.rank = 32  # the preset's: at most 1 a step
-    assert layers.SwitchLoRA.hook(cfg) is not None
+    assert switchlora.SwitchLoRA.hook(cfg) is not None
 
 
 def test_switchlora_counts_and_pool_bytes_by_hand():
@@ -170,7 +171,7 @@ def test_switchlora_run_switches_and_resumes_with_identical_losses(compilation_c
     full, parts = str(tmp_path_factory.mktemp("full")), str(tmp_path_factory.mktemp("parts"))
     loop.run(cfg, full)
     steps, losses, _ = losses_and_lrs(full)
-    table = layers.switch_schedule(8, 10, 10.0, 6)
+    table = switchlora.switch_schedule(8, 10, 10.0, 6)
     picks = [np.asarray(checkpoint.load_params(cfg, full, s)[1]["blocks"]["up"]["pick_a"]) for s in steps]
     changed = [s for s in steps[1:] if not np.array_equal(picks[s - 1], picks[s - 2])]
     assert changed == [s for s in steps[1:] if table[s] > table[s - 1]] == [2, 3, 5, 6]  # cumulative 0.77, 1.52, 2.26, 2.98, 3.69, 4.39

@@ -1,0 +1,99 @@
+"""LoRA and ReLoRA (Hu et al. 2021, Lialin et al. ICLR 2024), `model.projection="lora"`: a frozen
+full-rank weight plus a trained low-rank term; ReLoRA's merge-and-reinit is the kind's hook."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from colax import hooks, schedules
+from colax.projections.common import ALPHA_CONFIG, PROJECTION_NAMES, check_alpha, normal
+
+
+def kaiming_uniform(key, shape, dtype):
+    """torch's default Linear init, `kaiming_uniform_(a=sqrt(5))` of a [..., out, in] weight:
+    U(-1/sqrt(in), 1/sqrt(in)) with in = shape[-1]."""
+    bound = shape[-1] ** -0.5
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def lora_forward(x, w, a, b, scale):
+    """x Wᵀ + scale · (x Aᵀ) Bᵀ: x [..., in] compute dtype, W [out, in], A [r, in], B [out, r] -> [..., out]."""
+    w, a, b = (p.astype(x.dtype) for p in (w, a, b))
+    return x @ w.T + scale * ((x @ a.T) @ b.T)
+
+
+class LoRA(nnx.Module):
+    """LoRA (and ReLoRA) projection `y = x Wᵀ + (α / r) · x Aᵀ Bᵀ`, no bias.
+
+    The paper's (and torch's) layout: `base` W [out, in] ~ N(0, cfg.init_std), frozen (trained
+    only by the full-rank warm start, `optim.full_rank_steps`); `lora_a` A [r, in] Kaiming-uniform
+    (a = √5: U(±1/√in)); `lora_b` B [out, r] = 0, so the layer starts as x Wᵀ. α is
+    `cfg.lora_alpha`. ReLoRA's merge `W += (α / r) · B A` and re-initialisation are its hook
+    (`relora_merge`, at each restart of the jagged lr schedule).
+    """
+
+    frozen = ("base",)                     # never trained by the optimizer in the low-rank phase
+    full_rank_frozen = ("lora_a", "lora_b")  # frozen instead during the full-rank warm start
+    config = ALPHA_CONFIG
+
+    def __init__(self, in_features, out_features, rank, cfg, *, rngs):
+        self.base = nnx.Param(normal(cfg.init_std)(rngs.params(), (out_features, in_features), cfg.param_dtype))
+        self.lora_a = nnx.Param(kaiming_uniform(rngs.params(), (rank, in_features), cfg.param_dtype))
+        self.lora_b = nnx.Param(jnp.zeros((out_features, rank), cfg.param_dtype))
+        self.scale = cfg.lora_alpha / rank
+
+    def __call__(self, x):
+        """x: [..., in] compute dtype -> [..., out] same dtype."""
+        return lora_forward(x, self.base[...], self.lora_a[...], self.lora_b[...], self.scale)
+
+    @staticmethod
+    def flops_per_token(in_features, out_features, rank):
+        return 2 * in_features * out_features + 2 * rank * (in_features + out_features)
+
+    @staticmethod
+    def frozen_flops_per_token(in_features, out_features, rank):
+        """x Wᵀ's: W is frozen in the low-rank phase, so its weight gradient is never computed."""
+        return 2 * in_features * out_features
+
+    @staticmethod
+    def param_axes(in_axis, out_axis):
+        """Logical axes of each parameter, for colax.sharding (torch layout: [out, in])."""
+        return {"base": (out_axis, in_axis), "lora_a": ("rank", in_axis), "lora_b": (out_axis, "rank")}
+
+    @staticmethod
+    def check_config(m, require, selected):
+        """model.lora_alpha > 0."""
+        del selected
+        check_alpha(m, require)
+
+    @classmethod
+    def hook(cls, cfg):
+        """ReLoRA's merge-and-reinit at each restart of the jagged cosine (`optim.schedule`);
+        None (plain LoRA) under any other schedule. See `relora_merge`."""
+        if cfg.optim.schedule != "jagged_cosine":
+            return None
+        return hooks.Hook(due=lambda s: schedules.is_restart(cfg.optim, s),
+                          apply=functools.partial(relora_merge, cfg.model.lora_alpha, cfg.optim.restart_keep))
+
+
+def relora_merge(alpha, keep, step, params, opt_state, key):
+    """ReLoRA's merge-and-reinit of every LoRA projection (params: the model's pure dict, stacked [L]).
+
+    `base += (alpha / r) · lora_b @ lora_a` in float32 (the model's function is unchanged:
+    the new B is 0), lora_a re-drawn Kaiming-uniform, lora_b = 0, and every optimizer-state leaf
+    of lora_a and lora_b reset: zero, or with `keep` > 0 all but the `keep` fraction of largest
+    magnitudes of each layer (`hooks.keep_largest`). Returns (params, opt_state).
+    """
+    del step
+    blocks = dict(params["blocks"])
+    for i, name in enumerate(PROJECTION_NAMES):
+        p = blocks[name]
+        a, b = p["lora_a"], p["lora_b"]
+        delta = (alpha / a.shape[-2]) * jnp.einsum("lor,lri->loi", b.astype(jnp.float32), a.astype(jnp.float32))
+        blocks[name] = dict(p, base=(p["base"].astype(jnp.float32) + delta).astype(p["base"].dtype),
+                            lora_a=kaiming_uniform(jax.random.fold_in(key, i), a.shape, a.dtype),
+                            lora_b=jnp.zeros_like(b))
+    reset = lambda keys, x: hooks.keep_largest(x, keep) if keys[-1] in ("lora_a", "lora_b") else x
+    return dict(params, blocks=blocks), hooks.map_param_state(opt_state, reset)
