@@ -95,7 +95,8 @@ class SST(nnx.Module):
         require(isinstance(m.sst_round_steps, int) and m.sst_round_steps > 0, "sst_round_steps",
                 "must be a positive integer", m.sst_round_steps)
         if selected:
-            smallest, largest = min(m.hidden_size, m.intermediate_size), max(m.ranks[n] or m.rank for n in PROJECTION_NAMES)
+            smallest = min(m.hidden_size, m.intermediate_size)
+            largest = max(m.ranks[n] or m.rank for n in PROJECTION_NAMES)
             require(largest <= smallest, "rank",
                     f"must be at most min(hidden_size, intermediate_size) = {smallest} for sst (sampled singular vectors)",
                     largest)
