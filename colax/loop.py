@@ -111,7 +111,7 @@ class StopOnSignal:
 
 
 class Logger:
-    """Checks each step's metrics for non-finite values, feeds the progress bar, writes metrics.jsonl."""
+    """Passes each step's metrics through the divergence guard, feeds the progress bar, writes metrics.jsonl."""
 
     def __init__(self, cfg, workdir, spec, start, guard):
         t = cfg.train
@@ -170,7 +170,7 @@ def prepare(cfg, spec, workdir, overwrite):
             generate.check_prompts([tok.encode(t.sample_prompt)], cfg.data.seq_len)
         except DataError as e:
             raise ConfigError(f"train.sample_prompt: {e}") from None
-    run_lib.prepare_workdir(workdir, cfg, overwrite)
+    run_lib.write_workdir(workdir, cfg, replace)  # checked above: config.json is read once
     if proto is not None and jax.process_index() == 0:
         workdir_lib.atomic_write(tok.path, proto)
     changes = run_lib.recovery_changes(old, json.loads(cfg.to_json_best_effort())) if old else []

@@ -86,11 +86,17 @@ def check_workdir(workdir, cfg: ml_collections.ConfigDict, overwrite=False):
 
 
 def prepare_workdir(workdir, cfg: ml_collections.ConfigDict, overwrite=False):
-    """Checks `cfg` against the run in `workdir` (`check_workdir`), deletes that run's files if
-    `overwrite` replaces it, and writes config.json (atomically). Returns the old run's config dict
-    (None: a new run). Call it once every other check has passed.
+    """Checks `cfg` against the run in `workdir` (`check_workdir`), then `write_workdir`. Returns the
+    old run's config dict (None: a new run). Call it once every other check has passed.
     """
     old, replace = check_workdir(workdir, cfg, overwrite)
+    write_workdir(workdir, cfg, replace)
+    return old
+
+
+def write_workdir(workdir, cfg: ml_collections.ConfigDict, replace):
+    """Deletes the replaced run's files (`replace`, from `check_workdir`) and writes config.json
+    (atomically); process 0 writes."""
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
@@ -101,7 +107,6 @@ def prepare_workdir(workdir, cfg: ml_collections.ConfigDict, overwrite=False):
             elif target.exists():
                 target.unlink()
         workdir_lib.atomic_write(workdir / CONFIG_NAME, json.dumps(json.loads(cfg.to_json_best_effort()), indent=2) + "\n")
-    return old
 
 
 def read_pinned(workdir):

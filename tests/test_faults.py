@@ -224,9 +224,10 @@ def test_kill_during_a_save_and_torn_files(tok_path, reference, tmp_path, capsys
     changed.optim.b1 = 0.5  # another model: still refused, by the config saved in the checkpoints
     with pytest.raises(ConfigError, match="optim.b1: 0.9 -> 0.5"):
         run_lib.check_workdir(tmp_path, changed)
+    capsys.readouterr()
     loop.run(fault_config(tok_path), str(tmp_path))
     out = capsys.readouterr().out
-    assert "config.json is unreadable" in out and "dropping an unreadable line" in out
+    assert out.count("config.json is unreadable") == 1 and "dropping an unreadable line" in out  # read once
     assert json.loads((tmp_path / "config.json").read_text())["optim"]["b1"] == 0.9
     assert_losses_match(tmp_path, reference, range(1, STEPS + 1))
 
