@@ -6,6 +6,9 @@ VENV ?= .venv
 PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
 CONSTRAINTS := constraints/py$(PYVER).txt
 STAMP := $(VENV)/.installed-$(PYVER)
+# The parity extra (the authors' PyTorch code) installs as a CPU build on Python 3.11 only.
+COMMA := ,
+EXTRAS := dev$(if $(filter 311,$(PYVER)),$(COMMA)parity)
 
 .PHONY: demo test venv lock
 
@@ -14,7 +17,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml $(wildcard $(CONSTRAINTS))
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q $(if $(wildcard $(CONSTRAINTS)),-c $(CONSTRAINTS)) -e ".[dev]"
+	$(VENV)/bin/python -m pip install -q $(if $(wildcard $(CONSTRAINTS)),-c $(CONSTRAINTS)) -e ".[$(EXTRAS)]"
 	touch $@
 
 demo: $(STAMP)
