@@ -213,6 +213,12 @@ def _need(conf, key, where):
     return conf[key]
 
 
+def _pad_id(pad_token_id):
+    """config.json's pad_token_id as `model.pad_id`: null or negative (GaLore-family configs set -1,
+    meaning no pad token) is None."""
+    return None if pad_token_id is None or pad_token_id < 0 else pad_token_id
+
+
 def model_fields(conf, where):
     """The `config.model` fields that config.json dict `conf` sets (DataError if it cannot be read)."""
     model_type = conf.get("model_type")
@@ -229,7 +235,7 @@ def model_fields(conf, where):
         hidden_size=_need(conf, "hidden_size", where), intermediate_size=_need(conf, "intermediate_size", where),
         num_heads=_need(conf, "num_attention_heads", where), num_layers=_need(conf, "num_hidden_layers", where),
         rope_theta=float(conf.get("rope_theta", rope.get("rope_theta", 10000.0))),
-        norm_eps=float(conf.get("rms_norm_eps", 1e-6)), pad_id=conf.get("pad_token_id"),
+        norm_eps=float(conf.get("rms_norm_eps", 1e-6)), pad_id=_pad_id(conf.get("pad_token_id")),
         only_lr_act=bool(conf.get("only_lr_act", False)))
     if model_type != "llama":
         fields["rank"] = _need(conf, "rank", where)

@@ -21,6 +21,7 @@ from safetensors.numpy import save_file
 from colax import checkpoint, config, convert, data, evaluate, loop, model, optim, projections, step, tokenizer
 from colax import run as run_lib
 from colax.errors import ConfigError, DataError
+from conftest import authors_package
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D, F, N, L, R, V = 32, 48, 4, 2, 8, 64
@@ -392,3 +393,25 @@ def test_cli_one_line_errors(cola_export, tmp_path):
                           capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
     assert done.stderr.startswith(f"error: {tmp_path / 'missing'}: no such file or directory")
+
+
+def test_galore_family_llama_with_pad_token_id_minus_one_imports_with_transformers_logits(tmp_path):
+    """GaLore's configs/llama_60m.json (jiaweizzhao/GaLore@8460814) at tiny sizes: pad_token_id -1
+    means no pad token; the imported model's logits equal transformers' LlamaForCausalLM's."""
+    torch = authors_package("torch")
+    transformers = authors_package("transformers")
+    conf = {"architectures": ["LLaMAForCausalLM"], "bos_token_id": 0, "eos_token_id": 1, "hidden_act": "silu",
+            "hidden_size": D, "intermediate_size": F, "initializer_range": 0.02, "max_sequence_length": 1024,
+            "model_type": "llama", "num_attention_heads": N, "num_hidden_layers": L, "pad_token_id": -1,
+            "rms_norm_eps": 1e-06, "transformers_version": "4.28.1", "use_cache": True, "vocab_size": V}
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**conf)).eval()
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(conf))  # the file as GaLore ships it
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(TOKENS[None], dtype=torch.long)).logits[0].numpy()
+    cfg = tiny_cfg("dense")
+    fields, params = convert.read(tmp_path, cfg.model)
+    assert fields["pad_id"] is None
+    cfg.model.update(fields)
+    np.testing.assert_allclose(colax_logits(cfg.model, params), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
