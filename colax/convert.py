@@ -21,26 +21,31 @@ and a step-0 checkpoint of the parameters), which `colax.evaluate`, `colax.gener
 `train.py --config.train.init_from=DIR` read. docs/inference.md#convert has the details.
 """
 
-import dataclasses
-import json
-import shutil
+from colax import errors
 
-import jax
-import ml_collections
-from absl import app, flags, logging
-from ml_collections import config_flags
+if __name__ == "__main__":  # Ctrl-C while the imports below load: one line, exit 130
+    errors.exit_on_signal("interrupted")
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for safetensors)
-import numpy as np
-from etils import epath
-from flax import nnx, traverse_util
-from safetensors import numpy as st_numpy
-from safetensors import SafetensorError, safe_open
+import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
+from flax import nnx, traverse_util  # noqa: E402
+from safetensors import numpy as st_numpy  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
 
-from colax import checkpoint, model, sharding, tokenizer
-from colax import config as config_lib
-from colax import run as run_lib
-from colax.errors import ConfigError, DataError, exit_on_error, parse_flags
-from colax.projections.common import PROJECTION_NAMES
+from colax import checkpoint, model, sharding, tokenizer  # noqa: E402
+from colax import config as config_lib  # noqa: E402
+from colax import run as run_lib  # noqa: E402
+from colax.errors import ConfigError, DataError, exit_on_error, parse_flags  # noqa: E402
+from colax.projections.common import PROJECTION_NAMES  # noqa: E402
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

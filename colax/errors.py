@@ -95,15 +95,22 @@ def exit_on_error(main):
     return wrapped
 
 
+_HELP_FLAGS = ("help", "h", "?", "helpshort", "helpfull", "helpxml")
+
+
 def parse_flags(argv):
     """A flags parser for `absl.app.run(main, flags_parser=parse_flags)`: a bad flag, e.g. an
-    override of a config key that does not exist, prints one line and exits with 2."""
+    override of a config key that does not exist, prints one line and exits with 2; --help exits 0."""
     import re
 
     from absl import flags
 
     try:
         return flags.FLAGS(argv)
+    except SystemExit:  # absl's --help/-h/--helpfull print the usage, then exit 1: asked-for help is success
+        if any(a.split("=")[0].lstrip("-") in _HELP_FLAGS for a in argv[1:]):
+            sys.exit(0)
+        raise
     except flags.Error as e:
         message = str(e).splitlines()[0]
     except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown key

@@ -14,20 +14,25 @@ tokens have been evaluated (the reference's stopping rule, 10M) or the split end
 line of JSON.
 """
 
-import itertools
-import json
-import math
-import sys
+from colax import errors
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import tqdm
-from absl import app, flags
+if __name__ == "__main__":  # Ctrl-C while the imports below load: one line, exit 130
+    errors.exit_on_signal("interrupted")
 
-from colax import data, sharding, state, step
-from colax import run as run_lib
-from colax.errors import ConfigError, DataError, exit_on_error, parse_flags
+import itertools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import tqdm  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from colax import data, sharding, state, step  # noqa: E402
+from colax import run as run_lib  # noqa: E402
+from colax.errors import ConfigError, DataError, exit_on_error, parse_flags  # noqa: E402
 
 CONVENTIONS = ("token", "reference")
 

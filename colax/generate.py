@@ -11,18 +11,23 @@ prefill and on B for decode, never on the prompt lengths within a bucket or on t
 Both go through `Transformer.decode`, i.e. the training blocks and projections.
 """
 
-import functools
-import time
+from colax import errors
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
-from flax import nnx
+if __name__ == "__main__":  # Ctrl-C while the imports below load: one line, exit 130
+    errors.exit_on_signal("interrupted")
 
-from colax import model as model_lib
-from colax import run as run_lib
-from colax.errors import DataError, exit_on_error, parse_flags
+import functools  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from colax import model as model_lib  # noqa: E402
+from colax import run as run_lib  # noqa: E402
+from colax.errors import DataError, exit_on_error, parse_flags  # noqa: E402
 
 BUCKET_MIN = 16
 

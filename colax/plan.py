@@ -9,24 +9,29 @@ identical blocks; an unrolled model is counted as compiled.
 `--remat a,b` adds one row per policy: temp memory, FLOPs and what one block saves for the backward.
 """
 
-import collections
-import json
-import math
-import re
+from colax import errors
 
-import jax
-import jax.numpy as jnp
-from absl import app, flags, logging
-from flax import nnx
+if __name__ == "__main__":  # Ctrl-C while the imports below load: one line, exit 130
+    errors.exit_on_signal("interrupted")
+
+import collections  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from flax import nnx  # noqa: E402
 # Public only through print_saved_residuals, which prints this list of (aval, description).
-from jax._src.ad_checkpoint import saved_residuals as _saved_residuals
-from ml_collections import config_flags
+from jax._src.ad_checkpoint import saved_residuals as _saved_residuals  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from colax import config as config_lib
-from colax import model as model_lib
-from colax import optim, remat, step
-from colax.errors import ConfigError, exit_on_error, parse_flags
-from colax.projections.common import projection_shapes
+from colax import config as config_lib  # noqa: E402
+from colax import model as model_lib  # noqa: E402
+from colax import optim, remat, step  # noqa: E402
+from colax.errors import ConfigError, exit_on_error, parse_flags  # noqa: E402
+from colax.projections.common import projection_shapes  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _REMAT = flags.DEFINE_string("remat", "", "Comma-separated remat policies to compare, one row each: " + "; ".join(

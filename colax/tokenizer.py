@@ -8,21 +8,26 @@ UTF-8 text (code and whitespace included).
       --model-type bpe --sample-docs 1000 --out /tmp/tok/stdlib8k
 """
 
-import argparse
-import io
-import itertools
-import logging
-import sys
-import urllib.request
-from collections.abc import Iterable
-import dataclasses
+from colax import errors
 
-from etils import epath
-import sentencepiece as spm
+if __name__ == "__main__":  # Ctrl-C while the imports below load: one line, exit 130
+    errors.exit_on_signal("interrupted")
 
-from colax import data
-from colax import workdir as workdir_lib
-from colax.errors import ConfigError, DataError
+import argparse  # noqa: E402
+import io  # noqa: E402
+import itertools  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import urllib.request  # noqa: E402
+from collections.abc import Iterable  # noqa: E402
+import dataclasses  # noqa: E402
+
+from etils import epath  # noqa: E402
+import sentencepiece as spm  # noqa: E402
+
+from colax import data  # noqa: E402
+from colax import workdir as workdir_lib  # noqa: E402
+from colax.errors import ConfigError, DataError  # noqa: E402
 
 MODEL_NAME = "tokenizer.model"
 # The paper's tokenizer: T5's SentencePiece model, 32000 pieces, pad 0, eos 1, unk 2 (the layout of

@@ -440,6 +440,24 @@ def test_cli_interrupted_during_start_up(point, tmp_path, config_file, tok_path)
     assert not list(tmp_path.glob("run/checkpoints/*"))
 
 
+@pytest.mark.parametrize("cli", ["train.py", "colax.evaluate", "colax.generate", "colax.plan", "colax.convert",
+                                 "colax.tokenizer"])
+def test_every_cli_help_exits_0_and_ctrl_c_while_importing_is_one_line(cli):
+    """--help is success (absl exits 1 by default); a SIGINT 0.5 s in (while jax and flax import)
+    prints one line and exits 130, no traceback (train.py's own case is tested above)."""
+    run = [sys.executable, cli] if cli.endswith(".py") else [sys.executable, "-m", cli]
+    proc = subprocess.run([*run, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and "--help" in proc.stdout, proc.stdout + proc.stderr
+    if cli.endswith(".py"):
+        return
+    launcher = ("import os, runpy, signal, sys, threading\n"
+                "threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+                f"sys.argv = ['{cli}', '--workdir=/nonexistent']\n"
+                f"runpy.run_module('{cli}', run_name='__main__', alter_sys=True)\n")
+    proc = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert (proc.returncode, proc.stderr) == (130, "interrupted\n"), proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("flag, notice", [
     ("--config.train.steps=3", "notice: optim.warmup_steps=6000 is not shorter than train.steps=3: warming up over 0"),
     ("--smoke", "notice: --smoke: 3 steps of 1 x 256 tokens, 1 validation batch, no baseline, a 16-token sample"),
