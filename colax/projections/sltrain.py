@@ -11,14 +11,18 @@ from colax.projections.common import ALPHA_CONFIG, check_alpha
 # The stored support of a sparse matrix is padded to a multiple of this many entries, so that an
 # FSDP axis of up to 256 devices (any power of two) splits it evenly.
 SPARSE_ALIGN = 256
-# The paper's recipe: alpha per size (tiny: as 60M), peak lr, AdamW without weight decay.
+# The authors' recipe, andyjm3/SLTrain@2335d62 scripts/llm_pretrain/sltrain{60m,130m,350m,1b}.sh:
+# alpha per size (tiny: as 60M), peak lr, AdamW without weight decay (the scripts pass no
+# --grad_clipping, default 0.0: no clipping), optimizer steps and warmup per size (tiny keeps its own).
 ALPHA = {"tiny": 32.0, "60m": 32.0, "130m": 16.0, "350m": 16.0, "1b": 8.0}
 LR = 0.003
+STEPS = {"60m": (11_000, 1_100), "130m": (22_000, 2_200), "350m": (65_000, 6_500), "1b": (140_000, 10_000)}
 
 
 def sparse_sizes(in_features, out_features, density):
-    """(nnz, stored): entries of the support, round(density * in * out), and that padded to SPARSE_ALIGN."""
-    nnz = round(density * in_features * out_features)
+    """(nnz, stored): entries of the support, int(density * in * out) (rounded down, as the authors'
+    SpLoRaLinear._init_sparse_parameters), and that padded to SPARSE_ALIGN."""
+    nnz = int(density * in_features * out_features)
     return nnz, -(-nnz // SPARSE_ALIGN) * SPARSE_ALIGN
 
 
@@ -42,7 +46,7 @@ class SLTrain(nnx.Module):
     """Sparse plus low-rank projection `y = x @ W`, `W = (alpha / r) * A @ B + S` (SLTrain, Han et al. 2024).
 
     A [in, r] is Kaiming-uniform with a = sqrt(5) (U(-1/sqrt(in), 1/sqrt(in))), B [r, out] is zero,
-    alpha is `cfg.lora_alpha`. S [in, out] has nnz = round(cfg.sparse_density * in * out) non-zeros
+    alpha is `cfg.lora_alpha`. S [in, out] has nnz = int(cfg.sparse_density * in * out) non-zeros
     on a support drawn uniformly without replacement at init and never changed: `index`, int32
     [stored], the sorted row-major flat indices (row * out + col) of the support, then in * out + k
     for the k-th padding slot (`sparse_sizes`; the scatter drops those, so they are inert); `values`,
@@ -103,7 +107,10 @@ class SLTrain(nnx.Module):
 
     @staticmethod
     def preset(cfg, size, paper):
-        """CoLA's model size, rank and schedule with the paper's alpha, lr and no weight decay."""
+        """The size's model and rank (the authors' scripts use the same) with the authors' alpha, lr,
+        no weight decay, no clipping, and their steps and warmup (`STEPS`)."""
         del paper
         cfg.model.lora_alpha = ALPHA[size]
-        cfg.optim.update(lr=LR, weight_decay=0.0)
+        cfg.optim.update(lr=LR, weight_decay=0.0, grad_clip=0.0)
+        if size in STEPS:
+            cfg.train.steps, cfg.optim.warmup_steps = STEPS[size]
