@@ -1,4 +1,10 @@
-"""CR-Net (Kong et al., ICLR 2026) at the paper's 1B LLaMA size, with CoLA's rank and recipe (docs/methods.md)."""
+"""CR-Net (Kong et al., ICLR 2026, arXiv 2509.18993) at the paper's 1B LLaMA size:
+rank 448 (colax.projections.crnet.RANK: the paper's 583M at 1B).
+
+Recipe source: none available (KongBoao/CR-Net could not be read here): CoLA's, from
+alvin-zyl/CoLA@91ff0d1 scripts/cola_scripts/cola1b.sh (lr, warmup, steps, weight decay 0.01, clip 0.5),
+so that CR-Net and CoLA train on the same schedule; docs/methods.md#cr-net.
+"""
 
 from colax import config
 

@@ -10,6 +10,7 @@ from flax import nnx
 
 from colax import config, model, plan, remat
 from colax.errors import ConfigError
+from colax.projections import crnet
 from conftest import small_spec
 from test_model import ref_forward
 
@@ -39,11 +40,38 @@ def by_hand(d, f, v, layers, r):
 def test_parameter_counts_of_the_presets(size):
     spec = config.validate(config.preset("crnet", size))
     d, f, _, layers, r, *_ = config.SIZES[size]
+    r = crnet.RANK.get(size, r)
     assert (spec.hidden_size, spec.intermediate_size, spec.num_layers, spec.rank["q"]) == (d, f, layers, r)
     counts = model.count_params(spec)
     assert counts["total"] == by_hand(d, f, 32000, layers, r)
     assert counts["embeddings"] == 2 * 32000 * d
     assert counts["lowrank"] == (layers - 1) * sum(r * (i + o) + 1 for i, o in [(d, d)] * 4 + [(d, f)] * 2 + [(f, d)])
+
+
+def test_1b_count_is_the_papers():
+    """583M: CR-Net 1B in the paper's main table (arXiv 2509.18993; quoted, with full-rank 1339M and
+    CoLA 609M, by the papernotes.org summary of the paper), to 0.5 %; the same table's full-rank and
+    CoLA counts come out of colax's llama_1b and cola_1b to 0.1 %."""
+    count = lambda kind: model.count_params(config.validate(config.preset(kind, "1b")))["total"]
+    assert count("crnet") == pytest.approx(583e6, rel=0.005)
+    assert count("llama") == pytest.approx(1339e6, rel=1e-3) and count("cola") == pytest.approx(609e6, rel=1e-3)
+
+
+def test_scale_is_signed_and_never_zero():
+    """s(beta) = sign(beta) (|beta| + 1e-6) (the paper's Eq., eps 1e-6) with sign(0) = +1: at beta = 0
+    a block's output is 1e-6 x the previous one plus x A B and inverts exactly (with s = beta it
+    would be 0 and the inversion 0 / 0)."""
+    np.testing.assert_allclose(crnet.signed_scale(jnp.array([0.0, 0.5, -0.5, -2.0])),
+                               [1e-6, 0.500001, -0.500001, -2.000001], rtol=1e-7)
+    cfg = small_spec(projection="crnet")
+    proj = crnet.CRNet(16, 24, 4, cfg, rngs=nnx.Rngs(0))
+    proj.beta[...] = jnp.zeros(())
+    proj.B[...] = jnp.zeros_like(proj.B[...])  # y = s(0) prev exactly: the check below is on s alone
+    prev = jax.random.normal(jax.random.key(1), (2, 5, 24))
+    x = jax.random.normal(jax.random.key(2), (2, 5, 16))
+    y = proj(x, prev)
+    np.testing.assert_allclose(y, 1e-6 * prev, rtol=1e-6)
+    np.testing.assert_allclose(proj.invert(y, proj.bottleneck(x)), prev, rtol=1e-5)
 
 
 def test_block_one_is_full_rank_and_later_blocks_have_no_full_rank_weight():
