@@ -28,10 +28,19 @@ SIZES = {
 }
 # The reference code ships no full-rank recipe: the usual peak lr for these LLaMA baselines.
 FULL_RANK_LR = 0.001
-# GaLore / Fira on the full-rank model (their papers' recipes): peak lr, scale (Fira: 0.0625 at 1B),
-# rank = the size's rank, T = 200 steps between projector refreshes, no weight decay, no clipping,
-# 10% warmup, the reference code's eps.
+# GaLore / Fira on the full-rank model, their authors' scripts (jiaweizzhao/GaLore@2cc66f8
+# scripts/benchmark_c4/llama_<size>.sh; xichen-fy/Fira@5c28b13 pre_training_c4/scripts/llama_<size>.sh):
+# peak lr, scale (Fira's --alpha), T = 200 steps between projector refreshes, no weight decay, no
+# clipping (their default), 10% warmup, their AdamW's eps; rank = the size's rank, except as in
+# LOW_RANK_SIZES, where a script differs from those.
 LOW_RANK_OPTIM = dict(lr=0.01, scale=0.25, update_proj_gap=200, weight_decay=0.0, grad_clip=0.0, eps=1e-6)
+LOW_RANK_SIZES = {
+    ("galore", "1b"): dict(rank=1024),
+    ("fira", "1b"): dict(scale=0.0625),
+    ("galore", "7b"): dict(lr=0.005, update_proj_gap=500, grad_clip=1.0),
+    # Fira's 7B script also trains 10k steps (1k warmup): the preset keeps the size's schedule.
+    ("fira", "7b"): dict(rank=64, lr=0.005, scale=0.0625, update_proj_gap=500, grad_clip=1.0),
+}
 # Presets that are not a projection kind's own: {preset name: the projection kind it trains}. The
 # full-rank model ("dense") is "llama", and "galore" and "fira" when trained by GaLore or Fira
 # (`LOW_RANK_OPTIM`). "relora" is ReLoRA (Lialin et al.): LoRA on the full-rank model's sizes with the
@@ -109,8 +118,7 @@ def preset(kind, size):
         kind_class.preset(cfg, size, dict(lr=lr, only_lr_act=only_lr_act))
     if kind in ("galore", "fira"):
         cfg.optim.update(name=kind, rank=rank, warmup_steps=steps // 10, **LOW_RANK_OPTIM)
-        if kind == "fira" and size == "1b":
-            cfg.optim.scale = 0.0625
+        cfg.optim.update(LOW_RANK_SIZES.get((kind, size), {}))
     if kind == "relora":
         cfg.optim.update(schedule="jagged_cosine", full_rank_steps=steps // 4, restart_every=steps // 4,
                          restart_warmup_steps=min(100, steps // 16))

@@ -3,15 +3,21 @@
 `scale_by_galore(rank, update_proj_gap, scale, b1, b2, eps, fira)` turns the gradient of every
 matrix stack it is given, G [..., m, n] (the leading axes, e.g. the stacked layers [L], are
 independent matrices), into the update direction; `colax.optim.make` masks it onto the projection
-weights and chains it with weight decay and the learning rate (everything else gets plain AdamW).
+weights and chains it with weight decay and the learning rate (everything else gets
+`scale_by_reference_adam`).
 
 GaLore (Zhao et al. 2024): every `update_proj_gap` steps (at steps 0, T, 2T, ...) the projector P
 is the top-r singular vectors of the current G, from an fp32 SVD inside the jitted step (under
-`lax.cond`: one compiled step, the SVD only runs on refresh steps). If m >= n it is the right
-vectors P [r, n] and R = G Pᵀ [m, r]; else the left ones P [m, r] and R = Pᵀ G [r, n]. Adam's
-moments live in R's r-dim space and are kept across refreshes. Direction: scale · P-back(N), with
-N = c_t m / (sqrt(v) + eps), c_t = sqrt(1 - b2^t) / (1 - b1^t): Adam as the reference code writes
-it (eps added to sqrt(v) before the bias correction, which multiplies the whole direction).
+`lax.cond`: one compiled step, the SVD only runs on refresh steps). The side is the reference
+code's, decided on torch's [out, in] = Gᵀ (galore_projector.py: Gᵀ rows >= cols -> its right
+vectors): colax's G [m, n] = [in, out] with m > n gets its right vectors P [r, n] and R = G Pᵀ
+[m, r]; m <= n (square q, k, v, o included) its left ones P [m, r] and R = Pᵀ G [r, n], the input
+side compressed. Adam's moments live in R's r-dim space and are kept across refreshes, so the
+signs of the singular vectors (the SVD's, as arbitrary as in the reference) change the steps after
+a refresh. Direction: scale · P-back(N), with N = c_t m / (sqrt(v) + eps), c_t = sqrt(1 - b2^t) /
+(1 - b1^t): Adam as the reference code writes it (eps added to sqrt(v) before the bias correction,
+which multiplies the whole direction); `scale_by_reference_adam` is that Adam for the parameters
+that are not projected.
 
 Fira (Chen et al. 2025) adds the gradient outside the subspace: with N0 = m / (sqrt(v) + eps),
 phi = ||N0|| / (||R|| + 1e-8) per index of the un-projected axis (columns of a [r, n] R, rows of a
@@ -38,19 +44,21 @@ GAMMA = 1.01  # Fira's norm-growth limit
 
 class ScaleByGaloreState(NamedTuple):
     count: jax.Array  # int32 [], steps taken
-    projector: Any    # per leaf {"rank_rows": [..., r, n]} (m >= n) or {"rank_cols": [..., m, r]}
-    mu: Any           # per leaf {"rank_cols": [..., m, r]} (m >= n) or {"rank_rows": [..., r, n]}
+    projector: Any    # per leaf {"rank_rows": [..., r, n]} (m > n) or {"rank_cols": [..., m, r]}
+    mu: Any           # per leaf {"rank_cols": [..., m, r]} (m > n) or {"rank_rows": [..., r, n]}
     nu: Any           # as mu
     norm: Any         # Fira: per leaf {"per_matrix": fp32 [...]}, ||S|| after the limiter; GaLore: None
 
 
 def projects_right(shape):
-    """Whether a [..., m, n] matrix is projected from the right (m >= n: P [r, n], R [m, r])."""
-    return shape[-2] >= shape[-1]
+    """Whether a [..., m, n] = [..., in, out] matrix is projected from the right (m > n: P [r, n],
+    R [m, r]): the reference's rule on torch's [out, in] layout, which projects its transpose
+    [n, m] from the left exactly when n < m (galore_projector.py, `shape[0] >= shape[1]`)."""
+    return shape[-2] > shape[-1]
 
 
 def rank_axes(shape):
-    """(projector's, moments') rank axis for a [..., m, n] stack: (-2, -1) if m >= n (P [r, n],
+    """(projector's, moments') rank axis for a [..., m, n] stack: (-2, -1) if m > n (P [r, n],
     R [m, r]), else (-1, -2) (P [m, r], R [r, n])."""
     return (-2, -1) if projects_right(shape) else (-1, -2)
 
@@ -71,14 +79,15 @@ def _t(x):
 
 def svd_projector(g, rank):
     """Top-`rank` singular vectors of g [..., m, n], from an fp32 SVD: Vᵀ rows [..., r, n] if
-    m >= n, else U columns [..., m, r]; in g's dtype."""
+    m > n, else U columns [..., m, r]; in g's dtype. Their signs are the SVD's (LAPACK's on CPU),
+    as arbitrary as the reference's."""
     u, _, vh = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
     p = vh[..., :rank, :] if projects_right(g.shape) else u[..., :rank]
     return p.astype(g.dtype)
 
 
 def project(g, p):
-    """R = G Pᵀ [..., m, r] (m >= n) or Pᵀ G [..., r, n]."""
+    """R = G Pᵀ [..., m, r] (m > n) or Pᵀ G [..., r, n]."""
     return g @ _t(p) if projects_right(g.shape) else _t(p) @ g
 
 
@@ -132,6 +141,38 @@ def limit_growth(s, previous, first, gamma=GAMMA):
     return s / limiter[..., None, None].astype(s.dtype), (norm / limiter).astype(previous.dtype)
 
 
+def _moment(x, g, decay):
+    """An exponential moving average's next value, decay · x + (1 - decay) · g, in x's dtype."""
+    return (decay * x + (1 - decay) * g).astype(x.dtype)
+
+
+def bias_correction(count, b1, b2):
+    """c_t = sqrt(1 - b2^t) / (1 - b1^t) at t = count + 1 (count: int32 [], steps taken), the
+    reference's step-size factor."""
+    t = count + 1
+    return jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+
+
+def scale_by_reference_adam(b1=0.9, b2=0.999, eps=1e-6):
+    """Adam as GaLore's and Fira's reference AdamW computes it for the parameters it does not
+    project (galore_torch/adamw.py): c_t m / (sqrt(v) + eps), eps added before the bias correction
+    (optax's `scale_by_adam` adds it after). State `optax.ScaleByAdamState`, moments shaped and
+    typed like the parameters, as optax's."""
+    def init(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros)
+
+    def update(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda m, g: _moment(m, g, b1), state.mu, updates)
+        nu = jax.tree.map(lambda v, g: _moment(v, g * g, b2), state.nu, updates)
+        c = bias_correction(state.count, b1, b2)
+        out = jax.tree.map(lambda g, m, v: (c * m / (jnp.sqrt(v) + eps)).astype(g.dtype), updates, mu, nu)
+        return out, optax.ScaleByAdamState(count=optax.safe_increment(state.count), mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)
+
+
 def scale_by_galore(rank, update_proj_gap, scale, b1=0.9, b2=0.999, eps=1e-6, fira=False):
     """GaLore's (or, with `fira`, Fira's) update direction for matrix-stack leaves [..., m, n].
 
@@ -152,8 +193,7 @@ def scale_by_galore(rank, update_proj_gap, scale, b1=0.9, b2=0.999, eps=1e-6, fi
     def leaf_update(g, p, mu, nu, norm, count, c):
         """One matrix stack: (direction, mu, nu, Fira's norm or None), state leaves unwrapped."""
         r = project(g, p)
-        mu = (b1 * mu + (1 - b1) * r).astype(mu.dtype)
-        nu = (b2 * nu + (1 - b2) * r * r).astype(nu.dtype)
+        mu, nu = _moment(mu, r, b1), _moment(nu, r * r, b2)
         n0 = mu / (jnp.sqrt(nu) + eps)
         direction = scale * project_back(n0, p, g.shape)
         if fira:
@@ -165,8 +205,7 @@ def scale_by_galore(rank, update_proj_gap, scale, b1=0.9, b2=0.999, eps=1e-6, fi
         del params
         projector = jax.lax.cond(state.count % update_proj_gap == 0, lambda: _refresh(updates, state.projector, rank),
                                  lambda: state.projector)
-        t = state.count + 1
-        c = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        c = bias_correction(state.count, b1, b2)
         treedef = jax.tree.structure(updates)
         state_leaves = [treedef.flatten_up_to(x) for x in (projector, state.mu, state.nu)]
         norms = treedef.flatten_up_to(state.norm) if fira else [None] * treedef.num_leaves

@@ -3,7 +3,8 @@ decay and a named lr schedule (`optim.schedule`, `colax.schedules`; optax).
 
 GaLore and Fira (`colax.galore`) project the gradients of the decoder blocks' projection weights
 whose both sides exceed `optim.rank`; every other parameter (embeddings, lm_head, norms, and with a
-CoLA model the factors with a side <= rank) gets plain AdamW with the same lr.
+CoLA model the factors with a side <= rank) gets the reference code's Adam
+(`galore.scale_by_reference_adam`) with the same lr and weight decay.
 """
 
 import functools
@@ -116,16 +117,19 @@ def check_model(o, spec):
 
 def make(o, total_steps, full_rank=False):
     """optax transformation: clip_by_global_norm (if grad_clip > 0), then AdamW, or GaLore/Fira on
-    the `projected` weights and Adam on the rest, with decoupled weight decay, on the schedule;
+    the `projected` weights and the reference's Adam on the rest, with decoupled weight decay
+    (`optax.adamw`'s: -lr · wd · p before the step, where the reference decays the stepped p,
+    a factor 1 - lr · wd on the step apart), on the schedule;
     over the trainable parameters only (`model.trainable_mask(params, full_rank)`): frozen ones get
     no optimizer state and a zero update. `full_rank`: the optimizer of the full-rank warm start
     (`optim.full_rank_steps`)."""
     adam = optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps)
-    if o.name != "adamw":
+    if o.name != "adamw":  # the reference AdamW's two parameter groups: projected, and the rest
         low_rank = galore.scale_by_galore(o.rank, o.update_proj_gap, o.scale, o.b1, o.b2, o.eps, fira=o.name == "fira")
         is_projected = lambda params: projected(params, o.rank)
         adam = optax.chain(optax.masked(low_rank, is_projected),
-                           optax.masked(adam, lambda params: jax.tree.map(lambda x: not x, is_projected(params))))
+                           optax.masked(galore.scale_by_reference_adam(o.b1, o.b2, o.eps),
+                                        lambda params: jax.tree.map(lambda x: not x, is_projected(params))))
     # optax.adamw is this chain with scale_by_adam first.
     tx = optax.chain(adam, optax.add_decayed_weights(o.weight_decay, None if o.decay_norms else decay_mask),
                      optax.scale_by_learning_rate(schedule(o, total_steps)))

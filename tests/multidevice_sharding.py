@@ -227,7 +227,7 @@ def test_galore_on_fsdp_and_tensor_matches_one_device_and_splits_the_svd_by_laye
     # Adam amplifies the all-reduce's rounding differences in near-zero gradients (embeddings): 4e-5.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), params, ref_params)
     assert svd_batches(compiled.as_text()) == [1] * 7  # q, k, v, o, gate, up, down: one layer per device
-    assert q_projector(opt_state).sharding.spec == P(None, "fsdp", "tensor")  # (layers, opt_rank, heads)
+    assert q_projector(opt_state).sharding.spec == P(None, "fsdp", None)  # (layers, embed, opt_rank)
 
 
 def test_relora_hook_on_fsdp_and_tensor_matches_one_device_and_keeps_the_shardings():

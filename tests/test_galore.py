@@ -1,6 +1,7 @@
 """GaLore and Fira (colax.galore, optim.name = galore | fira) against their formulas written out here.
 
-Reference: numpy on small matrix stacks. SVD signs are arbitrary, so projectors are compared as
+Against the authors' optimizers themselves: tests/test_galore_official.py. Reference here: numpy
+on small matrix stacks, in colax's [in, out] layout. SVD signs are arbitrary, so projectors are compared as
 projection operators (PᵀP or PPᵀ) and the references reuse the state's projector; updates are
 sign-invariant and compared directly.
 """
@@ -44,21 +45,24 @@ def adam_direction(mu, nu, t):
 
 
 def test_projection_side_and_r_dim_moments():
-    shapes = {"tall": (2, 6, 4), "wide": (2, 4, 6)}  # two independent matrices per leaf
+    # two independent matrices per leaf, [in, out]: the reference (torch's [out, in]) projects
+    # a tall one from the right, a wide or square one from the left (compressing the input side)
+    shapes = {"tall": (2, 6, 4), "wide": (2, 4, 6), "square": (2, 4, 4)}
     grads = rng_grads(0, shapes)
     tx = galore.scale_by_galore(rank=2, update_proj_gap=5, scale=SCALE, eps=EPS)
     updates, st = jax.jit(tx.update)(grads, tx.init(grads))
-    assert list(st.projector["tall"]) == ["rank_rows"] and list(st.projector["wide"]) == ["rank_cols"]
+    assert [list(st.projector[k]) for k in shapes] == [["rank_rows"], ["rank_cols"], ["rank_cols"]]
     assert projector_of(st, "tall").shape == (2, 2, 4) and projector_of(st, "wide").shape == (2, 4, 2)
     assert moment_of(st.mu, "tall").shape == (2, 6, 2) and moment_of(st.nu, "wide").shape == (2, 2, 6)
-    for key, right in (("tall", True), ("wide", False)):
+    assert projector_of(st, "square").shape == (2, 4, 2) and moment_of(st.mu, "square").shape == (2, 2, 4)
+    for key, right in (("tall", True), ("wide", False), ("square", False)):
         p = projector_of(st, key)
         for i in range(2):
             g = grads[key][i]
             operator = p[i].T @ p[i] if right else p[i] @ p[i].T
             np.testing.assert_allclose(operator, top_vectors_operator(g, 2, right), atol=1e-5)
             u, _, vh = np.linalg.svd(g.astype(np.float64))
-            r = g @ vh[:2].T if right else u[:, :2].T @ g        # R = G Pᵀ (rows >= cols) or Pᵀ G
+            r = g @ vh[:2].T if right else u[:, :2].T @ g        # R = G Pᵀ (rows > cols) or Pᵀ G
             c, n0 = adam_direction((1 - B1) * r, (1 - B2) * r * r, 1)
             back = n0 @ vh[:2] if right else u[:, :2] @ n0
             np.testing.assert_allclose(updates[key][i], c * SCALE * back, rtol=1e-4, atol=1e-6)
@@ -105,7 +109,7 @@ def fira_reference(g, p, mu, nu, t, previous_norm, right):
 
 @pytest.mark.parametrize("shape", [(1, 6, 4), (1, 4, 6)])
 def test_fira_phi_residual_and_norm_growth_limiter(shape):
-    right = shape[1] >= shape[2]
+    right = shape[1] > shape[2]
     tx = galore.scale_by_galore(rank=2, update_proj_gap=100, scale=SCALE, eps=EPS, fira=True)
     update = jax.jit(tx.update)
     st = tx.init({"w": np.zeros(shape, np.float32)})
@@ -138,7 +142,7 @@ def optim_config(**kw):
     return o
 
 
-def test_only_projection_weights_wider_than_the_rank_are_projected_the_rest_get_plain_adamw():
+def test_only_projection_weights_wider_than_the_rank_are_projected_the_rest_get_the_reference_adam():
     shapes = {"embed": (10, 8), "final_norm": {"weight": (8,)},
               "blocks": {"q": {"w": (2, 8, 8)}, "gate": {"A": (2, 8, 4), "B": (2, 4, 12)},
                          "attn_norm": {"weight": (2, 8)}}}
@@ -159,9 +163,9 @@ def test_only_projection_weights_wider_than_the_rank_are_projected_the_rest_get_
         updates, st = update(grads, st, p)
         mu = jax.tree.map(lambda m, g: B1 * m + (1 - B1) * g, mu, grads)
         nu = jax.tree.map(lambda v, g: B2 * v + (1 - B2) * g * g, nu, grads)
-        # optax's AdamW: bias-corrected moments, eps added to sqrt(v_hat), decoupled decay, -lr.
-        adamw = jax.tree.map(lambda m, v, x: -float(lr(t - 1)) * (
-            m / (1 - B1 ** t) / (np.sqrt(v / (1 - B2 ** t)) + EPS) + 0.1 * x), mu, nu, p)
+        # the reference's Adam (eps added to sqrt(v) before the bias correction), decoupled decay, -lr
+        direction = lambda m, v: np.multiply(*adam_direction(m, v, t))
+        adamw = jax.tree.map(lambda m, v, x: -float(lr(t - 1)) * (direction(m, v) + 0.1 * x), mu, nu, p)
         direction, low_rank_state = low_rank_update(grads["blocks"]["q"], low_rank_state)
         adamw["blocks"]["q"]["w"] = -float(lr(t - 1)) * (direction["w"] + 0.1 * p["blocks"]["q"]["w"])
         for path, u in jax.tree_util.tree_leaves_with_path(updates):
@@ -193,9 +197,10 @@ def test_state_leaves_get_logical_axes_derived_from_their_parameter():
             for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)}
     find = lambda *parts: next(v for k, v in axes.items() if all(f"{p}" in k for p in parts))
     d, f, r, layers = 128, 344, 32, 2
-    # q [L, d, d]: rows >= cols, P = V_r^T [r, d], R [d, r]; gate [L, d, f]: P = U_r [d, r], R [r, f].
-    assert find("projector", "'q'") == ((layers, r, d), ("layers", "opt_rank", "heads"))
-    assert find("mu", "'q'") == ((layers, d, r), ("layers", "embed", "opt_rank"))
+    # q [L, d, d] and gate [L, d, f]: rows <= cols, P = U_r [d, r], R [r, n]; down [L, f, d]: P = V_r^T [r, d].
+    assert find("projector", "'q'") == ((layers, d, r), ("layers", "embed", "opt_rank"))
+    assert find("mu", "'q'") == ((layers, r, d), ("layers", "opt_rank", "heads"))
+    assert find("projector", "'down'") == ((layers, r, d), ("layers", "opt_rank", "embed"))
     assert find("projector", "'gate'") == ((layers, d, r), ("layers", "embed", "opt_rank"))
     assert find("nu", "'gate'") == ((layers, r, f), ("layers", "opt_rank", "mlp"))
     assert find("norm", "'down'") == ((layers,), ("layers",))
@@ -209,7 +214,7 @@ def test_plan_reports_the_optimizer_state_the_rank_implies():
     d, f, layers, r, vocab = 128, 344, 2, 32, cfg.model.vocab_size
     total = 2 * vocab * d + layers * (4 * d * d + 3 * d * f + 2 * d) + d
     projected = layers * (4 * d * d + 3 * d * f)
-    # per layer: q, k, v, o and down project from the right (P [r, n], moments [m, r]), gate and up
+    # per layer: down projects from the right (P [r, n], moments [m, r]), q, k, v, o, gate and up
     # from the left (P [m, r], moments [r, n]): r * (n + 2m) or r * (m + 2n)
     low_rank = layers * (4 * r * (d + 2 * d) + r * (d + 2 * f) + 2 * r * (d + 2 * f))
     counts = 3 * 4  # int32 step counts: Adam, GaLore, the lr schedule
