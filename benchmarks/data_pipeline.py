@@ -5,15 +5,64 @@
 
 Trains (or reuses) a tokenizer in --workdir, then times `make_pipeline` batches for each mode and
 thread/worker setting and prints a table. Tokens = batch x seq_len input positions per batch.
+Then prints how many distinct documents a packed batch of --mix-batch rows spans, for several
+data.row_shuffle_window sizes, against uniform sampling of the epoch's rows.
 """
 
 import argparse
+import hashlib
 import itertools
 import os
 import time
 
+import numpy as np
+
 from colax import data
 from colax import tokenizer as tk
+
+
+class DocIdTokenizer:
+    """Wraps a tokenizer: a document becomes its id repeated once per token it encodes to.
+
+    Rows keep the packing layout of `tok` while every token names its document (an int >= 2
+    from a 31-bit hash of the text, so identical documents share one id); EOS stays `tok.eos_id`.
+    """
+
+    def __init__(self, tok):
+        self._tok = tok
+        self.vocab_size, self.pad_id, self.eos_id, self.bos_id = tok.vocab_size, tok.pad_id, tok.eos_id, -1
+
+    def encode(self, text: str) -> list[int]:
+        doc = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest()) % (2**31 - 2) + 2
+        return [doc] * len(self._tok.encode(text))
+
+
+def _row_documents(batch) -> list[set]:
+    """The set of document ids (tokens >= 2 of a DocIdTokenizer) in each row of a batch."""
+    return [set(row[row >= 2].tolist()) for row in batch["inputs"]]
+
+
+def documents_per_batch(cfg, tok, batches: int, batch_size: int) -> float:
+    """Mean number of distinct documents in the first `batches` packed training batches.
+
+    `cfg` is a `config.data` with packing on; `tok` any tokenizer (wrapped in DocIdTokenizer).
+    """
+    it = data.make_pipeline(cfg, DocIdTokenizer(tok), split="train", global_batch_size=batch_size,
+                            process_index=0, process_count=1)
+    return float(np.mean([len(set().union(*_row_documents(b))) for b in itertools.islice(it, batches)]))
+
+
+def uniform_documents_per_batch(cfg, tok, batch_size: int, draws: int = 2000, seed: int = 0) -> float:
+    """Mean distinct documents in `batch_size` rows drawn uniformly without replacement from one
+    epoch of packed training rows (`draws` Monte Carlo batches)."""
+    one_epoch = cfg.copy_and_resolve_references()
+    one_epoch.update(row_shuffle_window=0)
+    rows = [r for b in data.make_pipeline(one_epoch, DocIdTokenizer(tok), split="train", global_batch_size=1,
+                                          process_index=0, process_count=1, num_epochs=1)
+            for r in _row_documents(b)]
+    rng = np.random.default_rng(seed)
+    return float(np.mean([len(set().union(*(rows[i] for i in rng.choice(len(rows), batch_size, replace=False))))
+                          for _ in range(draws)]))
 
 
 def tokens_per_s(cfg, tok, batches, batch_size):
@@ -35,6 +84,8 @@ def main():
     p.add_argument("--path", default="", help="data.path for text / jsonl")
     p.add_argument("--doc-split", default="blank_line", help="data.doc_split for text")
     p.add_argument("--workdir", default="/tmp/colax_bench_data")
+    p.add_argument("--mix-batch", type=int, default=16, help="rows per batch for the documents-per-batch table")
+    p.add_argument("--mix-batches", type=int, default=50, help="batches averaged for it")
     args = p.parse_args()
     cfg = data.defaults()
     cfg.update(seq_len=args.seq_len, source=args.source, path=args.path, doc_split=args.doc_split,
@@ -48,6 +99,13 @@ def main():
         cfg.update(packing=packing, read_threads=threads, worker_count=workers)
         rate = tokens_per_s(cfg, tok, args.batches, args.batch_size)
         print(f"{'packed' if packing else 'paper':<8} {threads:>12} {workers:>12} {rate:>12,.0f}")
+    cfg.update(packing=True, read_threads=4, worker_count=0)
+    print(f"distinct documents per packed batch of {args.mix_batch} rows (mean of {args.mix_batches} batches)")
+    print(f"{'row_shuffle_window':>18} {'documents':>10}")
+    for window in (0, 256, 1024, data.defaults().row_shuffle_window, 16384):
+        cfg.update(row_shuffle_window=window)
+        print(f"{window:>18} {documents_per_batch(cfg, tok, args.mix_batches, args.mix_batch):>10.1f}")
+    print(f"{'uniform':>18} {uniform_documents_per_batch(cfg, tok, args.mix_batch):>10.1f}")
 
 
 if __name__ == "__main__":

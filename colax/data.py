@@ -13,6 +13,8 @@ Paper mode (`packing=False`, as in CoLA/GaLore): one document per row; its
 first seq_len tokens plus EOS, padded to seq_len + 1. Packing mode: documents
 joined with EOS and cut into rows of seq_len + 1 tokens by grain's
 ConcatThenSplitIterDataset; predictions across a document boundary are masked.
+Packed training rows then go through a window shuffle of `row_shuffle_window`
+rows, so that a batch mixes rows of many documents.
 """
 
 import functools
@@ -49,6 +51,7 @@ def defaults() -> ml_collections.ConfigDict:
         val_docs=64,  # local sources: documents held out by content hash
         seq_len=256,
         packing=False,  # False: the paper's truncate/pad, one doc per row
+        row_shuffle_window=4096,  # packing, train: rows shuffled in windows of this many; 0 = consecutive
         seed=0,
         shuffle=True,
         worker_count=0,  # grain worker processes; 0 = threads in-process
@@ -78,6 +81,8 @@ def validate(cfg_data, global_batch_size: int | None = None,
     _check(c.on_bad_utf8 in ("skip", "fail"), "on_bad_utf8", "'skip' or 'fail'",
            c.on_bad_utf8)
     _check(c.seq_len >= 2, "seq_len", ">= 2", c.seq_len)
+    _check(c.row_shuffle_window >= 0, "row_shuffle_window", ">= 0 (0: no row shuffle)",
+           c.row_shuffle_window)
     _check(c.val_docs >= 1, "val_docs", ">= 1", c.val_docs)
     _check(0 <= c.seed < 2**32, "seed", "in [0, 2**32)", c.seed)
     _check(c.worker_count >= 0, "worker_count", ">= 0", c.worker_count)
@@ -161,13 +166,23 @@ def _paper_dataset(docs, cfg, tokenizer, train, batch, p, n_proc):
 
 
 def _packed_dataset(docs, cfg, tokenizer, train, batch):
-    """Rows packed from this host's documents (docs[p::P]) only."""
+    """Rows packed from this host's documents (docs[p::P]) only.
+
+    Shuffled training rows (`cfg.shuffle`, `cfg.row_shuffle_window` > 1) are
+    read in windows of that many consecutive packed rows, each window permuted
+    with seed `cfg.seed` + its index (grain's WindowShuffleIterDataset: every
+    row once, resumable by re-reading the window from its start state).
+    """
     docs = docs.map(functools.partial(_tokens, tokenizer=tokenizer))
     if isinstance(docs, grain.MapDataset):
         docs = docs.to_iter_dataset(grain.ReadOptions(
             num_threads=cfg.read_threads, prefetch_buffer_size=batch * cfg.prefetch))
     rows = grain.experimental.ConcatThenSplitIterDataset(
-        docs, length_struct={"tokens": cfg.seq_len + 1}).map(packed_example)
+        docs, length_struct={"tokens": cfg.seq_len + 1})
+    if train and cfg.shuffle and cfg.row_shuffle_window > 1:
+        rows = grain.experimental.WindowShuffleIterDataset(
+            rows, window_size=cfg.row_shuffle_window, seed=cfg.seed)
+    rows = rows.map(packed_example)
     if train:
         return rows.batch(batch, drop_remainder=True)
     pad = functools.partial(grain.experimental.batch_and_pad, batch_size=batch)

@@ -15,6 +15,9 @@ import tensorflow_datasets as tfds
 from colax import data, sources
 from colax.errors import ConfigError, DataError
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from data_pipeline import documents_per_batch, uniform_documents_per_batch  # noqa: E402
+
 SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                            "tinyshakespeare", "input.txt")
 
@@ -148,10 +151,42 @@ def assert_resumes(cfg, global_batch_size, skip, take):
     return skipped
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_resume_from_saved_state(corpus, packing):
-    corpus.packing = packing
+@pytest.mark.parametrize("packing,window", [(False, 0), (True, 0), (True, 5), (True, 4096)])
+def test_resume_from_saved_state(corpus, packing, window):
+    # Window 5: the state is saved 3 rows into the third window and the next batches cross windows.
+    corpus.update(packing=packing, row_shuffle_window=window)
     assert_resumes(corpus, 4, skip=2, take=3)
+
+
+def test_row_shuffle_permutes_an_epochs_rows(corpus):
+    corpus.update(packing=True, row_shuffle_window=5)
+    rows = lambda: [bytes(b["inputs"][0]) for b in _take(corpus, 10**4, global_batch_size=1, num_epochs=1)]
+    shuffled = rows()
+    corpus.row_shuffle_window = 0
+    consecutive = rows()
+    assert shuffled != consecutive and sorted(shuffled) == sorted(consecutive)
+
+
+@pytest.fixture
+def long_documents(tmp_path):
+    """600 documents of 100-1500 characters (4-47 rows of 32 tokens), one blank-line-separated file."""
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    docs = [f"doc {i} " + " ".join(rng.choice(words, n // 6)) for i, n in enumerate(rng.integers(100, 1500, 600))]
+    path = tmp_path / "long.txt"
+    path.write_text("\n\n".join(docs))
+    return _cfg(source="text", path=str(path), val_docs=8, seq_len=32, packing=True)
+
+
+def test_packed_batches_span_many_documents(long_documents):
+    """With the default row_shuffle_window a batch of 16 rows spans >= 8 documents (uniform
+    sampling of the epoch's rows: ~15); consecutive rows (window 0, the old batching) span ~2."""
+    tok = CharTokenizer()
+    mixed = documents_per_batch(long_documents, tok, batches=30, batch_size=16)
+    uniform = uniform_documents_per_batch(long_documents, tok, batch_size=16, draws=300)
+    long_documents.row_shuffle_window = 0
+    consecutive = documents_per_batch(long_documents, tok, batches=30, batch_size=16)
+    assert mixed >= 8 and uniform >= 14 and consecutive < 4, (mixed, uniform, consecutive)
 
 
 def test_epochs_reshuffle_and_end(corpus):
@@ -195,6 +230,8 @@ def test_bad_input_errors(tmp_path):
         sources.split_documents(["a", "b"], 5)
     with pytest.raises(ConfigError, match=r"data.seq_len must be >= 2, got 1"):
         data.validate(_cfg(seq_len=1))
+    with pytest.raises(ConfigError, match=r"data.row_shuffle_window must be >= 0 \(0: no row shuffle\), got -1"):
+        data.validate(_cfg(row_shuffle_window=-1))
     with pytest.raises(ConfigError, match=r"data.source must be one of"):
         data.validate(_cfg(source="c4"))
     with pytest.raises(ConfigError, match=r"data.path must be a file or glob for source 'jsonl'"):
