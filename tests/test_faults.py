@@ -232,6 +232,45 @@ def test_kill_during_a_save_and_torn_files(tok_path, reference, tmp_path, capsys
     assert_losses_match(tmp_path, reference, range(1, STEPS + 1))
 
 
+def packed_fault_config(tok):
+    """fault_config with packing and a row shuffle window of 12 rows: with 8 rows a step, checkpoints
+    2 and 4 fall 4 and 8 rows into a window."""
+    cfg = fault_config(tok)
+    cfg.data.update(packing=True, row_shuffle_window=12)
+    return cfg
+
+
+KILL_AFTER_SAVE = '''
+import os, signal, sys
+from colax import checkpoint, loop
+sys.path.insert(0, "tests")
+from test_faults import packed_fault_config
+
+real_save = checkpoint.save
+
+def save_then_die(mngr, s, *args, **kwargs):
+    real_save(mngr, s, *args, **kwargs)
+    if s == 4:
+        mngr.wait_until_finished()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.save = save_then_die
+loop.run(packed_fault_config(sys.argv[1]), sys.argv[2])
+'''
+
+
+def test_kill_9_resumes_shuffled_packed_rows_exactly(tok_path, tmp_path):
+    # SIGKILL after checkpoint 4 (8 rows into a row-shuffle window); the resumed run's losses are the
+    # uninterrupted run's: the restored data iterator re-reads its window and skips the used rows.
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE, tok_path, str(tmp_path / "killed")], cwd=ROOT,
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    loop.run(packed_fault_config(tok_path), str(tmp_path / "killed"))
+    loop.run(packed_fault_config(tok_path), str(tmp_path / "whole"))
+    assert_losses_match(tmp_path / "killed", (None, {r["step"]: r["loss"] for r in read_metrics(tmp_path / "whole")}),
+                        range(1, STEPS + 1))
+
+
 HOLD_LOCK = '''
 import sys, time
 from colax import workdir
