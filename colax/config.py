@@ -226,7 +226,11 @@ def validate(cfg):
     accum_steps(cfg)
     optim.validate(cfg.optim, t.steps)
     optim.check_model(cfg.optim, spec)
-    if cfg.optim.full_rank_steps and not hasattr(projections.PROJECTIONS[spec.projection], "full_rank_frozen"):
+    kind = projections.PROJECTIONS[spec.projection]
+    if getattr(kind, "needs_restarts", False) and not (cfg.optim.schedule == "jagged_cosine" and cfg.optim.restart_every):
+        raise ConfigError(f"optim.schedule must be 'jagged_cosine' with optim.restart_every > 0 for model.projection="
+                          f"{spec.projection!r} (its iterations), got {cfg.optim.schedule!r}, {cfg.optim.restart_every}")
+    if cfg.optim.full_rank_steps and not hasattr(kind, "full_rank_frozen"):
         raise ConfigError(f"optim.full_rank_steps needs a projection kind with a full-rank warm start (lora), "
                           f"got model.projection={spec.projection!r}")
     return spec

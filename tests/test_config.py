@@ -174,12 +174,12 @@ def test_kinds_that_share_a_key_share_its_default():
     declared = [(key, value) for kind in projections.PROJECTIONS.values()
                 for key, value in getattr(kind, "config", {}).items()]
     assert {key for key, _ in declared} == {"lora_alpha", "sparse_density", "switch_interval", "switch_descent",
-                                            "switch_hold_steps", "sst_round_steps"}
+                                            "switch_hold_steps", "sst_round_iterations"}
     assert [(key, defaults[key]) for key, _ in declared] == declared
 
 
 def test_spec_options_are_read_and_replaced_like_fields(spec):
-    assert (spec.lora_alpha, spec.sst_round_steps) == (32.0, 200)
+    assert (spec.lora_alpha, spec.sst_round_iterations) == (32.0, 8)
     changed = spec.replace(lora_alpha=2.0, num_layers=3)
     assert (changed.lora_alpha, changed.num_layers, changed.sparse_density) == (2.0, 3, spec.sparse_density)
     with pytest.raises(AttributeError, match="no_such_option"):
