@@ -181,49 +181,50 @@ def test_sst_sampler_is_torch_multinomial_without_replacement():
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("refactor", [False, True])
-def test_sst_resample_writes_back_draws_new_vectors_and_resets_their_moments(refactor):
-    """A new iteration (`refactor` False) keeps U diag(s) Vᵀ's factors, writes the active vectors back
-    and zeroes exactly the moments of u_active and v_active; a new round (True) also re-factors W
-    (U, V orthonormal, W and the model's output unchanged) and zeroes s's moments."""
+def test_sst_resample_writes_back_draws_new_vectors_and_resets_their_moments():
+    """A new iteration (`sst_resample`, refactor False) writes the active vectors back, changes no
+    other entry of U, s, V, draws the indices the reference's sampler draws from the same Exp(1)
+    draws and zeroes exactly the moments of u_active and v_active; a new round (True) also re-factors
+    W (U, V orthonormal, W and the model's output unchanged) and zeroes s's moments."""
     spec, graphdef, params, opt_state = sst_state()
     tokens = jax.random.randint(jax.random.key(5), (2, 16), 0, spec.vocab_size)
     forward = jax.jit(lambda p: nnx.merge(graphdef, p)(tokens))
     before = forward(params)
     np_params, np_opt = jax.tree.map(np.asarray, (params, opt_state))
-    key = jax.random.key(7)
-    new_params, new_opt = jax.jit(functools.partial(sst.sst_resample, refactor, key))(params, opt_state)
-    np.testing.assert_allclose(forward(new_params), before, rtol=1e-4, atol=1e-4)
-    for i, name in enumerate(common.PROJECTION_NAMES):
-        old, new = np_params["blocks"][name], jax.tree.map(np.asarray, new_params["blocks"][name])
-        q = np.asarray(sst.sst_draws(jax.random.fold_in(key, i), new["s"].shape))
-        for layer in range(2):
-            u, s, v = effective_factors(old, layer)
-            nu, ns, nv = new["u"][layer], new["s"][layer], new["v"][layer]
-            if refactor:
-                assert np.abs(u.T @ u - np.eye(u.shape[1])).max() > 0.05  # the trained vectors broke orthonormality
-                np.testing.assert_allclose(nu.T @ nu, np.eye(nu.shape[1]), atol=1e-5)
-                np.testing.assert_allclose(nv.T @ nv, np.eye(nv.shape[1]), atol=1e-5)
-                assert np.all(ns[:-1] >= ns[1:]) and ns[-1] >= 0
-                np.testing.assert_allclose((nu * ns) @ nv.T, (u * s) @ v.T, atol=2e-6)  # W unchanged
+    for refactor in (False, True):
+        key = jax.random.key(7)
+        new_params, new_opt = jax.jit(functools.partial(sst.sst_resample, refactor, key))(params, opt_state)
+        np.testing.assert_allclose(forward(new_params), before, rtol=1e-4, atol=1e-4)
+        for i, name in enumerate(common.PROJECTION_NAMES):
+            old, new = np_params["blocks"][name], jax.tree.map(np.asarray, new_params["blocks"][name])
+            q = np.asarray(sst.sst_draws(jax.random.fold_in(key, i), new["s"].shape))
+            for layer in range(2):
+                u, s, v = effective_factors(old, layer)
+                nu, ns, nv = new["u"][layer], new["s"][layer], new["v"][layer]
+                if refactor:
+                    assert np.abs(u.T @ u - np.eye(u.shape[1])).max() > 0.05  # the trained vectors broke orthonormality
+                    np.testing.assert_allclose(nu.T @ nu, np.eye(nu.shape[1]), atol=1e-5)
+                    np.testing.assert_allclose(nv.T @ nv, np.eye(nv.shape[1]), atol=1e-5)
+                    assert np.all(ns[:-1] >= ns[1:]) and ns[-1] >= 0
+                    np.testing.assert_allclose((nu * ns) @ nv.T, (u * s) @ v.T, atol=2e-6)  # W unchanged
+                else:
+                    for got, want in ((nu, u), (ns, s), (nv, v)):
+                        np.testing.assert_array_equal(got, want)  # written back, nothing else changed
+                idx = new["active"][layer]
+                np.testing.assert_array_equal(idx, official.multinomial(official.probabilities(ns), q[layer], idx.size))
+                np.testing.assert_array_equal(new["u_active"][layer], nu[:, idx])
+                np.testing.assert_array_equal(new["v_active"][layer], nv[:, idx])
+            assert not np.array_equal(new["active"], old["active"])  # resampled
+        zeroed = {"s", "u_active", "v_active"} if refactor else {"u_active", "v_active"}
+        reset = 0
+        for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(np_opt), jax.tree.leaves(new_opt), strict=True):
+            keys = [getattr(k, "key", None) for k in path]
+            if keys[-1] in zeroed and keys[-2] in common.PROJECTION_NAMES:
+                assert not np.any(np.asarray(new)) and np.any(old)
+                reset += 1
             else:
-                for got, want in ((nu, u), (ns, s), (nv, v)):
-                    np.testing.assert_array_equal(got, want)  # written back, nothing else changed
-            idx = new["active"][layer]
-            np.testing.assert_array_equal(idx, official.multinomial(official.probabilities(ns), q[layer], idx.size))
-            np.testing.assert_array_equal(new["u_active"][layer], nu[:, idx])
-            np.testing.assert_array_equal(new["v_active"][layer], nv[:, idx])
-        assert not np.array_equal(new["active"], old["active"])  # resampled
-    zeroed = {"s", "u_active", "v_active"} if refactor else {"u_active", "v_active"}
-    reset = 0
-    for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(np_opt), jax.tree.leaves(new_opt), strict=True):
-        keys = [getattr(k, "key", None) for k in path]
-        if keys[-1] in zeroed and keys[-2] in common.PROJECTION_NAMES:
-            assert not np.any(np.asarray(new)) and np.any(old)
-            reset += 1
-        else:
-            np.testing.assert_array_equal(new, old)
-    assert reset == 2 * len(zeroed) * len(common.PROJECTION_NAMES)  # mu and nu of each per projection
+                np.testing.assert_array_equal(new, old)
+        assert reset == 2 * len(zeroed) * len(common.PROJECTION_NAMES)  # mu and nu of each per projection
 
 
 def successive_inclusion(p, r):
