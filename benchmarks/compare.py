@@ -12,8 +12,8 @@ GaLore and Fira are the full-rank model with those optimizers (`optim.name`). Lo
 (`config.preset("lora" | "relora")`) train the full-rank model's frozen weights plus LoRA factors,
 ReLoRA with its full-rank warm start, merges and jagged cosine; SwitchLoRA
 (`config.preset("switchlora")`) LoRA with vector switches (its schedule follows `--steps`); SST
-(`config.preset("sst")`) the full-rank model's sizes as sampled spectral factors (rounds of
-`model.sst_round_steps`, not scaled: set it with `--config.model.sst_round_steps=N`). Each model keeps its preset's
+(`config.preset("sst")`) the full-rank model's sizes as sampled spectral factors (its iterations are the
+jagged cosine's restarts, scaled with ReLoRA's; rounds of `model.sst_round_iterations` of them). Each model keeps its preset's
 recipe (peak lr: CoLA's per size (also CR-Net's), full-rank `FULL_RANK_LR` (also LoRA/ReLoRA), SLTrain
 `projections.sltrain.LR`, GaLore/Fira 0.01; warmup and ReLoRA's step counts scaled to `--steps` in the
 preset's proportion) unless `--lr` (CoLA,

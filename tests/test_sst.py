@@ -127,9 +127,16 @@ def official_run(steps, iteration_steps, round_iterations, init_std):
     adam = dict(b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
     ref = [official.Layer(*effective_factors(blocks[name], layer), blocks[name]["active"][layer], adam)
            for name in common.PROJECTION_NAMES for layer in range(layers)]
-    grad = lambda j, w: (lambda x, y: x.T @ (x @ w - y) / rows)(*(a[j % layers] for a in xy[common.PROJECTION_NAMES[j // layers]]))
+
+    def grad(j, w):  # dL/dW of reference layer j (projection j // layers, layer j % layers)
+        x, y = (a[j % layers] for a in xy[common.PROJECTION_NAMES[j // layers]])
+        return x.T @ (x @ w - y) / rows
+
     m = min(shapes["q"])
-    draws = lambda t, j: np.asarray(sst.sst_draws(jax.random.fold_in(hooks.hook_key(0, t), j // layers), (layers, m)))[j % layers]
+
+    def draws(t, j):  # the hook's Exp(1) draws after step t for reference layer j (`sst.sst_resample`)
+        return np.asarray(sst.sst_draws(jax.random.fold_in(hooks.hook_key(0, t), j // layers), (layers, m)))[j % layers]
+
     lr = optim.schedule(o, steps)
     opt_state = tx.init(params)
     states = []
