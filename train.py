@@ -36,8 +36,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:  # library INFO logs (orbax: several per save) with -v 0
-        logging.set_verbosity(logging.WARNING)
+    if not flags.FLAGS["verbosity"].present:  # library logs (orbax: INFO per save, WARNINGs per read-only look
+        logging.set_verbosity(logging.ERROR)    # at checkpoints) hidden; colax prints its own lines. -v 0 shows them
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     auto=_DISTRIBUTED.value)
     cfg = config.from_flag(_CONFIG)

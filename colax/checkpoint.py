@@ -28,10 +28,9 @@ from colax.errors import CheckpointError, ConfigError, DataError
 def saved_config(workdir):
     """(step, config dict) of the newest checkpoint that holds its run's config, or (None, None):
     `colax.run.run_config` falls back to it when config.json is missing or torn."""
-    path = epath.Path(workdir).absolute() / "checkpoints"
-    if not path.exists():
+    if not (epath.Path(workdir) / "checkpoints").exists():
         return None, None
-    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+    mngr = _reader(workdir)
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
             return step, mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
@@ -40,9 +39,14 @@ def saved_config(workdir):
     return None, None
 
 
+def directory(workdir):
+    """The checkpoints folder of `workdir`, as the user wrote `workdir`."""
+    return epath.Path(workdir) / "checkpoints"
+
+
 def step_dir(workdir, step):
     """The folder of checkpoint `step` in `workdir`, as the user wrote `workdir`."""
-    return epath.Path(workdir) / "checkpoints" / str(step)
+    return directory(workdir) / str(step)
 
 
 @dataclasses.dataclass
@@ -83,6 +87,22 @@ class _ReportedHere(logging.Filter):
 _REPORTED_HERE = _ReportedHere()
 
 
+def check_writable(directory):
+    """CheckpointError naming `directory` and the OS error unless a folder can be created in it (as
+    orbax creates each step's; where it cannot, orbax's save waits minutes for the folder before it
+    fails). A `directory` that does not exist yet is created by the manager: nothing to check."""
+    directory = epath.Path(directory)
+    if not directory.exists():
+        return
+    probe = directory / f".write-check-{jax.process_index()}-{os.getpid()}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        why = f"{type(e).__name__}: {e.strerror}" if e.strerror else errors.cause(e)  # no probe name
+        raise CheckpointError(f"checkpoints cannot be written in {directory} ({why})") from None
+
+
 def save(mngr, step, params, opt_state, data_iter, config=None):
     """Starts an async save of the state after `step` optimizer steps (returns once copied to host),
     after the previous save has finished (CheckpointError if that one failed).
@@ -90,6 +110,7 @@ def save(mngr, step, params, opt_state, data_iter, config=None):
     config: the run's config dict, saved beside the state (`saved_config` reads it back).
     """
     check_saves(mngr, wait=True)
+    check_writable(mngr.directory)
     items = dict(state=ocp.args.StandardSave(dict(params=params, opt_state=opt_state)),
                  data=grain.checkpoint.CheckpointSave(data_iter))
     if config is not None:
@@ -135,12 +156,21 @@ def _trained_steps(mngr, resume_step=0):
     return steps
 
 
+def _reader(workdir):
+    """A read-only CheckpointManager over workdir/checkpoints."""
+    path = epath.Path(workdir).absolute() / "checkpoints"
+    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def has_checkpoints(workdir):
+    """Whether workdir/checkpoints holds any checkpoint (a `colax.convert` import's step 0 too); reads only."""
+    return (epath.Path(workdir) / "checkpoints").exists() and bool(_reader(workdir).all_steps())
+
+
 def check_resume_step(workdir, resume_step):
     """ConfigError unless `resume_step` (if > 0) is a kept checkpoint of the run in `workdir` (reads only)."""
     if resume_step:
-        path = epath.Path(workdir).absolute() / "checkpoints"
-        _trained_steps(ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True)),
-                       resume_step)
+        _trained_steps(_reader(workdir), resume_step)
 
 
 def restore(mngr, target, data_iter, step=0):

@@ -61,13 +61,14 @@ def train_defaults():
         log_every=10,           # steps between metrics.jsonl lines
         eval_every=1000,        # steps between validation passes (0: only at the end)
         eval_batches=50,        # validation batches of micro_batch_size x data-parallel rows (0: whole split)
+        final_eval_tokens=10_000_000,  # the end-of-run pass reads the split up to this many tokens (0: all)
         baseline_batches=200,   # train batches counted for the unigram perplexity baseline (0: none)
         checkpoint_every=1000,  # steps between (async) checkpoints; one is always saved at the end
         keep_checkpoints=3,     # checkpoints kept (the newest)
         on_nonfinite="stop",    # non-finite loss/gradients/parameters: "stop" the run or "skip" the update
         max_skipped_steps=10,   # "skip": stop after more non-finite steps than this in a row
-        spike_factor=3.0,       # stop when the loss exceeds this x its running median (0: off)
-        spike_window=20,        # steps in that running median (checked once it is full)
+        spike_nats=1.0,         # stop when the loss exceeds its running median by more than this (0: off)
+        spike_window=20,        # steps in that running median (checked once it is full; refilled on resume)
         resume_step=0,          # resume from this kept checkpoint instead of the newest (0: newest)
         sample_prompt="def ",   # generated from at the end of training ("" : no sample)
         sample_tokens=64,       # tokens generated (prompt + sample at most data.seq_len)
@@ -144,12 +145,12 @@ SMOKE_STEPS = 3
 def smoke(cfg, steps=SMOKE_STEPS):
     """`train.py --smoke`: a copy of `cfg` shrunk to a quick end-to-end check of its model, data and
     tokenizer: `steps` steps of one sequence per data-parallel device, one validation batch and a
-    checkpoint at the end, no unigram baseline, a sample of at most 16 tokens, the first batch after
+    checkpoint at the end, one final validation batch, no unigram baseline, a sample of at most 16 tokens, the first batch after
     at most 100 streamed documents (data.hf_shuffle_buffer)."""
     cfg = cfg.copy_and_resolve_references()
     data_size, fsdp, _ = sharding.mesh_shape(cfg.mesh, jax.device_count())
     cfg.train.update(steps=steps, batch_size=data_size * fsdp, micro_batch_size=1, log_every=1, eval_every=0,
-                     eval_batches=1, baseline_batches=0, checkpoint_every=steps,
+                     eval_batches=1, final_eval_tokens=1, baseline_batches=0, checkpoint_every=steps,
                      sample_tokens=min(cfg.train.sample_tokens, 16))
     cfg.data.hf_shuffle_buffer = min(cfg.data.hf_shuffle_buffer, 100)
     return cfg
@@ -202,7 +203,7 @@ def check_keys(cfg, schema=None, prefix=""):
 
 # The integer fields of `train` and their smallest allowed value.
 _TRAIN_MINIMUM = dict(steps=1, batch_size=1, micro_batch_size=1, log_every=1, keep_checkpoints=1,
-                      checkpoint_every=1, eval_every=0, eval_batches=0, baseline_batches=0, sample_tokens=0,
+                      checkpoint_every=1, eval_every=0, eval_batches=0, final_eval_tokens=0, baseline_batches=0, sample_tokens=0,
                       max_skipped_steps=0, spike_window=1, resume_step=0)
 
 
@@ -219,8 +220,8 @@ def validate(cfg):
                               f"got {t[field]!r}")
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.on_nonfinite must be 'stop' or 'skip', got {t.on_nonfinite!r}")
-    if not (t.spike_factor == 0 or t.spike_factor > 1):
-        raise ConfigError(f"train.spike_factor must be 0 (off) or > 1, got {t.spike_factor!r}")
+    if not (isinstance(t.spike_nats, (int, float)) and t.spike_nats >= 0):
+        raise ConfigError(f"train.spike_nats must be a number of nats >= 0 (0: off), got {t.spike_nats!r}")
     if t.sample_temperature < 0:
         raise ConfigError(f"train.sample_temperature must be >= 0, got {t.sample_temperature!r}")
     accum_steps(cfg)

@@ -76,35 +76,13 @@ def perplexity(loss):
     return math.exp(min(loss, 700.0))
 
 
-def make_evaluate(graphdef, params, mesh, batches):
-    """evaluate(params) -> {"eval_loss", "eval_ppl"}: token convention over `batches` (the loop's)."""
-    batch_sums = make_batch_sums(graphdef, params, mesh)
-
-    def evaluate(params):
-        loss = mean_loss(jax.device_get([batch_sums(params, b) for b in batches]))
-        return dict(eval_loss=loss, eval_ppl=perplexity(loss))
-
-    return evaluate
-
-
-def evaluate_run(cfg, tok, graphdef, params, convention="token", max_tokens=10_000_000, rows=None, progress=False):
-    """Loss of `params` on the validation split of `cfg.data`, read until more than `max_tokens`
-    non-pad input tokens (0: the whole split).
-
-    rows: batch rows (default: train.micro_batch_size x data-parallel devices). Returns {"loss",
-    "ppl", "convention", "batches", "targets", "input_tokens"}.
-    """
-    if convention not in CONVENTIONS:
-        raise ConfigError(f"--convention must be one of {CONVENTIONS}, got {convention!r}")
-    mesh = sharding.make_mesh(cfg.mesh)
-    data_size, fsdp, _ = sharding.mesh_shape(cfg.mesh, jax.device_count())
-    rows = rows or cfg.train.micro_batch_size * data_size * fsdp
-    if rows % (data_size * fsdp):
-        raise ConfigError(f"--batch_rows={rows} must be divisible by the data-parallel devices ({data_size * fsdp})")
-    batch_sums = make_batch_sums(graphdef, params, mesh)
+def sweep(batch_sums, params, batches, convention="token", max_tokens=0, progress=False):
+    """Loss of `params` over `batches` (host batches), read until more than `max_tokens` non-pad
+    input tokens (0: all). batch_sums: `make_batch_sums`'s. Returns {"loss", "ppl", "convention",
+    "batches", "targets", "input_tokens"}."""
     sums, inputs = [], 0
     bar = tqdm.tqdm(unit="batch", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    for batch in val_batches(cfg, tok, rows):
+    for batch in batches:
         if max_tokens and inputs > max_tokens:
             break
         sums.append(jax.device_get(batch_sums(params, batch)))
@@ -115,6 +93,36 @@ def evaluate_run(cfg, tok, graphdef, params, convention="token", max_tokens=10_0
     loss = mean_loss(sums, convention)
     return dict(loss=loss, ppl=perplexity(loss), convention=convention, batches=len(sums),
                 targets=int(np.sum(sums, axis=0)[1]) if sums else 0, input_tokens=inputs)
+
+
+def make_evaluate(graphdef, params, mesh, batches):
+    """evaluate(params, stream=None, max_tokens=0) -> {"eval_loss", "eval_ppl", "eval_tokens",
+    "eval_batches"}: the token convention over `batches` (the loop's fixed list), or over `stream`
+    (e.g. the whole validation split) until more than `max_tokens` input tokens (0: all of it)."""
+    batch_sums = make_batch_sums(graphdef, params, mesh)
+
+    def evaluate(params, stream=None, max_tokens=0):
+        r = sweep(batch_sums, params, batches if stream is None else stream, max_tokens=max_tokens)
+        return dict(eval_loss=r["loss"], eval_ppl=r["ppl"], eval_tokens=r["input_tokens"], eval_batches=r["batches"])
+
+    return evaluate
+
+
+def evaluate_run(cfg, tok, graphdef, params, convention="token", max_tokens=10_000_000, rows=None, progress=False):
+    """Loss of `params` on the validation split of `cfg.data`, read until more than `max_tokens`
+    non-pad input tokens (0: the whole split).
+
+    rows: batch rows (default: train.micro_batch_size x data-parallel devices). Returns `sweep`'s dict.
+    """
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"--convention must be one of {CONVENTIONS}, got {convention!r}")
+    mesh = sharding.make_mesh(cfg.mesh)
+    data_size, fsdp, _ = sharding.mesh_shape(cfg.mesh, jax.device_count())
+    rows = rows or cfg.train.micro_batch_size * data_size * fsdp
+    if rows % (data_size * fsdp):
+        raise ConfigError(f"--batch_rows={rows} must be divisible by the data-parallel devices ({data_size * fsdp})")
+    return sweep(make_batch_sums(graphdef, params, mesh), params, val_batches(cfg, tok, rows), convention,
+                 max_tokens, progress)
 
 
 def define_flags():

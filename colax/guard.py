@@ -1,8 +1,12 @@
 """The divergence guard: stops a run whose training has gone bad, with one line naming the step.
 
 A step is bad when its loss, its gradient norm or the parameters after its update are not finite
-(the train step's "finite" metric), or when its loss spikes above `train.spike_factor` times the
+(the train step's "finite" metric), or when its loss spikes more than `train.spike_nats` above the
 median loss of the previous `train.spike_window` steps (checked once that window is full; 0: off).
+Losses are logs, so a spike is measured in nats, not as a factor: a model at the uniform loss ln V
+is a few nats above a trained one, never 3x. On resume the window starts from the losses that
+metrics.jsonl logged before the checkpoint (`remember`), since a resume with changed recovery
+settings is exactly when a spike is likely.
 `on_nonfinite="stop"` stops at the first non-finite step; `"skip"` (the step's update was discarded
 on the device) stops after more than `train.max_skipped_steps` consecutive skipped steps. A spike
 always stops. The guard also tracks the last checkpoint saved before the first bad step: rotation
@@ -24,7 +28,7 @@ class Guard:
         """pinned: steps pinned by an earlier process of the run; on_pin(pinned) is called when a pin is added."""
         t = cfg_train
         self.skip, self.max_skipped = t.on_nonfinite == "skip", t.max_skipped_steps
-        self.factor = t.spike_factor
+        self.threshold = t.spike_nats
         self.recent = collections.deque(maxlen=t.spike_window)
         self.skipped = 0        # skipped steps since this process started
         self.consecutive = 0    # skipped steps in a row, up to the current one
@@ -34,6 +38,16 @@ class Guard:
 
     def saved(self, step):
         self.last_saved = step
+
+    def remember(self, losses):
+        """Fills the spike window with earlier steps' `losses` (oldest first), e.g. those logged
+        before the checkpoint a run resumes from."""
+        self.recent.extend(losses)
+
+    @property
+    def in_streak(self):
+        """Whether the last checked step was skipped as non-finite: its state must not be saved."""
+        return self.consecutive > 0
 
     def _bad(self, message):
         """Pins the last good checkpoint and returns `message` with a pointer to it."""
@@ -60,10 +74,10 @@ class Guard:
             self._bad("")  # pins the last good checkpoint
             return
         self.consecutive = 0
-        if self.factor and len(self.recent) == self.recent.maxlen:
+        if self.threshold and len(self.recent) == self.recent.maxlen:
             median = float(np.median(self.recent))
-            if m["loss"] > self.factor * median:
+            if m["loss"] > median + self.threshold:
                 raise DivergenceError(self._bad(
-                    f"step {step}: loss {m['loss']:.4g} spiked above {self.factor:g} x the median "
-                    f"{median:.4g} of the previous {len(self.recent)} steps (train.spike_factor)"))
+                    f"step {step}: loss {m['loss']:.4g} spiked more than {self.threshold:g} nats above the "
+                    f"median {median:.4g} of the previous {len(self.recent)} steps (train.spike_nats)"))
         self.recent.append(m["loss"])

@@ -27,7 +27,7 @@ from colax import guard as guard_lib
 from colax import model as model_lib
 from colax import run as run_lib
 from colax import workdir as workdir_lib
-from colax.errors import ConfigError, DataError
+from colax.errors import ConfigError, DataError, DivergenceError
 
 
 def device_batch(batch, accum, mesh):
@@ -36,15 +36,18 @@ def device_batch(batch, accum, mesh):
 
 
 def unigram_ppl(cfg, tok, val):
-    """Perplexity on `val` of the add-one-smoothed unigram model of `train.baseline_batches` train batches."""
+    """Perplexity on `val` (host batches) of the add-one-smoothed unigram model of
+    `train.baseline_batches` train batches."""
     counts = np.ones(tok.vocab_size)
     train = data.make_pipeline(cfg.data, tok, split="train", global_batch_size=cfg.train.batch_size,
                                num_epochs=1)
     for b in itertools.islice(train, cfg.train.baseline_batches):
         counts += np.bincount(b["targets"][b["loss_mask"] > 0], minlength=tok.vocab_size)
     logp = np.log(counts / counts.sum())
-    nll = sum(-(logp[b["targets"]] * b["loss_mask"]).sum() for b in val)
-    return math.exp(nll / max(sum(b["loss_mask"].sum() for b in val), 1.0))
+    nll, targets = 0.0, 0.0
+    for b in val:
+        nll, targets = nll - (logp[b["targets"]] * b["loss_mask"]).sum(), targets + b["loss_mask"].sum()
+    return math.exp(nll / max(targets, 1.0))
 
 
 def init_from(cfg, workdir, mngr, tx, params, opt_state):
@@ -156,13 +159,15 @@ def run(cfg, workdir, overwrite=False, stop_after=None):
 
 
 def prepare(cfg, spec, workdir, overwrite):
-    """Every check that reads the workdir, then (only once all passed) its writes: the replaced run's
-    files deleted (`overwrite`), tokenizer.model and config.json. Returns (tokenizer, resume step:
-    `train.resume_step`, or 0 when config.json shows that this resume was already done)."""
+    """Every check that reads the workdir or the data, then (only once all passed) its writes: the
+    replaced run's files deleted (`overwrite`), tokenizer.model and config.json. Returns (tokenizer,
+    resume step: `train.resume_step`, or 0 when config.json shows that this resume was already
+    done, the train iterator: opening it reads and checks the data)."""
     t = cfg.train
     old, replace = run_lib.check_workdir(workdir, cfg, overwrite)
     done = old and old["train"].get("resume_step") == t.resume_step
     checkpoint.check_resume_step(workdir, 0 if done else t.resume_step)
+    checkpoint.check_writable(checkpoint.directory(workdir))
     tok, proto = tokenizer.find_or_train(cfg.data, workdir, spec.vocab_size, reuse=not replace)
     tokenizer.check_vocab(tok, spec.vocab_size)
     if t.sample_prompt and t.sample_tokens:
@@ -170,13 +175,14 @@ def prepare(cfg, spec, workdir, overwrite):
             generate.check_prompts([tok.encode(t.sample_prompt)], cfg.data.seq_len)
         except DataError as e:
             raise ConfigError(f"train.sample_prompt: {e}") from None
+    train_it = data.make_pipeline(cfg.data, tok, split="train", global_batch_size=t.batch_size)
     run_lib.write_workdir(workdir, cfg, replace)  # checked above: config.json is read once
     if proto is not None and jax.process_index() == 0:
         workdir_lib.atomic_write(tok.path, proto)
     changes = run_lib.recovery_changes(old, json.loads(cfg.to_json_best_effort())) if old else []
     if changes:
         print(f"resuming with changed recovery settings: {', '.join(changes)}", flush=True)
-    return tok, 0 if done else t.resume_step
+    return tok, 0 if done else t.resume_step, train_it
 
 
 def _run(cfg, workdir, overwrite, stop_after, stop):
@@ -187,15 +193,18 @@ def _run(cfg, workdir, overwrite, stop_after, stop):
     mesh = sharding.make_mesh(cfg.mesh)
     state.validate(spec, mesh, cfg.train.batch_size)
     with workdir_lib.lock(workdir, jax.process_index() == 0):  # one lock per run: process 0 holds it
-        tok, resume_step = prepare(cfg, spec, workdir, overwrite)
-        return _train(cfg, spec, mesh, tok, workdir, resume_step, stop_after, stop)
+        tok, resume_step, train_it = prepare(cfg, spec, workdir, overwrite)
+        try:
+            return _train(cfg, spec, mesh, tok, train_it, workdir, resume_step, stop_after, stop)
+        except DivergenceError:  # the advised resume_step is honoured even if an earlier go-back used it
+            run_lib.forget_resume_step(workdir)
+            raise
 
 
-def _train(cfg, spec, mesh, tok, workdir, resume_step, stop_after, stop):
+def _train(cfg, spec, mesh, tok, train_it, workdir, resume_step, stop_after, stop):
     """The body of `run` once the workdir is locked and prepared."""
     accum, t = config_lib.accum_steps(cfg), cfg.train
     trainer = trainer_lib.Trainer(cfg, nnx.graphdef(model_lib.abstract_model(spec)), mesh)
-    train_it = data.make_pipeline(cfg.data, tok, split="train", global_batch_size=t.batch_size)
     if resume_step:  # resuming from a chosen checkpoint starts a new branch: earlier pins are released
         run_lib.write_pinned(workdir, set())
     guard = guard_lib.Guard(t, run_lib.read_pinned(workdir), lambda pinned: run_lib.write_pinned(workdir, pinned))
@@ -213,7 +222,10 @@ def _train(cfg, spec, mesh, tok, workdir, resume_step, stop_after, stop):
     stop.check()  # an interrupt swallowed while the state was compiled (e.g. in a gc callback)
     val = list(evaluate.val_batches(cfg, tok, t.batch_size // accum, t.eval_batches))
     evaluate_fn = evaluate.make_evaluate(graphdef, params, mesh, val)
+    whole_split = lambda: evaluate.val_batches(cfg, tok, t.batch_size // accum)
+    final_eval = lambda params: evaluate_fn(params, whole_split(), t.final_eval_tokens)
     log = Logger(cfg, workdir, spec, start, guard)
+    guard.remember(metrics.logged_losses(workdir, start) if start else [])
     log.progress.write(f"{'resuming at' if start else 'starting'} step {start}/{t.steps}: "
                        f"{model_lib.count_params(spec)['total'] / 1e6:.2f}M parameters, {accum} micro-batch(es) "
                        f"of {t.batch_size // accum} x {cfg.data.seq_len} tokens per step")
@@ -231,10 +243,12 @@ def _train(cfg, spec, mesh, tok, workdir, resume_step, stop_after, stop):
                 evaluating = s == t.steps or (t.eval_every and s % t.eval_every == 0)
                 saving = s == t.steps or stopping or s % t.checkpoint_every == 0
                 if evaluating or saving:  # wait for step s's metrics: a NaN state is never saved
-                    result = evaluate_fn(params) if evaluating else None
+                    result = None if not evaluating else final_eval(params) if s == t.steps else evaluate_fn(params)
                     log.step(*pending, extra=result)
                     pending = None
-                if saving:
+                if saving and guard.in_streak:  # the state of a skipped non-finite step is never saved
+                    log.progress.write(f"step {s} was skipped as non-finite: no checkpoint saved")
+                elif saving:
                     checkpoint.save(mngr, s, params, opt_state, train_it, config)
                     guard.saved(s)
                     log.progress.write(f"saving checkpoint {checkpoint.step_dir(workdir, s)}")
@@ -245,13 +259,17 @@ def _train(cfg, spec, mesh, tok, workdir, resume_step, stop_after, stop):
             log.progress.close()
             log.writer.close()
             _wait_quietly(mngr)
-    stop.message = f"interrupted after step {s}, checkpoint {checkpoint.step_dir(workdir, s)} saved"
+    newest = "no checkpoint saved" if guard.last_saved is None else (
+        f"checkpoint {checkpoint.step_dir(workdir, guard.last_saved)} saved")
+    stop.message = f"interrupted after step {s}, {newest}"
     if s < t.steps:
-        log.progress.write(f"stopped after step {s} ({stop.requested or 'stop_after'}); checkpoint "
-                           f"{checkpoint.step_dir(workdir, s)} saved, run the same command to resume")
+        log.progress.write(f"stopped after step {s} ({stop.requested or 'stop_after'}); {newest}, run the same "
+                           "command to resume")
         return None
-    result = _report(cfg, tok, graphdef, params, result or evaluate_fn(params), val, log)
-    log.progress.write(f"checkpoint: {checkpoint.step_dir(workdir, s)}")
+    result = result or final_eval(params)
+    _report(cfg, tok, graphdef, params, result, itertools.islice(whole_split(), result["eval_batches"]), log)
+    log.progress.write("no checkpoint saved" if guard.last_saved is None else
+                       f"checkpoint: {checkpoint.step_dir(workdir, guard.last_saved)}")
     return result
 
 
@@ -265,9 +283,13 @@ def _wait_quietly(mngr):
 
 
 def _report(cfg, tok, graphdef, params, result, val, log):
-    """Prints the final validation perplexity against the unigram baseline and a sample; returns `result`."""
+    """Prints the final validation loss and perplexity (`result`, over the validation batches `val`)
+    with the tokens it covers, the unigram baseline's on `val`, and a sample."""
     ppl = result["eval_ppl"]  # a diverged model's (up to e^700) in scientific notation, not 300 digits
-    line = f"validation: loss {result['eval_loss']:.4f}, perplexity {f'{ppl:.2f}' if ppl < 1e6 else f'{ppl:.3e}'}"
+    budget = cfg.train.final_eval_tokens
+    covers = "the whole split" if not budget or result["eval_tokens"] <= budget else "the split's first"
+    line = (f"validation ({covers}, {result['eval_tokens']:,} tokens): loss {result['eval_loss']:.4f}, "
+            f"perplexity {f'{ppl:.2f}' if ppl < 1e6 else f'{ppl:.3e}'}")
     if cfg.train.baseline_batches:
         line += f" (unigram baseline {unigram_ppl(cfg, tok, val):.2f})"
     log.progress.write(line)
@@ -277,4 +299,3 @@ def _report(cfg, tok, graphdef, params, result, val, log):
         (ids,), _ = generate.generate(params, graphdef, [prompt], t.sample_tokens, tok.eos_id, cfg.data.seq_len,
                                       t.sample_temperature, seed=t.seed)
         log.progress.write(f"sample: {t.sample_prompt + tok.decode([int(i) for i in ids])!r}")
-    return result

@@ -55,6 +55,13 @@ def _records_up_to(path, start):
     return kept
 
 
+def logged_losses(workdir, start):
+    """The losses metrics.jsonl in `workdir` logged for steps <= `start`, oldest first (none: [])."""
+    path = epath.Path(workdir) / "metrics.jsonl"
+    records = (json.loads(line) for line in _records_up_to(path, start)) if path.exists() else ()
+    return [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
+
+
 class Writer:
     """Appends one JSON object per call to workdir/metrics.jsonl and its numbers as TensorBoard
     scalars to workdir/tensorboard/ (process 0 only).

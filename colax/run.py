@@ -22,12 +22,12 @@ from colax.errors import ConfigError, DataError
 
 CONFIG_NAME = "config.json"
 # Keys that may change between a run and its resumption (they do not change the trained model).
-FREE_KEYS = ("mesh.", "train.micro_batch_size", "train.log_every", "train.eval_every", "train.eval_batches",
+FREE_KEYS = ("mesh.", "train.micro_batch_size", "train.log_every", "train.eval_every", "train.eval_batches", "train.final_eval_tokens",
              "train.baseline_batches", "train.checkpoint_every", "train.keep_checkpoints",
              "train.sample_", "data.worker_count", "data.read_threads", "data.prefetch")
 # Recovery settings: they may change on resume too (to get past a divergence); a notice lists them.
 RECOVERY_KEYS = ("optim.lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.grad_clip", "train.on_nonfinite",
-                 "train.max_skipped_steps", "train.spike_factor", "train.spike_window", "train.resume_step")
+                 "train.max_skipped_steps", "train.spike_nats", "train.spike_window", "train.resume_step")
 # The checkpoint steps the divergence guard pinned (`colax.guard`), kept across restarts.
 PINNED_NAME = "pinned.json"
 # What --overwrite deletes: everything a run writes into its workdir.
@@ -73,11 +73,15 @@ def check_workdir(workdir, cfg: ml_collections.ConfigDict, overwrite=False):
     of the run that will be resumed (None: none), and whether `overwrite` replaces another run.
 
     A workdir whose run has a config that differs from `cfg` outside FREE_KEYS and RECOVERY_KEYS
-    raises ConfigError, unless `overwrite`.
+    raises ConfigError, unless `overwrite` or the workdir holds no checkpoint (a start that was
+    interrupted before its first save left nothing to resume: its files are replaced, with a note).
     """
     old = run_config(workdir)
     new = json.loads(cfg.to_json_best_effort())
     key = None if old is None else config_diff(old, new)
+    if key and not overwrite and not checkpoint.has_checkpoints(workdir):
+        workdir_lib.note(f"workdir {workdir} holds no checkpoint: its run of another config ({key}) is replaced")
+        overwrite = True
     if key and not overwrite:
         was, now = (traverse_util.flatten_dict(c, sep=".").get(key) for c in (old, new))
         raise ConfigError(f"workdir {workdir} holds a run with another config ({key}: {was!r} -> {now!r}); "
@@ -107,6 +111,17 @@ def write_workdir(workdir, cfg: ml_collections.ConfigDict, replace):
             elif target.exists():
                 target.unlink()
         workdir_lib.atomic_write(workdir / CONFIG_NAME, json.dumps(json.loads(cfg.to_json_best_effort()), indent=2) + "\n")
+
+
+def forget_resume_step(workdir):
+    """Records in config.json that no `train.resume_step` has been applied (process 0 writes): after
+    a divergence, the rerun the stop message advises goes back to the checkpoint it names even
+    when an earlier go-back used the same step."""
+    path = epath.Path(workdir) / CONFIG_NAME
+    saved = run_config(workdir)
+    if jax.process_index() == 0 and saved is not None and saved["train"].get("resume_step"):
+        saved["train"]["resume_step"] = 0
+        workdir_lib.atomic_write(path, json.dumps(saved, indent=2) + "\n")
 
 
 def read_pinned(workdir):

@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import etils.epath.gpath
 import jax
@@ -97,10 +98,11 @@ def finite_params(workdir, s):
     return all(np.isfinite(x).all() for x in jax.tree.leaves(restored["params"]))
 
 
-def test_skip_mode_stops_after_the_limit_and_keeps_the_last_good_checkpoint(tok_path, reference, tmp_path,
-                                                                            monkeypatch, capsys):
+def test_skip_mode_stops_after_the_limit_and_following_its_advice_recovers(tok_path, reference, tmp_path,
+                                                                          monkeypatch, capsys):
     # Item 1: the updated parameters are NaN from step 3 on (loss and gradient finite). Every step is
-    # skipped; the run stops after max_skipped_steps; rotation (keep 1) keeps the pinned checkpoint 2.
+    # skipped, and no checkpoint is saved from a skipped step's state; the run stops after
+    # max_skipped_steps; rotation (keep 1) keeps the pinned checkpoint 2.
     cfg = fault_config(tok_path, on_nonfinite="skip", max_skipped_steps=1, keep_checkpoints=1, checkpoint_every=1)
     with monkeypatch.context() as m:
         m.setattr(step, "make_train_step", poisoned(3, "nan"))
@@ -108,17 +110,27 @@ def test_skip_mode_stops_after_the_limit_and_keeps_the_last_good_checkpoint(tok_
             loop.run(cfg, str(tmp_path))
     assert one_line(e).startswith("step 4: 2 non-finite steps in a row were skipped (train.max_skipped_steps=1)")
     assert "resume_step=2" in str(e.value)
-    assert checkpoints(tmp_path) == ["2", "3"] and finite_params(tmp_path, 2)
+    assert checkpoints(tmp_path) == ["2"] and finite_params(tmp_path, 2)
+    assert "step 3 was skipped as non-finite: no checkpoint saved" in capsys.readouterr().out
     # A restart (the fault was transient) keeps the pin: rotation (keep 1) still spares checkpoint 2.
     loop.run(cfg, str(tmp_path))
     assert checkpoints(tmp_path) == ["2", "6"]
-    # Item 2: resume from the pinned checkpoint, with changed recovery settings (accepted, listed);
-    # that releases the pin.
-    cfg.train.update(resume_step=2, on_nonfinite="stop")
-    loop.run(cfg, str(tmp_path))
+    # Item 2: resume from the pinned checkpoint, with changed recovery settings (accepted, listed),
+    # while the fault persists: the run stops again and names checkpoint 2 again.
+    cfg.train.update(resume_step=2)
+    with monkeypatch.context() as m:
+        m.setattr(step, "make_train_step", poisoned(3, "nan"))
+        with pytest.raises(NonFiniteError) as e:
+            loop.run(cfg, str(tmp_path))
     out = capsys.readouterr().out
-    assert "changed recovery settings: train.on_nonfinite: 'skip' -> 'stop', train.resume_step: 0 -> 2" in out
-    assert "checkpoint 6 set aside as checkpoints/6.abandoned" in out
+    assert "changed recovery settings: train.resume_step: 0 -> 2" in out and "resuming at step 2" in out
+    assert "checkpoint 6 set aside as checkpoints/6.abandoned" in out and "resume_step=2" in str(e.value)
+    # Following that advice again is honoured, though the first go-back used the same resume_step:
+    # the divergence cleared it from config.json. The run resumes at 2 and trains as the reference.
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["resume_step"] == 0
+    cfg.train.update(on_nonfinite="stop")
+    loop.run(cfg, str(tmp_path))
+    assert "resuming at step 2" in capsys.readouterr().out
     assert_losses_match(tmp_path, reference, range(1, STEPS + 1))
     assert checkpoints(tmp_path) == ["6", "6.abandoned"] and not (tmp_path / run_lib.PINNED_NAME).exists()
     # The same command again resumes from the newest checkpoint: resume_step was already applied.
@@ -143,9 +155,22 @@ def test_loss_spike_stops_the_run(tok_path, reference, tmp_path, monkeypatch):
         m.setattr(step, "make_train_step", poisoned(3, "spike"))
         with pytest.raises(DivergenceError) as e:
             loop.run(cfg, str(tmp_path))
-    assert one_line(e).startswith("step 4: loss ") and "(train.spike_factor)" in str(e.value)
+    assert one_line(e).startswith("step 4: loss ") and "nats above the median" in str(e.value)
+    assert "(train.spike_nats)" in str(e.value)
     assert "resume_step=2" in str(e.value) and checkpoints(tmp_path) == ["2"]
     assert read_metrics(tmp_path)[-1]["step"] == 3  # step 4 is not logged as a good step
+
+
+def test_a_spike_right_after_a_resume_is_caught(tok_path, reference, tmp_path):
+    # Issue 24, item 4: resumed from checkpoint 2 with 50x the lr, step 3's update takes step 4's
+    # loss 2.5 nats up. The spike window starts from the losses metrics.jsonl logged before the
+    # checkpoint (steps 1 and 2), so step 4 is checked at once; the default spike_nats (1) catches it.
+    shutil.copytree(reference[0], tmp_path / "run")
+    cfg = fault_config(tok_path, resume_step=2, spike_window=2)
+    cfg.optim.lr *= 50
+    with pytest.raises(DivergenceError) as e:
+        loop.run(cfg, str(tmp_path / "run"))
+    assert one_line(e).startswith("step 4: loss ") and "of the previous 2 steps (train.spike_nats)" in str(e.value)
 
 
 def test_failed_save_stops_at_once(tok_path, reference, tmp_path, monkeypatch, caplog):
@@ -167,6 +192,43 @@ def test_failed_save_stops_at_once(tok_path, reference, tmp_path, monkeypatch, c
     assert [c for c in checkpoints(tmp_path) if c.isdigit()] == ["2"]
     loop.run(fault_config(tok_path), str(tmp_path))  # the same command resumes from checkpoint 2
     assert_losses_match(tmp_path, reference, range(1, STEPS + 1))
+
+
+def test_unwritable_checkpoints_fail_at_once_naming_the_folder(tok_path, reference, tmp_path, monkeypatch):
+    # Issue 24, item 2: checkpoints/ cannot be written (folders cannot be created in it, as in a
+    # read-only folder): refused at start-up, before anything is written, and at a save (the
+    # folder went read-only during the run), within seconds. Orbax alone waits 5 minutes, then
+    # fails with "Timeout waiting for key '...step_directory_creation'".
+    real_mkdir = etils.epath.gpath.PosixGPath.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if f"{os.sep}checkpoints{os.sep}" in str(self) and read_only.on:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    read_only.on = True
+    monkeypatch.setattr(etils.epath.gpath.PosixGPath, "mkdir", read_only)
+    shutil.copytree(reference[0], tmp_path / "run")
+    saved = (tmp_path / "run" / "config.json").read_text()
+    cfg = fault_config(tok_path, resume_step=2)
+    with pytest.raises(CheckpointError) as e:
+        loop.run(cfg, str(tmp_path / "run"))
+    assert one_line(e) == (f"checkpoints cannot be written in {tmp_path / 'run' / 'checkpoints'} "
+                           "(PermissionError: Permission denied)")
+    assert (tmp_path / "run" / "config.json").read_text() == saved
+    read_only.on = False  # writable at start-up, read-only by the first save
+    real_save = checkpoint.save
+
+    def save_read_only(*args, **kwargs):
+        read_only.on = True
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", save_read_only)
+    start = time.time()
+    with pytest.raises(CheckpointError) as e:
+        loop.run(fault_config(tok_path), str(tmp_path / "new"))
+    assert one_line(e).startswith(f"checkpoints cannot be written in {tmp_path / 'new' / 'checkpoints'} (")
+    assert time.time() - start < 120
 
 
 def test_corrupt_checkpoints_fall_back_to_the_newest_good_one(tok_path, reference, tmp_path, capsys):
@@ -316,20 +378,37 @@ def test_a_refused_start_writes_nothing(tok_path, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_changing_recovery_settings_is_allowed_and_the_model_is_not(tmp_path):
-    cfg = micro_config()
-    run_lib.prepare_workdir(tmp_path, cfg)
+def test_changing_recovery_settings_is_allowed_and_the_model_is_not(tok_path, reference, tmp_path):
+    shutil.copytree(reference[0], tmp_path / "run")
+    cfg = fault_config(tok_path)
     cfg.optim.update(lr=0.001, warmup_steps=3)
-    cfg.train.update(on_nonfinite="skip", spike_factor=5.0, resume_step=2)
-    old, replace = run_lib.check_workdir(tmp_path, cfg)
+    cfg.train.update(on_nonfinite="skip", spike_nats=2.0, resume_step=2)
+    old, replace = run_lib.check_workdir(tmp_path / "run", cfg)
     assert not replace and run_lib.recovery_changes(old, json.loads(cfg.to_json_best_effort())) == [
         "optim.lr: 0.01 -> 0.001", "optim.warmup_steps: 2 -> 3", "train.on_nonfinite: 'stop' -> 'skip'",
-        "train.resume_step: 0 -> 2", "train.spike_factor: 3.0 -> 5.0"]
+        "train.resume_step: 0 -> 2", "train.spike_nats: 1.0 -> 2.0"]
     cfg.model.rank = 4
     with pytest.raises(ConfigError, match=r"model.rank: 8 -> 4\); pass --overwrite"):
-        run_lib.check_workdir(tmp_path, cfg)
-    (tmp_path / "config.json").unlink()  # config.json lost, no checkpoint: a new run
-    assert run_lib.check_workdir(tmp_path, cfg) == (None, False)
+        run_lib.check_workdir(tmp_path / "run", cfg)
+
+
+def test_a_failed_start_writes_nothing_and_a_workdir_without_checkpoints_takes_a_new_config(tok_path, tmp_path,
+                                                                                            capsys):
+    # Issue 24, item 3: a bad data path is refused before anything is written.
+    cfg = fault_config(tok_path)
+    cfg.data.update(source="text", path=str(tmp_path / "missing.txt"))
+    with pytest.raises(DataError, match="missing.txt"):
+        loop.run(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    # A start interrupted before its first save left config.json (and no checkpoint): a changed
+    # config (the corrected command) is accepted, with a note, and replaces it.
+    run_lib.prepare_workdir(tmp_path / "run", fault_config(tok_path))
+    cfg = fault_config(tok_path)
+    cfg.model.rank = 4
+    assert run_lib.check_workdir(tmp_path / "run", cfg) == (None, True)
+    assert "holds no checkpoint: its run of another config (model.rank) is replaced" in capsys.readouterr().out
+    (tmp_path / "run" / "config.json").unlink()  # config.json lost, no checkpoint: a new run
+    assert run_lib.check_workdir(tmp_path / "run", cfg) == (None, False)
 
 
 def test_resume_step_must_name_a_kept_checkpoint(tok_path, reference, tmp_path):
@@ -449,8 +528,8 @@ def test_a_diverged_perplexity_and_a_stopped_run_print_one_short_line(capsys):
     cfg = micro_config(baseline_batches=0, sample_prompt="")
     lines = []
     log = type("Log", (), dict(progress=type("P", (), dict(write=lambda self, line: lines.append(line)))()))()
-    loop._report(cfg, None, None, None, dict(eval_loss=5000.0, eval_ppl=math.exp(700.0)), [], log)
-    assert lines == ["validation: loss 5000.0000, perplexity 1.014e+304"]
+    loop._report(cfg, None, None, None, dict(eval_loss=5000.0, eval_ppl=math.exp(700.0), eval_tokens=4096), [], log)
+    assert lines == ["validation (the whole split, 4,096 tokens): loss 5000.0000, perplexity 1.014e+304"]
     for error in (DivergenceError("step 9: loss 5000 spiked"), CheckpointError("checkpoint 4 could not be saved")):
         def main():
             raise error
