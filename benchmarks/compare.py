@@ -142,6 +142,10 @@ def make_config(args, pairs, kind, remat, tok_path):
                      keep_checkpoints=1, sample_prompt="")
     for key, value in pairs:
         set_key(cfg, key, value)
+    # The final figure covers the --eval_batches batches the periodic passes read (their tokens,
+    # packed rows being full), so every run is measured on the same validation tokens.
+    rows = cfg.train.batch_size // config.accum_steps(cfg)
+    cfg.train.final_eval_tokens = max(cfg.train.eval_batches * rows * cfg.data.seq_len - 1, 0)
     return cfg
 
 
