@@ -14,7 +14,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from colax import galore
+from colax import galore, projections, row_adam
 from colax.projections.common import PROJECTION_NAMES
 from colax import model as model_lib
 from colax import schedules
@@ -115,22 +115,35 @@ def check_model(o, spec):
                           f"(largest: {name} {list(shape)})")
 
 
+def vector_axis(keys):
+    """The axis along which the entries of one vector of the parameter at dict-key path `keys` share an
+    Adam step count (`row_adam`): what a projection kind names for that leaf in its `vector_steps`
+    (leaf name -> axis) for a decoder-block parameter; None (one count per parameter) for the rest.
+    Per-vector counts that are never reset equal one count per parameter, so a name shared with a
+    kind that does not reset (LoRA's lora_a, lora_b) changes nothing there."""
+    table = {leaf: axis for kind in projections.PROJECTIONS.values()
+             for leaf, axis in getattr(kind, "vector_steps", {}).items()}
+    in_block = len(keys) == 3 and keys[0] in ("blocks", "first_block")
+    return table.get(keys[-1]) if in_block else None
+
+
 def make(o, total_steps, full_rank=False):
-    """optax transformation: clip_by_global_norm (if grad_clip > 0), then AdamW, or GaLore/Fira on
-    the `projected` weights and the reference's Adam on the rest, with decoupled weight decay
+    """optax transformation: clip_by_global_norm (if grad_clip > 0), then AdamW (Adam with a step count
+    per vector where a projection kind names one, `vector_axis`), or GaLore/Fira on the `projected`
+    weights and the reference's Adam on the rest, with decoupled weight decay
     (`optax.adamw`'s: -lr · wd · p before the step, where the reference decays the stepped p,
     a factor 1 - lr · wd on the step apart), on the schedule;
     over the trainable parameters only (`model.trainable_mask(params, full_rank)`): frozen ones get
     no optimizer state and a zero update. `full_rank`: the optimizer of the full-rank warm start
     (`optim.full_rank_steps`)."""
-    adam = optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps)
+    adam = row_adam.scale_by_row_adam(o.b1, o.b2, o.eps, vector_axis)
     if o.name != "adamw":  # the reference AdamW's two parameter groups: projected, and the rest
         low_rank = galore.scale_by_galore(o.rank, o.update_proj_gap, o.scale, o.b1, o.b2, o.eps, fira=o.name == "fira")
         is_projected = lambda params: projected(params, o.rank)
         adam = optax.chain(optax.masked(low_rank, is_projected),
                            optax.masked(galore.scale_by_reference_adam(o.b1, o.b2, o.eps),
                                         lambda params: jax.tree.map(lambda x: not x, is_projected(params))))
-    # optax.adamw is this chain with scale_by_adam first.
+    # optax.adamw is this chain with scale_by_adam (the same update without per-vector counts) first.
     tx = optax.chain(adam, optax.add_decayed_weights(o.weight_decay, None if o.decay_norms else decay_mask),
                      optax.scale_by_learning_rate(schedule(o, total_steps)))
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx) if o.grad_clip > 0 else tx

@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from colax import config, model, optim, projections, step
+from colax import config, model, optim, projections, row_adam, step
 
 
 class FrozenBase(nnx.Module):
@@ -61,8 +61,7 @@ def test_frozen_and_integer_leaves_are_not_trained(frozen_setup):
 
     tx = optim.make(cfg.optim, 10)
     opt_state = tx.init(params)
-    adam = next(s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-                if isinstance(s, optax.ScaleByAdamState))
+    adam = row_adam.find_state(opt_state)
     assert isinstance(adam.mu["blocks"]["q"]["base"], optax.MaskedNode)
     assert adam.mu["blocks"]["q"]["delta"].shape == params["blocks"]["q"]["delta"].shape
     train_step = jax.jit(step.make_train_step(graphdef, tx))

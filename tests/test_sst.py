@@ -288,7 +288,8 @@ def test_sst_parameter_and_optimizer_state_counts_by_hand():
     assert counts["trainable"] == other + n_layers * (spectrum + active)  # U, V frozen
     params = nnx.to_pure_dict(nnx.state(model.abstract_model(spec)))
     state = jax.eval_shape(optim.make(cfg.optim, cfg.train.steps).init, params)
-    assert sum(x.size for x in jax.tree.leaves(state)) == 2 * counts["trainable"] + 2  # mu, nu; two step counts
+    leaves = sum(jax.tree.leaves(model.trainable_mask(params)))  # Adam's count and hold per leaf (colax.row_adam)
+    assert sum(x.size for x in jax.tree.leaves(state)) == 2 * counts["trainable"] + 2 * leaves + 1  # mu, nu; schedule
 
 
 def test_sst_bad_config_is_one_line():

@@ -50,6 +50,7 @@ class SwitchLoRA(LoRA):
     frozen = ("base", "pool_a", "pool_b")
     full_rank_frozen = LoRA.full_rank_frozen + ("pool_a", "pool_b")
     state_leaves = ("pool_a", "pool_b")  # model state, not parameters (`model.count_params`)
+    vector_steps = {"lora_a": -1, "lora_b": -2}  # an Adam step count per row of A, per column of B (colax.row_adam)
     config = dict(
         LoRA.config,
         switch_interval=40,    # SwitchLoRA: initial steps between switches of one vector (rank / interval per step)
