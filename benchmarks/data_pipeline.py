@@ -42,14 +42,29 @@ def _row_documents(batch) -> list[set]:
     return [set(row[row >= 2].tolist()) for row in batch["inputs"]]
 
 
-def documents_per_batch(cfg, tok, batches: int, batch_size: int) -> float:
-    """Mean number of distinct documents in the first `batches` packed training batches.
+def _batch_documents(cfg, tok, batches: int, batch_size: int) -> list[set]:
+    """The set of document ids in each of the first `batches` packed training batches.
 
     `cfg` is a `config.data` with packing on; `tok` any tokenizer (wrapped in DocIdTokenizer).
     """
     it = data.make_pipeline(cfg, DocIdTokenizer(tok), split="train", global_batch_size=batch_size,
                             process_index=0, process_count=1)
-    return float(np.mean([len(set().union(*_row_documents(b))) for b in itertools.islice(it, batches)]))
+    return [set().union(*_row_documents(b)) for b in itertools.islice(it, batches)]
+
+
+def documents_per_batch(cfg, tok, batches: int, batch_size: int) -> float:
+    """Mean number of distinct documents in the first `batches` packed training batches."""
+    return float(np.mean([len(d) for d in _batch_documents(cfg, tok, batches, batch_size)]))
+
+
+def documents_seen(cfg, tok, steps: list[int], batch_size: int) -> dict[int, int]:
+    """{k: distinct documents in the first k packed training batches} for each k in `steps`."""
+    seen, counts = set(), {}
+    for k, docs in enumerate(_batch_documents(cfg, tok, max(steps), batch_size), start=1):
+        seen |= docs
+        if k in steps:
+            counts[k] = len(seen)
+    return counts
 
 
 def uniform_documents_per_batch(cfg, tok, batch_size: int, draws: int = 2000, seed: int = 0) -> float:
