@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from colax import hooks
+from colax import hooks, row_adam
 from colax.errors import ConfigError
 from colax.projections.common import PROJECTION_NAMES, projection_shapes
-from colax.projections.lora import LoRA, lora_forward
+from colax.projections.lora import LoRA
 
 # The reference code's alpha: its candidates are not zero-initialised, so (alpha / r) B A x starts at
 # about alpha / sqrt(3) times x.
@@ -29,11 +29,6 @@ def switch_bounds(in_features, out_features, rank):
     return 3 ** 0.5 * std_a, 3 ** 0.5 * std_b
 
 
-def hold(x, countdown):
-    """x [r, n] with the rows whose `countdown` int32 [r] is > 0 behind stop_gradient (zero gradient)."""
-    return jnp.where((countdown > 0)[:, None], jax.lax.stop_gradient(x), x)
-
-
 class SwitchLoRA(LoRA):
     """SwitchLoRA (Zhou & Wang, arXiv 2406.06564): LoRA whose A rows and B columns are switched, a few
     at a time, for candidate vectors (`switchlora_switch`, the hook), the frozen W compensating.
@@ -41,10 +36,13 @@ class SwitchLoRA(LoRA):
     Layout as `LoRA` (W [out, in] frozen, A [r, in], B [out, r], scale α / r). Per projection, two
     frozen candidate pools of C = min(in, out) vectors each: `pool_a` [C, in] ~ U(±s_A) and `pool_b`
     [C, out] ~ U(±s_B) (`switch_bounds`); `pick_a`, `pick_b` int32 [r]: the pool entry each A row and
-    B column holds (distinct, drawn at init; A and B start as those entries, B is not zero). The
-    countdowns `hold_a`, `hold_b` int32 [r] > 0 keep an A row or B column out of training (its gradient
-    zero, `hold`) for that many more steps: the counterparts of switched vectors. Pools, picks and
-    countdowns are model state: checkpointed and sharded with the parameters, never trained.
+    B column holds. As in the reference code (`_init_orthogonal_lora` with `_CONTINUOUS_SWITCH`,
+    asfsdsf/SwitchLoRA@f9a174e:switchlora/switch_lora.py:189-190,699-717) A row i holds entry C - r + i
+    and B column i entry C - r + ((i - r/2) mod r), A and B start as those entries (B is not zero),
+    and W starts as W0 - (α / r) B A (`lora_utils.layer2lora`, lora_utils.py:69-70), so the layer
+    starts as x W0ᵀ with W0 ~ N(0, init_std). Pools and picks are model state: checkpointed and
+    sharded with the parameters, never trained. The Adam step counts of A's rows and B's columns are
+    per vector (`vector_steps`, colax.row_adam): the switch resets and holds them there.
     """
 
     frozen = ("base", "pool_a", "pool_b")
@@ -63,26 +61,22 @@ class SwitchLoRA(LoRA):
         n, (bound_a, bound_b) = min(in_features, out_features), switch_bounds(in_features, out_features, rank)
         uniform = lambda shape, bound: jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
         pool_a, pool_b = uniform((n, in_features), bound_a), uniform((n, out_features), bound_b)
-        pick_a, pick_b = (jax.random.permutation(rngs.params(), n)[:rank].astype(jnp.int32) for _ in "ab")
+        pick_a = n - rank + jnp.arange(rank, dtype=jnp.int32)
+        pick_b = n - rank + (jnp.arange(rank, dtype=jnp.int32) - rank // 2) % rank
+        a, b = pool_a[pick_a], pool_b[pick_b].T
+        w0 = self.base[...].astype(jnp.float32)
+        self.base = nnx.Param((w0 - self.scale * (b @ a)).astype(cfg.param_dtype))
         self.pool_a = nnx.Param(pool_a.astype(cfg.param_dtype))
         self.pool_b = nnx.Param(pool_b.astype(cfg.param_dtype))
         self.pick_a, self.pick_b = nnx.Param(pick_a), nnx.Param(pick_b)
-        self.lora_a = nnx.Param(self.pool_a[...][pick_a])
-        self.lora_b = nnx.Param(self.pool_b[...][pick_b].T)
-        self.hold_a = nnx.Param(jnp.zeros((rank,), jnp.int32))
-        self.hold_b = nnx.Param(jnp.zeros((rank,), jnp.int32))
-
-    def __call__(self, x):
-        """x: [..., in] compute dtype -> [..., out] same dtype; held vectors get no gradient."""
-        a = hold(self.lora_a[...], self.hold_a[...])
-        b = hold(self.lora_b[...].T, self.hold_b[...]).T
-        return lora_forward(x, self.base[...], a, b, self.scale)
+        self.lora_a = nnx.Param(a.astype(cfg.param_dtype))
+        self.lora_b = nnx.Param(b.astype(cfg.param_dtype))
 
     @staticmethod
     def param_axes(in_axis, out_axis):
-        """LoRA's, with the pools' candidate axis and the per-vector state on the rank axis."""
+        """LoRA's, with the pools' candidate axis and the picks on the rank axis."""
         return dict(LoRA.param_axes(in_axis, out_axis), pool_a=("rank", in_axis), pool_b=("rank", out_axis),
-                    pick_a=("rank",), pick_b=("rank",), hold_a=("rank",), hold_b=("rank",))
+                    pick_a=("rank",), pick_b=("rank",))
 
     @staticmethod
     def check_config(m, require, selected):
@@ -97,15 +91,22 @@ class SwitchLoRA(LoRA):
 
     @staticmethod
     def preset(cfg, size, paper):
-        """LoRA's recipe (the full-rank model's) with the reference code's alpha (`ALPHA`) and the
-        switch schedule's defaults (interval 40, rate 0.3 at 10% of the steps, counterparts held 5 steps)."""
-        del size, paper
+        """The authors' recipe (asfsdsf/SwitchLoRA@f9a174e:llama/examples/basic/run_switchlora_350m.sh and
+        the defaults of llama/main.py:91-97 and switchlora/switch_lora.py:47-64): alpha 1 (`ALPHA`,
+        main.py:384), lr 0.02, 100 warmup steps, clipping at 1.0, no weight decay, cosine to 0
+        (transformers' `get_cosine_schedule_with_warmup`), switch interval 40, rate 0.3 at 10% of the
+        steps, counterparts held 5 steps; at 350m also its 40k steps of 1152 sequences of 512 tokens.
+        The other sizes keep the size's steps, batch and sequence length: the authors ship no script there."""
+        del paper
         cfg.model.lora_alpha = ALPHA
+        cfg.optim.update(lr=0.02, warmup_steps=100, grad_clip=1.0, weight_decay=0.0, min_lr_ratio=0.0)
+        if size == "350m":
+            cfg.train.update(steps=40_000, batch_size=1152)
+            cfg.data.seq_len = 512
 
     @classmethod
     def hook(cls, cfg):
-        """The vector switches of `switch_schedule`, and the countdowns, after every step that has
-        one or follows one by at most `model.switch_hold_steps` steps."""
+        """The vector switches of `switch_schedule`, after every step that has one."""
         m, steps = cfg.model, cfg.train.steps
         ranks = {m.ranks[n] or m.rank for n in PROJECTION_NAMES}
         tables = {r: switch_schedule(r, m.switch_interval, m.switch_descent, steps) for r in ranks}
@@ -116,71 +117,72 @@ class SwitchLoRA(LoRA):
                 raise ConfigError(f"model.switch_interval={m.switch_interval}: up to {most} vectors of the {name} "
                                   f"projection switch in one step, more than its {free} free candidates "
                                   "(min(in, out) - rank)")
-        last = lambda s: min(s, steps)
-        due = lambda s: any(t[last(s)] > t[last(max(s - 1 - m.switch_hold_steps, 0))] for t in tables.values())
+        due = lambda s: 0 < s <= steps and any(t[s] > t[s - 1] for t in tables.values())
         return hooks.Hook(due=due, apply=functools.partial(
             switchlora_switch, m.lora_alpha, m.switch_hold_steps, {r: jnp.asarray(t) for r, t in tables.items()}))
 
 
 def switch_schedule(rank, interval, descent, total_steps):
-    """int32 [total_steps + 1]: entry s = the number of vectors of A (and of B) switched in steps
-    1..s, floor(Σ_{t ≤ s} rank / interval_t), interval_t = interval / rate_t,
-    rate_t = 0.3^((t + 1) / (descent · total_steps)) (the paper's schedule; its stochastic rounding
-    of each step's rank / interval_t is replaced by the floor of the running sum)."""
+    """int32 [total_steps + 1]: entry s = the number of vectors of A (and of B) switched by the hooks
+    after steps 1..s, floor(Σ_{t ≤ s} rank / interval_t), interval_t = interval / rate_t,
+    rate_t = 0.3^((t + 1) / (descent · total_steps)): the reference code's `_get_switch_replace_num`
+    at update_step t (switch_lora.py:239-266, the switch made before update t + 1, as colax's hook
+    after step t), its stochastic rounding of each step's rank / interval_t per layer replaced by the
+    floor of the running sum, the same for every layer."""
     t = np.arange(1, total_steps + 1, dtype=np.float64)
     per_step = rank / interval * 0.3 ** ((t + 1) / (descent * total_steps))
     return np.floor(np.concatenate([[0.0], np.cumsum(per_step)]) + 1e-9).astype(np.int32)
 
 
-def window(lo, hi, rank, offset):
-    """bool [rank]: the vectors lo + offset, ..., hi - 1 + offset (mod rank) (int32 scalars lo <= hi)."""
-    return (jnp.arange(rank) - lo - offset) % rank < hi - lo
-
-
-def switch_vectors(key, vectors, pick, pool, rows):
-    """vectors [L, r, n] with each row in `rows` bool [r] replaced by a pool entry that no vector of
-    its layer holds (drawn uniformly, distinct); pick int32 [L, r], pool [L, C, n].
-    Returns (vectors, pick)."""
+def switch_vectors(vectors, pick, pool, first, count):
+    """The reference code's continuous switch of `count` vectors (int32 scalar) from row `first` on
+    (mod r) (`_select_indices` and `switch_rows`, switch_lora.py:388-425,471-475): row first + i takes
+    pool entry (pick[first - 1] + 1 + i) mod C, the entries after the last one taken, and its trained
+    value is written back into the entry it held ("save mat1 value to candidates").
+    vectors [L, r, n], pick int32 [L, r], pool [L, C, n]. Returns (vectors, pick, pool, rows bool [r])."""
     n_layers, rank = pick.shape
-    held = jnp.any(pick[:, :, None] == jnp.arange(pool.shape[1]), axis=1)           # [L, C]
-    score = jnp.where(held, -1.0, jax.random.uniform(key, held.shape))
-    order = jnp.argsort(-score, axis=1).astype(jnp.int32)                            # free entries first
-    nth = jnp.cumsum(rows) - 1                                                       # row's place among rows
-    new_pick = jnp.where(rows, order[:, jnp.clip(nth, 0)], pick)
+    nth = (jnp.arange(rank) - first) % rank                                          # row's place after first
+    rows = nth < count
+    new_pick = jnp.where(rows, (pick[:, (first - 1) % rank][:, None] + 1 + nth) % pool.shape[1], pick)
     new = jnp.take_along_axis(pool, new_pick[:, :, None], axis=1).astype(vectors.dtype)
-    return jnp.where(rows[:, None], new, vectors), new_pick
+    back = jnp.where(rows, pick, pool.shape[1])                                      # out of range: dropped
+    pool = pool.at[jnp.arange(n_layers)[:, None], back].set(vectors.astype(pool.dtype), mode="drop")
+    return jnp.where(rows[:, None], new, vectors), new_pick, pool, rows
 
 
 def switchlora_switch(alpha, hold_steps, tables, step, params, opt_state, key):
-    """SwitchLoRA's step-s hook over every projection (params: the model's pure dict, stacked [L]).
+    """SwitchLoRA's step-s hook over every projection (params: the model's pure dict, stacked [L]):
+    the reference code's `switch_lora` (switch_lora.py:279-288), which it calls between the backward
+    pass and `optimizer.step` of update s + 1, made here after step s, before that step's forward.
 
-    Each projection of rank r switches the A rows lo..hi-1 and the B columns lo + r/2..hi-1 + r/2
-    (mod r), with lo, hi = tables[r][s - 1], tables[r][s] (`switch_schedule`: a cursor cycling through
-    the vectors, B's half a turn ahead, as in the reference code). W absorbs the change exactly:
-    `W += (α / r) · (B A - B' A')` = `(α / r) · (B (A - A') + (B - B') A')`, in float32. Countdowns
-    drop by one; the counterparts of the switched vectors (B column i for A row i, and the converse)
-    are held `hold_steps` steps. The Adam moments of the switched vectors and of their counterparts
-    are zeroed (so a held vector's update is zero, not just its gradient). Returns (params, opt_state).
+    Each projection of rank r switches n = tables[r][s] - tables[r][s - 1] A rows from the cursor
+    tables[r][s - 1] mod r and n B columns from r/2 further (`switch_vectors`; the reference's cursors
+    `candidate_A_index`, `candidate_B_index` = r/2, switch_lora.py:696-699,766-771). W absorbs the
+    change exactly, A first then B with the new A (switch_lora.py:390-394):
+    `W += (α / r) · (B (A - A') + (B - B') A')`, in float32. The counterparts of the switched vectors
+    (B column i for A row i, and the converse) get their Adam moments and step counts zeroed and their
+    gradients held at zero for the next `hold_steps` updates (`row_adam.reset`; `zero_lora_states` and
+    `correct_switched_lora`, switch_lora.py:386,798-867); the switched vectors keep their Adam state.
+    The reference computes the gradient before the switch: the same, for every vector it trains
+    (a switched vector's gradient depends on its counterpart, which the switch leaves alone or holds).
+    `key` is unused (the switch has no random choice). Returns (params, opt_state).
     """
-    blocks, reset = dict(params["blocks"]), {}
-    for i, name in enumerate(PROJECTION_NAMES):
+    del key
+    blocks, masks = dict(params["blocks"]), {}
+    f32 = lambda x: x.astype(jnp.float32)
+    for name in PROJECTION_NAMES:
         p = blocks[name]
         rank = p["lora_a"].shape[-2]
         table = tables[rank]
         lo, hi = table[jnp.clip(step - 1, 0, table.shape[0] - 1)], table[jnp.clip(step, 0, table.shape[0] - 1)]
-        rows_a, rows_b = window(lo, hi, rank, 0), window(lo, hi, rank, rank // 2)
-        key_a, key_b = jax.random.split(jax.random.fold_in(key, i))
-        a, pick_a = switch_vectors(key_a, p["lora_a"], p["pick_a"], p["pool_a"], rows_a)
-        b_t, pick_b = switch_vectors(key_b, jnp.swapaxes(p["lora_b"], 1, 2), p["pick_b"], p["pool_b"], rows_b)
-        f32 = lambda x: x.astype(jnp.float32)
+        a, pick_a, pool_a, rows_a = switch_vectors(p["lora_a"], p["pick_a"], p["pool_a"], lo % rank, hi - lo)
+        b_t, pick_b, pool_b, rows_b = switch_vectors(jnp.swapaxes(p["lora_b"], 1, 2), p["pick_b"], p["pool_b"],
+                                                     (lo + rank // 2) % rank, hi - lo)
         old_a, old_b, b = f32(p["lora_a"]), f32(p["lora_b"]), jnp.swapaxes(b_t, 1, 2)
         delta = (alpha / rank) * (jnp.einsum("lor,lri->loi", old_b, old_a - f32(a))
                                   + jnp.einsum("lor,lri->loi", old_b - f32(b), f32(a)))
-        countdown = lambda c, counterpart_switched: jnp.where(counterpart_switched, hold_steps, jnp.maximum(c - 1, 0))
         blocks[name] = dict(p, base=(f32(p["base"]) + delta).astype(p["base"].dtype), lora_a=a, lora_b=b,
-                            pick_a=pick_a, pick_b=pick_b, hold_a=countdown(p["hold_a"], rows_b),
-                            hold_b=countdown(p["hold_b"], rows_a))
-        reset[name] = rows_a | rows_b
-    zero = {"lora_a": lambda x, m: jnp.where(m[:, None], 0, x), "lora_b": lambda x, m: jnp.where(m[None, :], 0, x)}
-    clear = lambda keys, x: zero[keys[-1]](x, reset[keys[-2]]) if keys[-1] in zero and keys[-2] in reset else x
-    return dict(params, blocks=blocks), hooks.map_param_state(opt_state, clear)
+                            pick_a=pick_a, pick_b=pick_b, pool_a=pool_a, pool_b=pool_b)
+        masks[name, "lora_a"], masks[name, "lora_b"] = rows_b[None, :, None], rows_a[None, None, :]
+    opt_state = row_adam.reset(opt_state, lambda keys: masks.get(keys[-2:]), hold_steps)
+    return dict(params, blocks=blocks), opt_state
