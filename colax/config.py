@@ -43,11 +43,13 @@ LOW_RANK_SIZES = {
 }
 # Presets that are not a projection kind's own: {preset name: the projection kind it trains}. The
 # full-rank model ("dense") is "llama", and "galore" and "fira" when trained by GaLore or Fira
-# (`LOW_RANK_OPTIM`). "relora" is ReLoRA (Lialin et al.): LoRA on the full-rank model's sizes with the
-# size's rank, alpha 32 and the full-rank lr, in the paper's proportions (of 20k steps: a 5k-step
-# full-rank warm start, a merge every 5k steps, 100-step re-warmups: fewer for short runs), optimizer
-# state fully reset at merges.
+# (`LOW_RANK_OPTIM`). "relora" is ReLoRA (Lialin et al.): LoRA (`LoRA.preset`) on the full-rank model's
+# sizes with the size's rank, in the proportions of the authors' README 250M recipe (Guitaricet/relora
+# README.md:52-88, 20k steps: a 5k-step warm start at lr 5e-4 with warmup 1k, then lr 1e-3 (the
+# full-rank lr) with warmup 500, a merge every 5k steps, 100-step re-warmups (fewer for short runs),
+# optimizer state fully reset at merges). Steps, batch and tokens: those of every method in compare.py.
 VARIANTS = {"llama": "dense", "galore": "dense", "fira": "dense", "relora": "lora"}
+RELORA_WARM_START_LR = 5e-4
 
 
 def train_defaults():
@@ -122,7 +124,8 @@ def preset(kind, size):
         cfg.optim.update(LOW_RANK_SIZES.get((kind, size), {}))
     if kind == "relora":
         cfg.optim.update(schedule="jagged_cosine", full_rank_steps=steps // 4, restart_every=steps // 4,
-                         restart_warmup_steps=min(100, steps // 16))
+                         restart_warmup_steps=min(100, steps // 16), warmup_steps=steps // 40,
+                         full_rank_lr=RELORA_WARM_START_LR, full_rank_warmup_steps=steps // 20)
     return cfg
 
 

@@ -14,7 +14,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from colax import sharding
 from colax.projections import PROJECTIONS
-from colax.projections.common import projection_shapes
+from colax.projections.common import PROJECTION_NAMES, projection_shapes
 
 
 class RMSNorm(nnx.Module):
@@ -106,19 +106,21 @@ class Block(nnx.Module):
         self.attention_impl = cfg.attention_impl
         self.only_lr_act = cfg.only_lr_act
 
-    def __call__(self, x, positions, segment_ids, carry=None, cache=None):
+    def __call__(self, x, positions, segment_ids, carry=None, cache=None, key=None):
         """x: [B, T, D] compute dtype; positions, segment_ids: int32 [B, T] -> (x' [B, T, D], carry').
 
         carry: the previous block's {projection name: output [B, T, out]} for a cross-layer kind
         (None or {} in the first block); carry' is this block's, {} for other kinds. With a KV
         `cache` ({"k", "v"} [B, S, N, H], see `cached_attention`; segment_ids unused) returns
-        ((x', carry'), updated cache).
+        ((x', carry'), updated cache). `key`: a PRNG key for the projections' dropout (projection i
+        gets `fold_in(key, i)`; kinds with `uses_rng`), None: none.
         """
         outputs = {}
 
         def project(name, h):
             proj = getattr(self, name)
-            y = proj(h, carry[name]) if carry else proj(h)
+            kw = {} if key is None else {"key": jax.random.fold_in(key, PROJECTION_NAMES.index(name))}
+            y = proj(h, carry[name], **kw) if carry else proj(h, **kw)
             if self.cross_layer:
                 outputs[name] = y
             return y

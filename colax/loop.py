@@ -9,6 +9,7 @@ or an evaluation, which wait for the step's metrics so that no non-finite state 
 """
 
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -119,7 +120,7 @@ class Logger:
     def __init__(self, cfg, workdir, spec, start, guard):
         t = cfg.train
         self.cfg, self.guard = cfg, guard
-        self.schedule = optim.schedule(cfg.optim, t.steps)
+        self.lr = functools.partial(optim.lr, cfg.optim, t.steps)  # of each phase (`optim.lr`)
         self.tokens_per_step = t.batch_size * cfg.data.seq_len
         self.flops_per_token = model_lib.flops_per_token(spec, cfg.data.seq_len)["train"]
         self.writer = metrics.Writer(workdir, start)
@@ -142,7 +143,7 @@ class Logger:
         if log:
             rate = self.tokens_per_s
             self.writer.write(dict(
-                step=s, **m, lr=float(self.schedule(s - 1)), tokens_per_s=rate, skipped_steps=self.guard.skipped,
+                step=s, **m, lr=self.lr(s - 1), tokens_per_s=rate, skipped_steps=self.guard.skipped,
                 mfu=None if rate is None else metrics.mfu(self.flops_per_token, rate), **(extra or {})))
 
 

@@ -188,17 +188,19 @@ class Transformer(nnx.Module):
         self.final_norm = layers.RMSNorm(d, cfg, rngs=rngs)
         self.lm_head = nnx.Param(normal(rngs.params(), (d, v), spec.param_dtype))
 
-    def __call__(self, tokens, positions=None, segment_ids=None, capture=False):
+    def __call__(self, tokens, positions=None, segment_ids=None, capture=False, key=None):
         """tokens: int32 [B, T]; positions, segment_ids: int32 [B, T] or None -> float32 [B, T, V].
 
         positions default to 0..T-1 per row; segment_ids (packed rows) keep attention inside a
         document. With `capture`, returns (logits, acts): acts[projection]["y"] [L, B, T, out] is
         each projection's output and, for CoLA, acts[projection]["z"] [L, B, T, r] its bottleneck
         (`bottleneck` method), for `colax.analysis` (CR-Net: "y" only; block 1 has no bottleneck).
+        `key`: a training forward pass's PRNG key for the projection kind's dropout (`uses_rng`),
+        split over the stacked blocks; None (evaluation, generation): no dropout.
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        x, acts = self._blocks(tokens, positions, segment_ids, capture=capture)
+        x, acts = self._blocks(tokens, positions, segment_ids, capture=capture, key=key)
         logits = self._logits(x)
         return (logits, acts) if capture else logits
 
@@ -214,9 +216,9 @@ class Transformer(nnx.Module):
             x = x[jnp.arange(x.shape[0]), at]
         return self._logits(x), cache
 
-    def _blocks(self, tokens, positions, segment_ids, capture=False, cache=None):
+    def _blocks(self, tokens, positions, segment_ids, capture=False, cache=None, key=None):
         """Embedding and the L blocks: (x [B, T, D] compute dtype, per-layer outputs stacked [L, ...]):
-        the captured activations, the updated cache, or None."""
+        the captured activations, the updated cache, or None. `key`: dropout's, for the stacked blocks."""
         spec = self.spec
         table = sharding.constrain(self.embed[...].astype(spec.dtype), ("vocab", "act_embed"))  # FSDP-gathered
         x = sharding.constrain(self._embed_rows(table, tokens), sharding.BTD)
@@ -227,7 +229,7 @@ class Transformer(nnx.Module):
                 jax.tree.map(lambda a: a[0], cache), jax.tree.map(lambda a: a[1:], cache))
             graphdef, state = nnx.split(self.first_block)
             body = remat.checkpointed(_layer_fn(graphdef, capture), spec.remat)
-            carry, first_out = body(carry, (state, first_cache), positions, segment_ids)
+            carry, first_out = body(carry, (state, first_cache, None), positions, segment_ids)
         graphdef, stacked = nnx.split(self.blocks)
         if remat.POLICIES[spec.remat].inverts and not capture and cache is None:
             carry = inverted_blocks(graphdef, carry, stacked, (positions, segment_ids),
@@ -236,7 +238,7 @@ class Transformer(nnx.Module):
             return carry[0], None
         body = remat.checkpointed(_layer_fn(graphdef, capture), spec.remat, prevent_cse=not spec.scan_layers)
         step = lambda carry, layer: body(carry, layer, positions, segment_ids)
-        layers_in = (stacked, cache)
+        layers_in = (stacked, cache, None if key is None else jax.random.split(key, spec.num_layers - first))
         if spec.scan_layers:
             carry, out = jax.lax.scan(step, carry, layers_in, unroll=spec.scan_unroll)
         else:
@@ -270,17 +272,17 @@ def init_cache(spec: ModelSpec, batch, length):
 
 
 def _layer_fn(graphdef, capture):
-    """One block as a function: ((x, carry), (block state, KV cache or None), positions,
-    segment_ids) -> ((x', carry'), its updated cache, or its `_projection_values` with `capture`,
-    else None)."""
+    """One block as a function: ((x, carry), (block state, KV cache or None, dropout key or None),
+    positions, segment_ids) -> ((x', carry'), its updated cache, or its `_projection_values` with
+    `capture`, else None)."""
 
     def layer(carry, block_layer, positions, segment_ids):
-        block_state, cache = block_layer
+        block_state, cache, key = block_layer
         block = nnx.merge(graphdef, block_state)
         if cache is not None:
             return block(carry[0], positions, segment_ids, carry[1], cache)
         if not capture:
-            return block(carry[0], positions, segment_ids, carry[1]), None
+            return block(carry[0], positions, segment_ids, carry[1], key=key), None
         carry, outputs = nnx.capture(block, nnx.Intermediate, method_outputs=nnx.Intermediate)(
             carry[0], positions, segment_ids, carry[1])
         return carry, _projection_values(nnx.to_pure_dict(outputs))
@@ -298,7 +300,7 @@ def inverted_blocks(graphdef, carry, stacked, extra, ends, unroll=1):
     layer = _layer_fn(graphdef, capture=True)
 
     def step(carry, block_state, extra):
-        carry, acts = layer(carry, (block_state, None), *extra)
+        carry, acts = layer(carry, (block_state, None, None), *extra)
         return carry, {name: values["z"] for name, values in acts.items()}
 
     def invert(block_state, outputs, bottlenecks):
@@ -325,6 +327,12 @@ def _projection_values(outputs):
     names = {"__call__": "y", "bottleneck": "z"}
     return {p: {names[m]: values[0] for m, values in outputs[p].items() if m in names}
             for p in PROJECTION_NAMES}
+
+
+def uses_rng(spec: ModelSpec):
+    """Whether a training forward pass takes a PRNG key: the projection kind's `uses_rng(spec)`
+    (LoRA's dropout), False for kinds without one."""
+    return getattr(projections.PROJECTIONS[spec.projection], "uses_rng", lambda spec: False)(spec)
 
 
 def trainable_mask(params, full_rank=False):

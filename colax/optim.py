@@ -40,17 +40,20 @@ def defaults():
         update_proj_gap=200,  # galore/fira: steps T between SVD refreshes of the projectors
         scale=0.25,           # galore/fira: factor on the back-projected low-rank step
         schedule="cosine",    # a name in colax.schedules.NAMES: "cosine" or "jagged_cosine" (ReLoRA)
-        restart_every=0,      # jagged_cosine: steps between restarts (0: only at the end of the warm start)
+        restart_every=0,      # jagged_cosine: steps between restarts (ReLoRA merges after the update at each)
         restart_warmup_steps=0,  # jagged_cosine: linear re-warmup from 0 after each restart
-        restart_keep=0.0,     # at a restart, fraction of the reset optimizer state kept (largest |.|); 0: all reset
+        restart_keep=0.0,     # at a merge, fraction of the reset optimizer state kept (largest |.|); 0: all reset
         full_rank_steps=0,    # full-rank warm start: steps training a low-rank kind's full weight first
+        full_rank_lr=0.0,     # full-rank warm start: its peak lr (0: lr)
+        full_rank_warmup_steps=0,  # full-rank warm start: its warmup (its cosine runs to train.steps)
     ))
 
 
 def validate(o, total_steps):
     """Raises ConfigError naming the first bad field of the `config.optim` section `o`."""
-    checks = [("lr", o.lr > 0, "must be > 0"), ("warmup_steps", 0 <= o.warmup_steps < total_steps,
-              f"must be in [0, train.steps={total_steps})"),
+    low_rank_steps = total_steps - o.full_rank_steps
+    checks = [("lr", o.lr > 0, "must be > 0"), ("warmup_steps", 0 <= o.warmup_steps < low_rank_steps,
+              f"must be in [0, train.steps - full_rank_steps={low_rank_steps})"),
               ("min_lr_ratio", 0 <= o.min_lr_ratio <= 1, "must be in [0, 1]"),
               ("b1", 0 <= o.b1 < 1, "must be in [0, 1)"), ("b2", 0 <= o.b2 < 1, "must be in [0, 1)"),
               ("eps", o.eps > 0, "must be > 0"), ("weight_decay", o.weight_decay >= 0, "must be >= 0"),
@@ -64,23 +67,43 @@ def validate(o, total_steps):
               ("full_rank_steps", isinstance(o.full_rank_steps, int) and 0 <= o.full_rank_steps < total_steps,
                f"must be an integer in [0, train.steps={total_steps})"),
               ("restart_every", isinstance(o.restart_every, int) and o.restart_every >= 0, "must be an integer >= 0"),
-              ("restart_every", o.schedule != "jagged_cosine" or o.restart_every or o.full_rank_steps,
-               "must be > 0 for the jagged_cosine schedule without a full-rank warm start"),
+              ("restart_every", o.schedule != "jagged_cosine" or o.restart_every >= max(o.warmup_steps, 1),
+               f"must be >= max(1, warmup_steps={o.warmup_steps}) for the jagged_cosine schedule"),
               ("restart_warmup_steps", isinstance(o.restart_warmup_steps, int) and (
-                  o.schedule != "jagged_cosine" or 0 < o.restart_warmup_steps <= (o.restart_every or total_steps)),
+                  o.schedule != "jagged_cosine" or 0 < o.restart_warmup_steps <= o.restart_every),
                "must be an integer in [1, restart_every] for the jagged_cosine schedule"),
-              ("restart_keep", 0 <= o.restart_keep < 1, "must be in [0, 1)")]
+              ("restart_keep", 0 <= o.restart_keep < 1, "must be in [0, 1)"),
+              ("full_rank_lr", o.full_rank_lr >= 0, "must be >= 0 (0: lr)"),
+              ("full_rank_warmup_steps", isinstance(o.full_rank_warmup_steps, int)
+               and 0 <= o.full_rank_warmup_steps < total_steps, f"must be an integer in [0, train.steps={total_steps})")]
     for field, ok, msg in checks:
         if not ok:
             raise ConfigError(f"optim.{field} {msg}, got {o[field]!r}")
 
 
-def schedule(o, total_steps):
-    """Learning rate at each step count: the schedule named by `o.schedule` (`colax.schedules`)."""
-    base = schedules.cosine(o.lr, o.warmup_steps, total_steps, o.min_lr_ratio)
+def schedule(o, total_steps, full_rank=False):
+    """The lr schedule of a phase's optimizer, of its own step count (`colax.schedules`).
+
+    `full_rank`: the full-rank warm start's (`full_rank_steps`): a cosine with its own peak and warmup
+    (`full_rank_lr`, `full_rank_warmup_steps`) to train.steps, ReLoRA's warm-start run stopped early.
+    Else the low-rank phase's (the whole run without a warm start), which starts afresh after the
+    warm start as ReLoRA's `--warmed_up_model` run does: the schedule named by `o.schedule` over the
+    remaining total_steps - full_rank_steps, with warmup `warmup_steps` from 0.
+    """
+    if full_rank:
+        return schedules.cosine(o.full_rank_lr or o.lr, o.full_rank_warmup_steps, total_steps, o.min_lr_ratio)
+    base = schedules.cosine(o.lr, o.warmup_steps, total_steps - o.full_rank_steps, o.min_lr_ratio)
     if o.schedule == "cosine":
         return base
-    return schedules.jagged_cosine(base, o.full_rank_steps, o.restart_every, o.restart_warmup_steps)
+    return schedules.jagged_cosine(base, o.restart_every, o.restart_warmup_steps)
+
+
+def lr(o, total_steps, count):
+    """The lr of update count + 1 of the run (count: a Python int, updates applied): the warm
+    start's schedule before `full_rank_steps`, then the low-rank phase's, counted from the switch."""
+    if count < o.full_rank_steps:
+        return float(schedule(o, total_steps, full_rank=True)(count))
+    return float(schedule(o, total_steps)(count - o.full_rank_steps))
 
 
 def decay_mask(params):
@@ -145,6 +168,6 @@ def make(o, total_steps, full_rank=False):
                                         lambda params: jax.tree.map(lambda x: not x, is_projected(params))))
     # optax.adamw is this chain with scale_by_adam (the same update without per-vector counts) first.
     tx = optax.chain(adam, optax.add_decayed_weights(o.weight_decay, None if o.decay_norms else decay_mask),
-                     optax.scale_by_learning_rate(schedule(o, total_steps)))
+                     optax.scale_by_learning_rate(schedule(o, total_steps, full_rank)))
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx) if o.grad_clip > 0 else tx
     return optax.masked(tx, functools.partial(model_lib.trainable_mask, full_rank=full_rank))

@@ -1,13 +1,13 @@
-"""Learning-rate schedules by name (`optim.schedule`), as functions of the optimizer step count.
+"""Learning-rate schedules by name (`optim.schedule`), as functions of an optimizer's step count.
 
-A schedule maps the count c of updates already applied (int32 scalar, 0 for the first update) to
-the learning rate of update c + 1. `"cosine"`: linear warmup from 0 to the peak, then cosine decay
-to `min_lr_ratio * peak` at the last step. `"jagged_cosine"` (ReLoRA): the same global cosine, but
-at each restart step r the lr drops to 0 and rises linearly over `restart_warmup_steps` back onto
-the global cosine (reaching `cosine(r + restart_warmup_steps)`); restarts are at the end of the
-full-rank warm start (`full_rank_steps`, if any) and every `restart_every` steps after it (after
-step 0 without a warm start). Methods that change the model at restarts (ReLoRA's merge) ask
-`is_restart` on the host.
+A schedule maps the count c of updates its optimizer has applied (int32 scalar, 0 for the first
+update) to the learning rate of update c + 1. `"cosine"`: linear warmup from 0 to the peak, then
+cosine decay to `min_lr_ratio * peak` at the last step. `"jagged_cosine"` (ReLoRA's
+`cosine_restarts`, Guitaricet/relora `peft_pretraining/training_utils.py`): the same cosine, but at
+each restart (counts restart_every, 2 restart_every, ...) the lr drops to 0 and rises linearly over
+`restart_warmup_steps` back onto the cosine. With a full-rank warm start (`optim.full_rank_steps`)
+each phase has its own optimizer and schedule, counted from the phase's first step
+(`colax.optim.schedule`). ReLoRA's merges follow the update at each restart (`is_merge`).
 """
 
 import jax.numpy as jnp
@@ -22,29 +22,22 @@ def cosine(peak, warmup_steps, total_steps, min_lr_ratio):
                                               decay_steps=total_steps, end_value=peak * min_lr_ratio)
 
 
-def first_restart(full_rank_steps, restart_every):
-    """The first restart step: the end of the warm start, else restart_every (0: no restarts)."""
-    return full_rank_steps or restart_every
-
-
-def is_restart(o, s):
-    """Whether the state after s optimizer steps (a Python int) is at a restart of `o.schedule`."""
-    first = first_restart(o.full_rank_steps, o.restart_every)
-    if o.schedule != "jagged_cosine" or not first or s < first:
-        return False
-    return s == first if not o.restart_every else (s - first) % o.restart_every == 0
-
-
-def jagged_cosine(base, full_rank_steps, restart_every, restart_warmup_steps):
-    """`base` (a schedule) with a linear re-warmup from 0 after each restart, back onto `base`."""
-    first = first_restart(full_rank_steps, restart_every)
+def jagged_cosine(base, restart_every, restart_warmup_steps):
+    """`base` (a schedule) with restarts at counts restart_every, 2 restart_every, ...: lr 0 at the
+    restart, then linear over restart_warmup_steps back onto base (reaching base(restart + warmup))."""
 
     def schedule(count):
-        since = jnp.maximum(count - first, 0)
-        last = first + (since // restart_every * restart_every if restart_every else 0)
-        rewarming = (count >= first) & (count - last < restart_warmup_steps)
+        last = count // restart_every * restart_every
+        rewarming = (count >= restart_every) & (count - last < restart_warmup_steps)
         return jnp.where(rewarming, (count - last) / restart_warmup_steps * base(last + restart_warmup_steps),
                          base(count))
 
-    return schedule if first else base
+    return schedule
 
+
+def is_merge(o, s):
+    """Whether ReLoRA merges after optimizer step s (a Python int) of the run: the update at each
+    restart of the low-rank phase's jagged cosine, the one with lr 0, comes first (official
+    torchrun_main.py: `(update_step - scheduler_start_step) % relora == 1`, from the second cycle on)."""
+    k = s - o.full_rank_steps
+    return o.schedule == "jagged_cosine" and o.restart_every > 0 and k >= o.restart_every and k % o.restart_every == 1

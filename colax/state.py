@@ -136,10 +136,11 @@ def jit_hook(apply, params, opt_state, mesh):
                    out_shardings=state_shardings)
 
 
-def jit_train_step(train_step, params, opt_state, mesh):
-    """`train_step` jitted on `mesh` with explicit in/out shardings; params and opt_state donated."""
+def jit_train_step(train_step, params, opt_state, mesh, rng=False):
+    """`train_step` jitted on `mesh` with explicit in/out shardings; params and opt_state donated.
+    `rng`: it takes a PRNG key (replicated) after the batches (`step.make_train_step`)."""
     state_shardings = tree_shardings((params, opt_state), mesh)
     replicated = NamedSharding(mesh, P())
     return jax.jit(on_mesh(train_step, mesh), donate_argnums=(0, 1),
-                   in_shardings=(*state_shardings, sharding.batch_sharding(mesh)),
+                   in_shardings=(*state_shardings, sharding.batch_sharding(mesh)) + (replicated,) * rng,
                    out_shardings=(*state_shardings, replicated))

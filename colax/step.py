@@ -13,10 +13,11 @@ from flax import nnx
 from colax import model as model_lib
 
 
-def loss_sums(params, graphdef, batch):
-    """Summed token cross-entropy and the number of counted tokens (both float32 scalars)."""
+def loss_sums(params, graphdef, batch, key=None):
+    """Summed token cross-entropy and the number of counted tokens (both float32 scalars); `key`:
+    the PRNG key of a training forward pass with dropout (`model.uses_rng`), None: deterministic."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+    logits = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"), key=key)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
     return (ce * mask).sum(), mask.sum()
@@ -34,26 +35,29 @@ def _join(trainable, frozen):
     return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
 
 
-def grads(params, graphdef, batches, full_rank=False):
+def grads(params, graphdef, batches, full_rank=False, key=None):
     """Token-weighted mean loss and its gradient over micro-batches stacked on axis 0.
 
     Only trainable parameters (`model.trainable_mask(params, full_rank)`) are differentiated; the
-    gradient of a frozen one is zeros of its shape and dtype.
+    gradient of a frozen one is zeros of its shape and dtype. `key`: dropout's PRNG key (micro-batch
+    i gets `fold_in(key, i)`), None: none.
     """
     trainable, frozen = _split(params, full_rank)
-    grad_fn = jax.value_and_grad(lambda t, graphdef, batch: loss_sums(_join(t, frozen), graphdef, batch),
+    grad_fn = jax.value_and_grad(lambda t, graphdef, batch, key: loss_sums(_join(t, frozen), graphdef, batch, key),
                                  has_aux=True)
+    n_micro = jax.tree.leaves(batches)[0].shape[0]
+    keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n_micro))
 
-    def micro(carry, batch):
+    def micro(carry, batch_key):
         g_sum, loss_sum, count = carry
-        (loss, n), g = grad_fn(trainable, graphdef, batch)
+        (loss, n), g = grad_fn(trainable, graphdef, *batch_key)
         return (jax.tree.map(jnp.add, g_sum, g), loss_sum + loss, count + n), None
 
-    if jax.tree.leaves(batches)[0].shape[0] == 1:  # no accumulation loop to compile
-        (loss_sum, count), g_sum = grad_fn(trainable, graphdef, jax.tree.map(lambda x: x[0], batches))
+    if n_micro == 1:  # no accumulation loop to compile
+        (loss_sum, count), g_sum = grad_fn(trainable, graphdef, *jax.tree.map(lambda x: x[0], (batches, keys)))
     else:
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
-        (g_sum, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batches)
+        (g_sum, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), (batches, keys))
     count = jnp.maximum(count, 1.0)
     g = jax.tree.map(lambda g: g / count, g_sum)
     return loss_sum / count, _join(g, jax.tree.map(jnp.zeros_like, frozen))
@@ -65,16 +69,17 @@ def all_finite(tree):
 
 
 def make_train_step(graphdef, tx, skip_nonfinite=False, full_rank=False):
-    """Returns train_step(params, opt_state, batches) -> (params, opt_state, metrics).
+    """Returns train_step(params, opt_state, batches[, key]) -> (params, opt_state, metrics).
 
     metrics: float32 scalars "loss", "grad_norm" and "finite" (1.0 if the loss, the gradient norm
     and the updated parameters are all finite, else 0.0). With `skip_nonfinite`, a step that is
     not finite leaves params and opt_state unchanged. `full_rank`: a step of the full-rank warm start
-    (`grads`; `tx` must be `optim.make(..., full_rank=True)`).
+    (`grads`; `tx` must be `optim.make(..., full_rank=True)`). `key`: dropout's PRNG key
+    (`model.uses_rng`), None: no dropout.
     """
 
-    def train_step(params, opt_state, batches):
-        loss, g = grads(params, graphdef, batches, full_rank)
+    def train_step(params, opt_state, batches, key=None):
+        loss, g = grads(params, graphdef, batches, full_rank, key)
         grad_norm = optax.tree.norm(g)
         updates, new_opt_state = tx.update(g, opt_state, params)
         new_params = optax.apply_updates(params, updates)

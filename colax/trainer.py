@@ -5,8 +5,9 @@ the phase it belongs to, then the projection kind's hook where due (`colax.hooks
 the last step of the full-rank warm start (`optim.full_rank_steps`), the switch to the low-rank
 phase. The trainable mask is static within a phase (`model.trainable_mask(params, full_rank)`), so
 each phase has its own optimizer (`optim.make(..., full_rank)`) and jitted step, compiled once when
-first used. At the switch the optimizer state is re-created for the low-rank phase, keeping every
-leaf that the two phases' states share (step counts, the moments of parameters trained in both).
+first used. At the switch the low-rank phase's optimizer starts fresh (`tx.init`: zero moments and
+step counts, so its schedule counts from the switch), as ReLoRA's `--warmed_up_model` run restores
+no optimizer or scheduler state. A dropout PRNG key (`model.uses_rng`) is `dropout_key(seed, s)`.
 Hook and switch run jitted with the state's shardings, params and opt_state donated.
 """
 
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from colax import hooks, optim, projections, state, step
+from colax import model as model_lib
 
 
 def hook_of(cfg):
@@ -22,11 +24,9 @@ def hook_of(cfg):
     return kind.hook(cfg) if hasattr(kind, "hook") else None
 
 
-def carry_over(new, old):
-    """`new` (an optimizer state) with each leaf that `old` has at the same path and shape taken from `old`."""
-    old = dict(jax.tree_util.tree_leaves_with_path(old))
-    same = lambda path, x: path in old and old[path].shape == x.shape and old[path].dtype == x.dtype
-    return jax.tree_util.tree_map_with_path(lambda path, x: old[path] if same(path, x) else x, new)
+def dropout_key(seed, s):
+    """The PRNG key of optimizer step s's dropout (a stream apart from the init's and the hooks')."""
+    return jax.random.fold_in(jax.random.key(seed + 2), s)
 
 
 class Trainer:
@@ -35,6 +35,7 @@ class Trainer:
     def __init__(self, cfg, graphdef, mesh):
         self.cfg, self.graphdef, self.mesh = cfg, graphdef, mesh
         self.hook = hook_of(cfg)
+        self.rng = model_lib.uses_rng(model_lib.spec_from_config(cfg.model))
         self.compiled = {}
 
     def full_rank(self, s):
@@ -55,8 +56,9 @@ class Trainer:
         full_rank = self.full_rank(s - 1)
         train_step = self._compiled(("step", full_rank), lambda: state.jit_train_step(
             step.make_train_step(self.graphdef, self.tx(s - 1), self.cfg.train.on_nonfinite == "skip",
-                                 full_rank=full_rank), params, opt_state, self.mesh))
-        params, opt_state, metrics = train_step(params, opt_state, batches)
+                                 full_rank=full_rank), params, opt_state, self.mesh, rng=self.rng))
+        key = (dropout_key(self.cfg.train.seed, s),) if self.rng else ()
+        params, opt_state, metrics = train_step(params, opt_state, batches, *key)
         if self.hook is not None and self.hook.due(s):
             apply = self._compiled(("hook", full_rank), lambda: state.jit_hook(self.hook.apply, params, opt_state,
                                                                                 self.mesh))
@@ -66,10 +68,10 @@ class Trainer:
         return params, opt_state, metrics
 
     def _switch(self, params, opt_state):
-        """The low-rank phase's optimizer state, carrying over what the warm start's state shares with it."""
+        """The low-rank phase's fresh optimizer state (the warm start's, `opt_state`, is dropped)."""
+        del opt_state
         tx = self.tx(self.cfg.optim.full_rank_steps)
         new = jax.eval_shape(tx.init, params)
-        switch = jax.jit(lambda params, old: carry_over(tx.init(params), old), donate_argnums=(1,),
-                         in_shardings=state.tree_shardings((params, opt_state), self.mesh),
+        switch = jax.jit(tx.init, in_shardings=(state.tree_shardings(params, self.mesh),),
                          out_shardings=state.tree_shardings(new, self.mesh))
-        return switch(params, opt_state)
+        return switch(params)

@@ -18,10 +18,19 @@ def kaiming_uniform(key, shape, dtype):
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
 
 
-def lora_forward(x, w, a, b, scale):
-    """x Wᵀ + scale · (x Aᵀ) Bᵀ: x [..., in] compute dtype, W [out, in], A [r, in], B [out, r] -> [..., out]."""
+def dropout(x, rate, key):
+    """torch's `nn.Dropout(rate)` in training: each entry of x zeroed with probability rate, the
+    rest scaled by 1 / (1 - rate); x itself when key is None or rate is 0. Same shape and dtype."""
+    if key is None or not rate:
+        return x
+    return jnp.where(jax.random.bernoulli(key, 1.0 - rate, x.shape), x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def lora_forward(x, w, a, b, scale, x_low=None):
+    """x Wᵀ + scale · (x_low Aᵀ) Bᵀ (x_low: x, or x after LoRA's dropout): x, x_low [..., in] compute
+    dtype, W [out, in], A [r, in], B [out, r] -> [..., out]."""
     w, a, b = (p.astype(x.dtype) for p in (w, a, b))
-    return x @ w.T + scale * ((x @ a.T) @ b.T)
+    return x @ w.T + scale * (((x if x_low is None else x_low) @ a.T) @ b.T)
 
 
 class LoRA(nnx.Module):
@@ -30,23 +39,30 @@ class LoRA(nnx.Module):
     The paper's (and torch's) layout: `base` W [out, in] ~ N(0, cfg.init_std), frozen (trained
     only by the full-rank warm start, `optim.full_rank_steps`); `lora_a` A [r, in] Kaiming-uniform
     (a = √5: U(±1/√in)); `lora_b` B [out, r] = 0, so the layer starts as x Wᵀ. α is
-    `cfg.lora_alpha`. ReLoRA's merge `W += (α / r) · B A` and re-initialisation are its hook
-    (`relora_merge`, at each restart of the jagged lr schedule).
+    `cfg.lora_alpha`. In training the low-rank term's input x goes through dropout at rate
+    `cfg.lora_dropout` (torch's `nn.Dropout`, as ReLoRA's `ReLoRaLinear`). ReLoRA's merge
+    `W += (α / r) · B A` and re-initialisation are its hook (`relora_merge`, after the lr-0 update
+    at each restart of the jagged lr schedule).
     """
 
     frozen = ("base",)                     # never trained by the optimizer in the low-rank phase
     full_rank_frozen = ("lora_a", "lora_b")  # frozen instead during the full-rank warm start
-    config = ALPHA_CONFIG
+    config = dict(
+        ALPHA_CONFIG,
+        lora_dropout=0.0,  # LoRA: dropout rate on the low-rank term's input in training (projection "lora")
+    )
 
     def __init__(self, in_features, out_features, rank, cfg, *, rngs):
         self.base = nnx.Param(normal(cfg.init_std)(rngs.params(), (out_features, in_features), cfg.param_dtype))
         self.lora_a = nnx.Param(kaiming_uniform(rngs.params(), (rank, in_features), cfg.param_dtype))
         self.lora_b = nnx.Param(jnp.zeros((out_features, rank), cfg.param_dtype))
         self.scale = cfg.lora_alpha / rank
+        self.dropout = cfg.lora_dropout
 
-    def __call__(self, x):
-        """x: [..., in] compute dtype -> [..., out] same dtype."""
-        return lora_forward(x, self.base[...], self.lora_a[...], self.lora_b[...], self.scale)
+    def __call__(self, x, key=None):
+        """x: [..., in] compute dtype -> [..., out] same dtype; key: dropout's PRNG key (training), or None."""
+        return lora_forward(x, self.base[...], self.lora_a[...], self.lora_b[...], self.scale,
+                            dropout(x, self.dropout, key))
 
     @staticmethod
     def flops_per_token(in_features, out_features, rank):
@@ -64,17 +80,34 @@ class LoRA(nnx.Module):
 
     @staticmethod
     def check_config(m, require, selected):
-        """model.lora_alpha > 0."""
+        """model.lora_alpha > 0; model.lora_dropout in [0, 1), and 0 unless the projection is "lora"."""
         del selected
         check_alpha(m, require)
+        require(0 <= m.lora_dropout < 1, "lora_dropout", "must be in [0, 1)", m.lora_dropout)
+        require(m.projection == "lora" or not m.lora_dropout, "lora_dropout",
+                f"needs model.projection='lora', not {m.projection!r}", m.lora_dropout)
+
+    @staticmethod
+    def preset(cfg, size, paper):
+        """The authors' settings of every LoRA run in Guitaricet/relora torchrun_main.py: no weight
+        decay (--weight_decay 0.0, :103), clipping at 1.0 (--clip_grad_norm, :105), lora_dropout 0.1
+        (:546); alpha 32 (--lora_alpha, :80) is the default. The rank stays the size's (colax.config)."""
+        del size, paper
+        cfg.model.lora_dropout = 0.1
+        cfg.optim.update(weight_decay=0.0, grad_clip=1.0)
+
+    @staticmethod
+    def uses_rng(spec):
+        """Whether training needs a PRNG key: dropout (`model.uses_rng`)."""
+        return spec.lora_dropout > 0
 
     @classmethod
     def hook(cls, cfg):
-        """ReLoRA's merge-and-reinit at each restart of the jagged cosine (`optim.schedule`);
-        None (plain LoRA) under any other schedule. See `relora_merge`."""
+        """ReLoRA's merge-and-reinit after the lr-0 update at each restart of the jagged cosine
+        (`schedules.is_merge`); None (plain LoRA) under any other schedule. See `relora_merge`."""
         if cfg.optim.schedule != "jagged_cosine":
             return None
-        return hooks.Hook(due=lambda s: schedules.is_restart(cfg.optim, s),
+        return hooks.Hook(due=lambda s: schedules.is_merge(cfg.optim, s),
                           apply=functools.partial(relora_merge, cfg.model.lora_alpha, cfg.optim.restart_keep))
 
 
