@@ -62,7 +62,7 @@ RUNS = (("llama", "full-rank", "llama", "none"), ("sltrain", "SLTrain", "sltrain
         ("lora", "LoRA", "lora", "none"), ("relora", "ReLoRA", "relora", "none"),
         ("switchlora", "SwitchLoRA", "switchlora", "none"), ("sst", "SST", "sst", "none"))
 # ReLoRA's step counts, scaled to --steps like the warmup (rounded up: one that is set stays >= 1).
-RESTART_FIELDS = ("full_rank_steps", "restart_every", "restart_warmup_steps")
+RESTART_FIELDS = ("full_rank_steps", "restart_every", "restart_warmup_steps", "full_rank_warmup_steps")
 
 
 def parse(argv):

@@ -75,7 +75,8 @@ def validate(o, total_steps):
               ("restart_keep", 0 <= o.restart_keep < 1, "must be in [0, 1)"),
               ("full_rank_lr", o.full_rank_lr >= 0, "must be >= 0 (0: lr)"),
               ("full_rank_warmup_steps", isinstance(o.full_rank_warmup_steps, int)
-               and 0 <= o.full_rank_warmup_steps < total_steps, f"must be an integer in [0, train.steps={total_steps})")]
+               and 0 <= o.full_rank_warmup_steps < total_steps,
+               f"must be an integer in [0, train.steps={total_steps})")]
     for field, ok, msg in checks:
         if not ok:
             raise ConfigError(f"optim.{field} {msg}, got {o[field]!r}")

@@ -40,7 +40,8 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.
 
 
 def compile_step(spec, cfg, batch_size, seq_len):
-    """Compiles one training step (one micro-batch [batch_size, seq_len]) from abstract shapes."""
+    """Compiles one training step (one micro-batch [batch_size, seq_len]) from abstract shapes, with
+    dropout's PRNG key where the model takes one (`model.uses_rng`)."""
     graphdef, state = nnx.split(model_lib.abstract_model(spec))
     params = nnx.to_pure_dict(state)
     tx = optim.make(cfg.optim, cfg.train.steps)
@@ -48,7 +49,8 @@ def compile_step(spec, cfg, batch_size, seq_len):
     tokens = jax.ShapeDtypeStruct((1, batch_size, seq_len), jnp.int32)
     batch = dict(inputs=tokens, targets=tokens, loss_mask=jax.ShapeDtypeStruct(tokens.shape, jnp.float32))
     train_step = jax.jit(step.make_train_step(graphdef, tx), donate_argnums=(0, 1))
-    return train_step.lower(params, opt_state, batch).compile()
+    key = (jax.eval_shape(lambda: jax.random.key(0)),) if model_lib.uses_rng(spec) else ()
+    return train_step.lower(params, opt_state, batch, *key).compile()
 
 
 def xla_flops(compiled):

@@ -73,7 +73,8 @@ def optim_section(**kw):
 
 
 # (train.steps, full_rank_steps, restart_every, warmup_steps, restart_warmup_steps, full_rank_warmup_steps)
-LAYOUTS = [(100, 20, 20, 5, 5, 10), (100, 0, 25, 10, 5, 0), (120, 30, 30, 0, 30, 40), (20_000, 5000, 5000, 500, 100, 1000)]
+LAYOUTS = [(100, 20, 20, 5, 5, 10), (100, 0, 25, 10, 5, 0), (120, 30, 30, 0, 30, 40),
+           (20_000, 5000, 5000, 500, 100, 1000)]
 
 
 @pytest.mark.parametrize("total,warm,every,warmup,rewarm,warm_warmup", LAYOUTS)

@@ -50,7 +50,8 @@ def multiple_warmups_lambda(current_step, *, num_training_steps, first_warmup_st
         _cosine_decay = 0.5 * (1.0 + math.cos(math.pi * end_of_warmup_progress))  # TU:228
         warmup_lr_multiplier = min_lr_ratio + (1.0 - min_lr_ratio) * _cosine_decay  # TU:229
         return float(restart_step) / float(max(1, restart_warmup_steps)) * warmup_lr_multiplier  # TU:231
-    progress = float(_current_step - first_warmup_steps) / float(max(1, num_training_steps - first_warmup_steps))  # TU:233
+    progress = (float(_current_step - first_warmup_steps)                # TU:233
+                / float(max(1, num_training_steps - first_warmup_steps)))
     cosine_decay = 0.5 * (1.0 + math.cos(math.pi * progress))            # TU:234
     return min_lr_ratio + (1.0 - min_lr_ratio) * cosine_decay            # TU:236
 
