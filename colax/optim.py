@@ -67,8 +67,8 @@ def validate(o, total_steps):
               ("full_rank_steps", isinstance(o.full_rank_steps, int) and 0 <= o.full_rank_steps < total_steps,
                f"must be an integer in [0, train.steps={total_steps})"),
               ("restart_every", isinstance(o.restart_every, int) and o.restart_every >= 0, "must be an integer >= 0"),
-              ("restart_every", o.schedule != "jagged_cosine" or o.restart_every >= max(o.warmup_steps, 1),
-               f"must be >= max(1, warmup_steps={o.warmup_steps}) for the jagged_cosine schedule"),
+              ("restart_every", o.schedule != "jagged_cosine" or o.restart_every > 0,
+               "must be > 0 for the jagged_cosine schedule"),
               ("restart_warmup_steps", isinstance(o.restart_warmup_steps, int) and (
                   o.schedule != "jagged_cosine" or 0 < o.restart_warmup_steps <= o.restart_every),
                "must be an integer in [1, restart_every] for the jagged_cosine schedule"),

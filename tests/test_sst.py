@@ -329,8 +329,8 @@ def test_sst_run_resamples_per_iteration_refactors_per_round_and_resumes_with_id
     (4, 8: the re-SVD); the lr is 0 in the step after each (3, 5, 7: the re-warmup). Stopped after
     step 3 and resumed, the losses equal the uninterrupted run's through the rounds that follow."""
     cfg = micro_relora(tmp_path_factory)
-    cfg.model.update(projection="sst", sst_round_iterations=2)
-    cfg.optim.update(full_rank_steps=0, restart_every=2, restart_warmup_steps=1)
+    cfg.model.update(projection="sst", sst_round_iterations=2, lora_dropout=0.0)
+    cfg.optim.update(full_rank_steps=0, restart_every=2, restart_warmup_steps=1, warmup_steps=0)
     full, parts = str(tmp_path_factory.mktemp("full")), str(tmp_path_factory.mktemp("parts"))
     loop.run(cfg, full)
     steps, losses, lrs = losses_and_lrs(full)

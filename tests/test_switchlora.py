@@ -297,8 +297,9 @@ def test_switchlora_run_switches_and_resumes_with_identical_losses(compilation_c
     5, 6 and, by the checkpoints, at no other step); stopped after step 3 and resumed, the losses
     equal the uninterrupted run's (the holds and per-row counts live in the checkpointed optimizer state)."""
     cfg = micro_relora(tmp_path_factory)
-    cfg.model.update(projection="switchlora", lora_alpha=ALPHA, switch_interval=10, switch_descent=10.0)
-    cfg.optim.update(schedule="cosine", full_rank_steps=0, restart_every=0)
+    cfg.model.update(projection="switchlora", lora_alpha=ALPHA, switch_interval=10, switch_descent=10.0,
+                     lora_dropout=0.0)
+    cfg.optim.update(schedule="cosine", full_rank_steps=0, restart_every=0, warmup_steps=0)
     cfg.train.steps = 6
     full, parts = str(tmp_path_factory.mktemp("full")), str(tmp_path_factory.mktemp("parts"))
     loop.run(cfg, full)
