@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colax import hooks, model, optim, row_adam, sharding, state, step
-from colax.projections import lora
+from colax.projections import lora, switchlora
 from colax.errors import ConfigError
 from conftest import small_spec
 
@@ -226,6 +226,21 @@ def test_galore_on_fsdp_and_tensor_matches_one_device_and_splits_the_svd_by_laye
     assert q_projector(opt_state).sharding.spec == P(None, "fsdp", None)  # (layers, embed, opt_rank)
 
 
+def hook_on_meshes(apply, trained, shapes):
+    """[(params, opt_state)] after the hook `apply` at step 1, jitted by `state.jit_hook` on each mesh
+    shape from the host state `trained`; asserts every leaf keeps its sharding."""
+    results = []
+    for shape in shapes:
+        mesh = mesh_of(shape)
+        params, opt_state = jax.device_put(trained, state.tree_shardings(trained, mesh))
+        where = jax.tree.map(lambda x: x.sharding, (params, opt_state))
+        params, opt_state = state.jit_hook(apply, params, opt_state, mesh)(
+            jnp.int32(1), params, opt_state, hooks.hook_key(0, 1))
+        assert jax.tree.map(lambda x: x.sharding, (params, opt_state)) == where
+        results.append(jax.device_get((params, opt_state)))
+    return results
+
+
 def test_relora_hook_on_fsdp_and_tensor_matches_one_device_and_keeps_the_shardings():
     """The ReLoRA merge (keep 10% of A's and B's moments) jitted by `state.jit_hook` on a (1, 2, 2)
     mesh, from the state after one step on one device: the same parameters and optimizer state as
@@ -238,14 +253,24 @@ def test_relora_hook_on_fsdp_and_tensor_matches_one_device_and_keeps_the_shardin
     train = state.jit_train_step(step.make_train_step(graphdef, tx), params, opt_state, mesh)
     trained = jax.device_get(train(params, opt_state, sharding.global_batch(batches(1), mesh))[:2])  # B != 0
     apply = functools.partial(lora.relora_merge, spec.lora_alpha, 0.1)
-    results = []
-    for shape in [(1, 1, 1), (1, 2, 2)]:
-        mesh = mesh_of(shape)
-        params, opt_state = jax.device_put(trained, state.tree_shardings(trained, mesh))
-        where = jax.tree.map(lambda x: x.sharding, (params, opt_state))
-        params, opt_state = state.jit_hook(apply, params, opt_state, mesh)(
-            jnp.int32(1), params, opt_state, hooks.hook_key(0, 1))
-        assert jax.tree.map(lambda x: x.sharding, (params, opt_state)) == where
-        results.append(jax.device_get((params, opt_state)))
+    results = hook_on_meshes(apply, trained, [(1, 1, 1), (1, 2, 2)])
     assert np.abs(results[0][0]["blocks"]["q"]["base"] - trained[0]["blocks"]["q"]["base"]).max() > 1e-4
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), results[1], results[0])
+
+
+def test_switchlora_switch_on_meshes_matches_one_device_and_keeps_the_shardings():
+    """A SwitchLoRA switch (2 A rows and 2 B columns of every projection: write-back into the pools,
+    W compensated, counterparts' Adam state reset) jitted by `state.jit_hook` on (1, 2, 2) and
+    (2, 2, 2) meshes from the state after one step: the one-device result, every leaf where it was."""
+    o = optim.defaults()
+    o.update(lr=1e-2, warmup_steps=0)
+    tx, spec = optim.make(o, 10), spec_for("switchlora", lora_alpha=1.0)
+    mesh = mesh_of((1, 1, 1))
+    graphdef, params, opt_state = state.init_state(spec, tx, mesh, seed=0)
+    train = state.jit_train_step(step.make_train_step(graphdef, tx), params, opt_state, mesh)
+    trained = jax.device_get(train(params, opt_state, sharding.global_batch(batches(1), mesh))[:2])
+    apply = functools.partial(switchlora.switchlora_switch, 1.0, 5, {16: jnp.asarray([0, 2, 2], jnp.int32)})
+    results = hook_on_meshes(apply, trained, [(1, 1, 1), (1, 2, 2), (2, 2, 2)])
+    assert not np.array_equal(results[0][0]["blocks"]["q"]["pool_a"], trained[0]["blocks"]["q"]["pool_a"])
+    for other in results[1:]:
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), other, results[0])
