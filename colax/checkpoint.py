@@ -28,7 +28,7 @@ from colax.errors import CheckpointError, ConfigError, DataError
 def saved_config(workdir):
     """(step, config dict) of the newest checkpoint that holds its run's config, or (None, None):
     `colax.run.run_config` falls back to it when config.json is missing or torn."""
-    if not (epath.Path(workdir) / "checkpoints").exists():
+    if not directory(workdir).exists():
         return None, None
     mngr = _reader(workdir)
     for step in sorted(mngr.all_steps(), reverse=True):
@@ -158,13 +158,12 @@ def _trained_steps(mngr, resume_step=0):
 
 def _reader(workdir):
     """A read-only CheckpointManager over workdir/checkpoints."""
-    path = epath.Path(workdir).absolute() / "checkpoints"
-    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+    return ocp.CheckpointManager(directory(workdir).absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
 
 
 def has_checkpoints(workdir):
     """Whether workdir/checkpoints holds any checkpoint (a `colax.convert` import's step 0 too); reads only."""
-    return (epath.Path(workdir) / "checkpoints").exists() and bool(_reader(workdir).all_steps())
+    return directory(workdir).exists() and bool(_reader(workdir).all_steps())
 
 
 def check_resume_step(workdir, resume_step):

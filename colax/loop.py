@@ -244,7 +244,7 @@ def _train(cfg, spec, mesh, tok, train_it, workdir, resume_step, stop_after, sto
                 evaluating = s == t.steps or (t.eval_every and s % t.eval_every == 0)
                 saving = s == t.steps or stopping or s % t.checkpoint_every == 0
                 if evaluating or saving:  # wait for step s's metrics: a NaN state is never saved
-                    result = None if not evaluating else final_eval(params) if s == t.steps else evaluate_fn(params)
+                    result = (final_eval(params) if s == t.steps else evaluate_fn(params)) if evaluating else None
                     log.step(*pending, extra=result)
                     pending = None
                 if saving and guard.in_streak:  # the state of a skipped non-finite step is never saved

@@ -22,8 +22,8 @@ from colax.errors import ConfigError, DataError
 
 CONFIG_NAME = "config.json"
 # Keys that may change between a run and its resumption (they do not change the trained model).
-FREE_KEYS = ("mesh.", "train.micro_batch_size", "train.log_every", "train.eval_every", "train.eval_batches", "train.final_eval_tokens",
-             "train.baseline_batches", "train.checkpoint_every", "train.keep_checkpoints",
+FREE_KEYS = ("mesh.", "train.micro_batch_size", "train.log_every", "train.eval_every", "train.eval_batches",
+             "train.final_eval_tokens", "train.baseline_batches", "train.checkpoint_every", "train.keep_checkpoints",
              "train.sample_", "data.worker_count", "data.read_threads", "data.prefetch")
 # Recovery settings: they may change on resume too (to get past a divergence); a notice lists them.
 RECOVERY_KEYS = ("optim.lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.grad_clip", "train.on_nonfinite",
