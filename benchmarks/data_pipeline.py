@@ -5,8 +5,9 @@
 
 Trains (or reuses) a tokenizer in --workdir, then times `make_pipeline` batches for each mode and
 thread/worker setting and prints a table. Tokens = batch x seq_len input positions per batch.
-Then prints how many distinct documents a packed batch of --mix-batch rows spans, for several
-data.row_shuffle_window sizes, against uniform sampling of the epoch's rows.
+Then prints how many distinct documents a packed batch of --mix-batch rows spans: the training
+pipeline's (a global permutation of the packed rows), consecutive rows (data.shuffle=False), and
+uniform sampling of the epoch's rows.
 """
 
 import argparse
@@ -71,7 +72,7 @@ def uniform_documents_per_batch(cfg, tok, batch_size: int, draws: int = 2000, se
     """Mean distinct documents in `batch_size` rows drawn uniformly without replacement from one
     epoch of packed training rows (`draws` Monte Carlo batches)."""
     one_epoch = cfg.copy_and_resolve_references()
-    one_epoch.update(row_shuffle_window=0)
+    one_epoch.update(shuffle=False)
     rows = [r for b in data.make_pipeline(one_epoch, DocIdTokenizer(tok), split="train", global_batch_size=1,
                                           process_index=0, process_count=1, num_epochs=1)
             for r in _row_documents(b)]
@@ -116,11 +117,11 @@ def main():
         print(f"{'packed' if packing else 'paper':<8} {threads:>12} {workers:>12} {rate:>12,.0f}")
     cfg.update(packing=True, read_threads=4, worker_count=0)
     print(f"distinct documents per packed batch of {args.mix_batch} rows (mean of {args.mix_batches} batches)")
-    print(f"{'row_shuffle_window':>18} {'documents':>10}")
-    for window in (0, 256, 1024, data.defaults().row_shuffle_window, 16384):
-        cfg.update(row_shuffle_window=window)
-        print(f"{window:>18} {documents_per_batch(cfg, tok, args.mix_batches, args.mix_batch):>10.1f}")
+    print(f"{'rows':>18} {'documents':>10}")
+    print(f"{'pipeline':>18} {documents_per_batch(cfg, tok, args.mix_batches, args.mix_batch):>10.1f}")
     print(f"{'uniform':>18} {uniform_documents_per_batch(cfg, tok, args.mix_batch):>10.1f}")
+    cfg.update(shuffle=False)
+    print(f"{'consecutive':>18} {documents_per_batch(cfg, tok, args.mix_batches, args.mix_batch):>10.1f}")
 
 
 if __name__ == "__main__":

@@ -11,14 +11,22 @@ of shape [batch, seq_len]:
 
 Paper mode (`packing=False`, as in CoLA/GaLore): one document per row; its
 first seq_len tokens plus EOS, padded to seq_len + 1. Packing mode: documents
-joined with EOS and cut into rows of seq_len + 1 tokens by grain's
-ConcatThenSplitIterDataset; predictions across a document boundary are masked.
-Packed training rows then go through a window shuffle of `row_shuffle_window`
-rows, so that a batch mixes rows of many documents.
+joined with EOS and cut into rows of seq_len + 1 tokens (`colax.rows`);
+predictions across a document boundary are masked.
+
+Rows come from a row store, a random-access grain MapDataset of records
+(`colax.rows`), built on the fly: paper mode lazily, one record per document; packed rows of a
+local source (stdlib, text, jsonl) packed in memory at start. Training reads a
+fresh global permutation of the store every epoch. Streamed sources (hf, and
+tfds with packing) cannot be permuted globally: their documents are shuffled
+(hf: in a buffer), packed by grain's ConcatThenSplitIterDataset (the same rows
+as the colax packer for the same document order) and their rows shuffled in
+windows of `row_shuffle_window` rows.
 """
 
 import functools
 import itertools
+import time
 from collections.abc import Iterator
 
 from absl import flags
@@ -27,6 +35,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from colax import rows as rows_lib
 from colax import sources
 from colax.errors import ConfigError
 
@@ -38,6 +47,7 @@ def defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         source="stdlib",  # stdlib (embedded corpus) | text | jsonl | tfds | hf
         path="",  # text/jsonl: file or glob, comma-separated list; .gz ok
+        val_path="",  # text/jsonl: validation file(s), read as path; empty: hold out val_docs by hash
         doc_split="blank_line",  # text: blank_line | line
         text_field="text",  # jsonl / tfds / hf record field holding the text
         on_bad_utf8="skip",  # skip (count logged) | fail
@@ -51,7 +61,7 @@ def defaults() -> ml_collections.ConfigDict:
         val_docs=64,  # local sources: documents held out by content hash
         seq_len=256,
         packing=False,  # False: the paper's truncate/pad, one doc per row
-        row_shuffle_window=4096,  # packing, train: rows shuffled in windows of this many; 0 = consecutive
+        row_shuffle_window=4096,  # packing, train, hf/tfds (streamed) only: rows shuffled in windows of this many
         seed=0,
         shuffle=True,
         worker_count=0,  # grain worker processes; 0 = threads in-process
@@ -76,6 +86,8 @@ def validate(cfg_data, global_batch_size: int | None = None,
     _check(c.source in SOURCES, "source", f"one of {SOURCES}", c.source)
     _check(c.source not in ("text", "jsonl") or bool(c.path.strip()), "path",
            f"a file or glob for source {c.source!r}", c.path)
+    _check(not c.val_path or c.source in ("text", "jsonl"), "val_path",
+           f"empty for source {c.source!r} (it is for text and jsonl)", c.val_path)
     _check(c.doc_split in ("blank_line", "line"), "doc_split",
            "'blank_line' or 'line'", c.doc_split)
     _check(c.on_bad_utf8 in ("skip", "fail"), "on_bad_utf8", "'skip' or 'fail'",
@@ -114,15 +126,8 @@ def paper_example(doc: str, tokenizer, seq_len: int) -> dict:
 
     Returns arrays of shape [seq_len] (see the module docstring).
     """
-    ids = tokenizer.encode(doc)[:seq_len] + [tokenizer.eos_id]
-    n = len(ids)
-    row = np.full(seq_len + 1, max(tokenizer.pad_id, 0), np.int32)
-    row[:n] = ids
-    t = np.arange(seq_len)
-    return dict(inputs=row[:-1], targets=row[1:],
-                loss_mask=(t + 1 < n).astype(np.float32),
-                segment_ids=(t < n).astype(np.int32),
-                positions=t.astype(np.int32))
+    record = rows_lib.paper_record(tokenizer.encode(doc), seq_len, tokenizer.eos_id)
+    return rows_lib.paper_example(record, seq_len, tokenizer.pad_id)
 
 
 def empty_example(seq_len: int) -> dict:
@@ -134,15 +139,16 @@ def empty_example(seq_len: int) -> dict:
 
 def _tokens(doc: str, tokenizer) -> dict:
     """`{"tokens": int32[len + 1]}`: a document's ids followed by EOS."""
-    return {"tokens": np.asarray(tokenizer.encode(doc) + [tokenizer.eos_id],
-                                 np.int32)}
+    return {"tokens": rows_lib.document_tokens(tokenizer.encode(doc), tokenizer.eos_id)}
 
 
 def packed_example(row: dict) -> dict:
     """Shifts a packed row of seq_len + 1 tokens into [seq_len] arrays.
 
-    The target of position t counts iff tokens t and t+1 belong to the same
-    document: predicting the next document's first token from EOS is masked.
+    `row`: "tokens", "tokens_segment_ids", "tokens_positions", int32 [seq_len + 1] (grain's
+    ConcatThenSplit layout, `rows.packed_fields`). The target of position t counts iff tokens t
+    and t+1 belong to the same document: predicting the next document's first token from EOS is
+    masked.
     """
     tok, seg = row["tokens"], row["tokens_segment_ids"]
     same_doc = (seg[1:] == seg[:-1]) & (seg[:-1] > 0)
@@ -151,11 +157,57 @@ def packed_example(row: dict) -> dict:
                 positions=row["tokens_positions"][:-1])
 
 
-def _paper_dataset(docs, cfg, tokenizer, train, batch, p, n_proc):
-    """Rows of global batch k, host p: docs [k*B + p*b, k*B + (p+1)*b)."""
+def record_example(record: np.ndarray, cfg, tokenizer) -> dict:
+    """The [seq_len] row (module docstring) of a row store's record (`colax.rows`) in `cfg.packing`'s mode."""
+    if cfg.packing:
+        return packed_example(rows_lib.packed_fields(record, cfg.seq_len + 1, tokenizer.eos_id,
+                                                     tokenizer.pad_id))
+    return rows_lib.paper_example(record, cfg.seq_len, tokenizer.pad_id)
+
+
+def _say(process_index: int, message: str) -> None:
+    if process_index == 0:
+        print(message, flush=True)
+
+
+def packed_records(docs, tokenizer, seq_len: int, train: bool, say=lambda message: None) -> list:
+    """The packed records (int32 [seq_len + 1], `colax.rows.pack`) of `docs` (str, in corpus order),
+    tokenised here; training drops a last, shorter record. `say` gets a progress line every 10 s
+    and a last one."""
+    start = last = time.time()
+    count = tokens = 0
+
+    def tokenised():
+        nonlocal count, tokens, last
+        for doc in docs:
+            ids = rows_lib.document_tokens(tokenizer.encode(doc), tokenizer.eos_id)
+            count, tokens = count + 1, tokens + len(ids)
+            if time.time() - last > 10:
+                last = time.time()
+                say(f"data: packing: {count:,} documents, {tokens:,} tokens ({last - start:.0f} s)")
+            yield ids
+
+    records = list(rows_lib.pack(tokenised(), seq_len + 1))
+    if train and records and len(records[-1]) <= seq_len:
+        records.pop()
+    say(f"data: packed {count:,} documents, {tokens:,} tokens into {len(records):,} rows of {seq_len + 1} "
+        f"({time.time() - start:.1f} s)")
+    return records
+
+
+def record_store(cfg, tokenizer, split: str, process_index: int = 0) -> grain.MapDataset:
+    """The row store of `split`: a MapDataset of records (`colax.rows`) in corpus order, for the
+    sources that have one (all but hf; tfds only in paper mode)."""
+    docs = sources.document_dataset(cfg, split)
+    if not cfg.packing:
+        return docs.map(lambda doc: rows_lib.paper_record(tokenizer.encode(doc), cfg.seq_len, tokenizer.eos_id))
+    say = functools.partial(_say, process_index)
+    return grain.MapDataset.source(packed_records(docs, tokenizer, cfg.seq_len, split == "train", say))
+
+
+def _host_batches(rows, cfg, train, batch, p, n_proc):
+    """Rows of global batch k, host p: rows [k*B + p*b, k*B + (p+1)*b)."""
     global_batch = batch * n_proc
-    rows = docs.map(functools.partial(paper_example, tokenizer=tokenizer,
-                                      seq_len=cfg.seq_len))
     if not train:  # pad the one pass to whole global batches with empty rows
         pad = [empty_example(cfg.seq_len)] * (-len(rows) % global_batch)
         rows = grain.MapDataset.concatenate([rows, grain.MapDataset.source(pad)])
@@ -165,8 +217,8 @@ def _paper_dataset(docs, cfg, tokenizer, train, batch, p, n_proc):
                           prefetch_buffer_size=cfg.prefetch))
 
 
-def _packed_dataset(docs, cfg, tokenizer, train, batch):
-    """Rows packed from this host's documents (docs[p::P]) only.
+def _packed_stream(docs, cfg, tokenizer, train, batch):
+    """Rows packed from this host's stream of documents.
 
     Shuffled training rows (`cfg.shuffle`, `cfg.row_shuffle_window` > 1) are
     read in windows of that many consecutive packed rows, each window permuted
@@ -189,6 +241,20 @@ def _packed_dataset(docs, cfg, tokenizer, train, batch):
     return rows.batch(batch, batch_fn=pad)
 
 
+def _stream_dataset(cfg, tokenizer, split, train, batch, p, n_proc, num_epochs):
+    """The batches of a streamed source: hf, or tfds with packing (module docstring)."""
+    shuffle = cfg.shuffle and train
+    if cfg.source == "hf":  # streamed: split by node, buffer-shuffled
+        docs = _HFDocuments(cfg, split, p, n_proc, shuffle)
+    else:
+        docs = sources.document_dataset(cfg, split)
+        docs = (docs.shuffle(seed=cfg.seed) if shuffle else docs).repeat(num_epochs if train else 1)[p::n_proc]
+    if cfg.packing:
+        return _packed_stream(docs, cfg, tokenizer, train, batch)
+    rows = docs.map(functools.partial(paper_example, tokenizer=tokenizer, seq_len=cfg.seq_len))
+    return rows.batch(batch, drop_remainder=True)
+
+
 def make_dataset(cfg_data, tokenizer, *, split: str, global_batch_size: int,
                  process_index: int | None = None,
                  process_count: int | None = None,
@@ -201,25 +267,15 @@ def make_dataset(cfg_data, tokenizer, *, split: str, global_batch_size: int,
     train = split == "train"
     if split not in ("train", "val"):
         raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
-    shuffle = cfg_data.shuffle and train
-    if cfg_data.source == "hf":  # streamed: split by node, buffer-shuffled
-        docs = _HFDocuments(cfg_data, split, p, n_proc, shuffle)
-        if cfg_data.packing:
-            ds = _packed_dataset(docs, cfg_data, tokenizer, train, batch)
-        else:
-            ds = docs.map(functools.partial(paper_example, tokenizer=tokenizer,
-                                            seq_len=cfg_data.seq_len))
-            ds = ds.batch(batch, drop_remainder=True)
+    if cfg_data.source == "hf" or (cfg_data.source == "tfds" and cfg_data.packing):
+        ds = _stream_dataset(cfg_data, tokenizer, split, train, batch, p, n_proc, num_epochs)
         return _with_workers(ds, cfg_data)
-    docs = sources.document_dataset(cfg_data, split)
-    if shuffle:
-        docs = docs.shuffle(seed=cfg_data.seed)
-    docs = docs.repeat(num_epochs if train else 1)
-    if cfg_data.packing:
-        ds = _packed_dataset(docs[p::n_proc], cfg_data, tokenizer, train, batch)
-    else:
-        ds = _paper_dataset(docs, cfg_data, tokenizer, train, batch, p, n_proc)
-    return _with_workers(ds, cfg_data)
+    records = record_store(cfg_data, tokenizer, split, p)
+    if cfg_data.shuffle and train:
+        records = records.shuffle(seed=cfg_data.seed)
+    rows = records.repeat(num_epochs if train else 1).map(
+        functools.partial(record_example, cfg=cfg_data, tokenizer=tokenizer))
+    return _with_workers(_host_batches(rows, cfg_data, train, batch, p, n_proc), cfg_data)
 
 
 def _with_workers(ds: grain.IterDataset, cfg) -> grain.IterDataset:

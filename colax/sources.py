@@ -1,7 +1,7 @@
 """Document sources: each returns documents as `str`, in a fixed order.
 
 Local sources (`stdlib`, `text`, `jsonl`) are read into memory once and split
-into train/val by a content hash; `tfds` reads an array_record dataset with
+into train/val by a content hash (or `val_path` names the validation files); `tfds` reads an array_record dataset with
 random access (no TensorFlow); `hf` streams a Hugging Face dataset (optional
 extra, imported lazily).
 """
@@ -15,6 +15,7 @@ import logging
 import os
 import sysconfig
 import zlib
+from collections.abc import Iterator
 
 import grain
 
@@ -37,18 +38,26 @@ def stdlib_paths() -> tuple[str, ...]:
     return tuple(sorted(p for p in paths if keep(p)))
 
 
-def expand_paths(pattern: str) -> list[str]:
-    """Sorted files matching a comma-separated list of globs; errors if none."""
+def expand_paths(pattern: str, field: str = "data.path") -> list[str]:
+    """Sorted files matching a comma-separated list of globs; errors naming `field` if none."""
     globs = [g.strip() for g in pattern.split(",") if g.strip()]
     if not globs:
-        raise DataError("data.path is empty: set it to a file or glob")
+        raise DataError(f"{field} is empty: set it to a file or glob")
     paths = []
     for g in globs:
         found = sorted(glob.glob(os.path.expanduser(g), recursive=True))
         if not found:
-            raise DataError(f"data.path: no file matches {g!r}")
+            raise DataError(f"{field}: no file matches {g!r}")
         paths += found
     return paths
+
+
+def source_paths(cfg, split: str = "train") -> list[str]:
+    """The files of a local source in reading order: `data.path` (stdlib: `stdlib_paths`), or for
+    the "val" split `data.val_path` when it is set."""
+    if split == "val" and cfg.val_path:
+        return expand_paths(cfg.val_path, "data.val_path")
+    return list(stdlib_paths()) if cfg.source == "stdlib" else expand_paths(cfg.path)
 
 
 def _read_text(path: str) -> str:
@@ -92,35 +101,45 @@ def _warn_once(message: str) -> None:
     logging.warning(message)
 
 
-def read_documents(cfg) -> list[str]:
-    """All documents of a local source (`stdlib`, `text` or `jsonl`), in order.
+def file_documents(cfg, path: str) -> list[str] | None:
+    """The documents of one file of a local source, in order; None for a file that is not valid UTF-8
+    when `cfg.on_bad_utf8 == "skip"` (else DataError naming it)."""
+    try:
+        text = _read_text(path)
+    except UnicodeDecodeError as e:
+        if cfg.on_bad_utf8 == "fail":
+            raise DataError(f"{path}: not UTF-8 at byte {e.start}") from None
+        return None
+    if cfg.source == "stdlib":
+        return [text] if text.strip() else []
+    if cfg.source == "jsonl":
+        return _jsonl_docs(path, text, cfg.text_field)
+    return _split_text(text, cfg.doc_split)
 
-    Files that are not valid UTF-8 are skipped (and counted in the log) when
-    `cfg.on_bad_utf8 == "skip"`, else raise `DataError` naming the file.
-    """
-    paths = stdlib_paths() if cfg.source == "stdlib" else expand_paths(cfg.path)
-    docs, bad = [], []
+
+def iter_documents(cfg, paths: list[str]) -> Iterator[str]:
+    """The documents of the files `paths` of a local source (`stdlib`, `text` or `jsonl`), in order,
+    one file in memory at a time. Non-UTF-8 files: see `file_documents` (the skipped ones are counted
+    in the log at the end); no document at all is a DataError."""
+    bad, count = [], 0
     for path in paths:
-        try:
-            text = _read_text(path)
-        except UnicodeDecodeError as e:
-            if cfg.on_bad_utf8 == "fail":
-                raise DataError(f"{path}: not UTF-8 at byte {e.start}") from None
+        docs = file_documents(cfg, path)
+        if docs is None:
             bad.append(path)
             continue
-        if cfg.source == "stdlib":
-            docs += [text] if text.strip() else []
-        elif cfg.source == "jsonl":
-            docs += _jsonl_docs(path, text, cfg.text_field)
-        else:
-            docs += _split_text(text, cfg.doc_split)
+        count += len(docs)
+        yield from docs
     if bad:
         _warn_once(f"data: skipped {len(bad)} non-UTF-8 file(s) of {len(paths)}: "
                    f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''} (data.on_bad_utf8='fail' stops instead)")
-    if not docs:
+    if not count:
         raise DataError(f"data: no documents in source {cfg.source!r} "
-                        f"(path {cfg.path!r})")
-    return docs
+                        f"({'files ' + ', '.join(paths[:3]) if paths else 'no file'})")
+
+
+def read_documents(cfg, split: str = "train") -> list[str]:
+    """All documents of a local source's files (`source_paths`), in order (`iter_documents`)."""
+    return list(iter_documents(cfg, source_paths(cfg, split)))
 
 
 def split_documents(docs: list[str], val_docs: int):
@@ -160,6 +179,8 @@ def document_dataset(cfg, split: str) -> grain.MapDataset:
         field = cfg.text_field
         decode = lambda ex: ex[field].decode("utf-8", errors="replace")
         return grain.MapDataset.source(_tfds_source(cfg, name)).map(decode)
+    if cfg.val_path:  # the user's own validation files; the whole data.path trains
+        return grain.MapDataset.source(read_documents(cfg, split))
     train, val = split_documents(read_documents(cfg), cfg.val_docs)
     return grain.MapDataset.source(train if split == "train" else val)
 

@@ -14,6 +14,7 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: one line, exi
     errors.exit_on_signal("interrupted")
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import io  # noqa: E402
 import itertools  # noqa: E402
 import logging  # noqa: E402
@@ -56,6 +57,11 @@ class Tokenizer:
     @property
     def bos_id(self) -> int:
         return self.sp.bos_id()
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the serialized model (as SentencePiece writes a .model file)."""
+        return hashlib.sha256(self.sp.serialized_model_proto()).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from colax import data, sources
+from colax import data, rows, sources
 from colax.errors import ConfigError, DataError
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
@@ -74,18 +74,38 @@ def test_paper_mode_padding_row_is_empty():
         np.testing.assert_array_equal(row[k], [0, 0, 0])
 
 
+def _fields(b, row=0):
+    return tuple(b[k][row].tolist() for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions"))
+
+
 def test_packing_rows_and_masks(monkeypatch):
     _fixed_docs(monkeypatch, ["abc", "de", "fghij"])
-    rows = [b for b in _take(_cfg(seq_len=4, shuffle=False, packing=True), 3, global_batch_size=1)]
-    # Stream: a b c EOS | d e EOS | f g h i j EOS | a b ... cut into rows of 5 tokens.
+    cfg = _cfg(seq_len=4, shuffle=False, packing=True)
+    # Stream: a b c EOS | d e EOS | f g h i j EOS, cut into rows of 5 tokens: 2 rows and a tail of 3.
     want = [  # inputs, targets, loss_mask, segment_ids, positions
         ([3, 4, 5, 1], [4, 5, 1, 6], [1, 1, 1, 0], [1, 1, 1, 1], [0, 1, 2, 3]),
         ([7, 1, 8, 9], [1, 8, 9, 10], [1, 0, 1, 1], [1, 1, 2, 2], [0, 1, 0, 1]),
-        ([11, 12, 1, 3], [12, 1, 3, 4], [1, 1, 0, 1], [1, 1, 1, 2], [0, 1, 2, 0]),
+        ([11, 12, 1, 0], [12, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 2, 0]),  # the tail, padded
     ]
-    for b, w in zip(rows, want):
-        got = tuple(b[k][0].tolist() for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions"))
-        assert got == w
+    train = _take(cfg, 3, global_batch_size=1)  # training drops the tail: the next epoch starts again
+    assert [_fields(b) for b in train] == want[:2] + want[:1]
+    assert [_fields(b) for b in _take(cfg, 5, split="val", global_batch_size=1)] == want
+
+
+def test_colax_packer_makes_grains_concat_then_split_rows():
+    # The streamed sources pack with grain; the row store with colax.rows: the same rows, token by token.
+    rng = np.random.default_rng(0)
+    docs = [rows.document_tokens(rng.integers(3, 100, n).tolist(), 1) for n in rng.integers(0, 40, 50)]
+    grain_rows = list(grain.experimental.ConcatThenSplitIterDataset(
+        grain.MapDataset.source([{"tokens": d} for d in docs]).to_iter_dataset(), length_struct={"tokens": 9}))
+    colax_rows = [rows.packed_fields(r, 9, 1, 0) for r in rows.pack(docs, 9)]
+    assert len(colax_rows) == len(grain_rows) == -(-sum(map(len, docs)) // 9)
+    chex.assert_trees_all_equal(colax_rows, grain_rows)
+
+
+def test_row_pieces_place_a_document_at_its_stream_offset():
+    assert rows.row_pieces(7, 12, 5) == [(1, 2, 0, 3), (2, 0, 3, 8), (3, 0, 8, 12)]
+    assert rows.row_pieces(10, 5, 5) == [(2, 0, 0, 5)] and rows.row_pieces(3, 0, 5) == []
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -115,8 +135,10 @@ def test_val_is_one_padded_pass(corpus):
     assert batches[-1]["loss_mask"][2].sum() == 0 and batches[-1]["loss_mask"][1].sum() > 0
 
 
+@pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_two_hosts_split_the_global_batch(corpus, split):
+def test_two_hosts_split_the_global_batch(corpus, split, packing):
+    corpus.packing = packing
     whole = _take(corpus, 3, split=split)
     hosts = [_take(corpus, 3, split=split, global_batch_size=4, process_index=p, process_count=2)
              for p in (0, 1)]
@@ -125,15 +147,6 @@ def test_two_hosts_split_the_global_batch(corpus, split):
             np.testing.assert_array_equal(
                 np.concatenate([hosts[0][k][key], hosts[1][k][key]]), whole[k][key])
             assert hosts[0][k][key].shape == (2, 16)
-
-
-def test_two_hosts_pack_disjoint_documents(monkeypatch):
-    _fixed_docs(monkeypatch, ["ab", "cd", "ef", "gh"])
-    cfg = _cfg(seq_len=5, shuffle=False, packing=True)
-    hosts = [_take(cfg, 1, global_batch_size=2, process_index=p, process_count=2)[0] for p in (0, 1)]
-    # Host 0 packs documents 0 and 2, host 1 documents 1 and 3.
-    np.testing.assert_array_equal(hosts[0]["inputs"][0], [3, 4, 1, 7, 8])
-    np.testing.assert_array_equal(hosts[1]["inputs"][0], [5, 6, 1, 9, 10])
 
 
 def assert_resumes(cfg, global_batch_size, skip, take):
@@ -151,20 +164,21 @@ def assert_resumes(cfg, global_batch_size, skip, take):
     return skipped
 
 
-@pytest.mark.parametrize("packing,window", [(False, 0), (True, 0), (True, 5), (True, 4096)])
-def test_resume_from_saved_state(corpus, packing, window):
-    # Window 5: the state is saved 3 rows into the third window and the next batches cross windows.
-    corpus.update(packing=packing, row_shuffle_window=window)
+@pytest.mark.parametrize("packing", [False, True])
+def test_resume_from_saved_state(corpus, packing):
+    corpus.packing = packing
     assert_resumes(corpus, 4, skip=2, take=3)
 
 
-def test_row_shuffle_permutes_an_epochs_rows(corpus):
-    corpus.update(packing=True, row_shuffle_window=5)
-    rows = lambda: [bytes(b["inputs"][0]) for b in _take(corpus, 10**4, global_batch_size=1, num_epochs=1)]
-    shuffled = rows()
-    corpus.row_shuffle_window = 0
-    consecutive = rows()
-    assert shuffled != consecutive and sorted(shuffled) == sorted(consecutive)
+def test_training_rows_are_a_global_permutation_of_the_epochs_rows(corpus):
+    corpus.update(packing=True)
+    rows_of = lambda: [bytes(b["inputs"][0]) for b in _take(corpus, 10**4, global_batch_size=1, num_epochs=2)]
+    shuffled = rows_of()
+    corpus.shuffle = False
+    in_order = rows_of()
+    n = len(in_order) // 2
+    assert in_order[:n] == in_order[n:] and shuffled[:n] != in_order[:n] and shuffled[:n] != shuffled[n:]
+    assert sorted(shuffled[:n]) == sorted(in_order[:n]) == sorted(shuffled[n:])
 
 
 @pytest.fixture
@@ -179,14 +193,15 @@ def long_documents(tmp_path):
 
 
 def test_packed_batches_span_many_documents(long_documents):
-    """With the default row_shuffle_window a batch of 16 rows spans >= 8 documents (uniform
-    sampling of the epoch's rows: ~15); consecutive rows (window 0, the old batching) span ~2."""
+    """A batch of 16 globally permuted rows spans as many documents as uniform sampling of the
+    epoch's rows (~15); consecutive rows (no shuffle, the batching before the row shuffle) span ~2."""
     tok = CharTokenizer()
     mixed = documents_per_batch(long_documents, tok, batches=30, batch_size=16)
     uniform = uniform_documents_per_batch(long_documents, tok, batch_size=16, draws=300)
-    long_documents.row_shuffle_window = 0
+    long_documents.shuffle = False
     consecutive = documents_per_batch(long_documents, tok, batches=30, batch_size=16)
-    assert mixed >= 8 and uniform >= 14 and consecutive < 4, (mixed, uniform, consecutive)
+    assert mixed >= 14 and uniform >= 14 and abs(mixed - uniform) < 0.5 and consecutive < 4, (
+        mixed, uniform, consecutive)
 
 
 def test_epochs_reshuffle_and_end(corpus):
@@ -208,6 +223,19 @@ def test_jsonl_gzip_and_missing_field(tmp_path):
     bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: no string field 'text'"):
         sources.read_documents(_cfg(source="jsonl", path=str(bad)))
+
+
+def test_val_path_is_the_validation_split(tmp_path):
+    (tmp_path / "train.txt").write_text("one\n\ntwo\n\nthree")
+    (tmp_path / "val.txt").write_text("four\n\nfive")
+    cfg = _cfg(source="text", path=str(tmp_path / "train.txt"), val_path=str(tmp_path / "val.txt"), val_docs=2)
+    assert list(sources.document_dataset(cfg, "train")) == ["one", "two", "three"]
+    assert list(sources.document_dataset(cfg, "val")) == ["four", "five"]
+    cfg.val_path = str(tmp_path / "nothing*.txt")
+    with pytest.raises(DataError, match=r"data.val_path: no file matches '.*nothing\*.txt'"):
+        sources.document_dataset(cfg, "val")
+    with pytest.raises(ConfigError, match=r"data.val_path must be empty for source 'stdlib'"):
+        data.validate(_cfg(val_path="v.txt"))
 
 
 def test_line_split_and_bad_utf8(tmp_path):
@@ -314,6 +342,16 @@ def test_tfds_array_record_source(tfds_dir):
     batches = _take(cfg, 100, split="val", global_batch_size=2)
     assert len(batches) == 2 and batches[1]["segment_ids"][1].sum() == 0
     assert _take(cfg, 1, global_batch_size=4)[0]["inputs"].shape == (4, 8)
+
+
+def test_tfds_packed_rows_are_window_shuffled_and_resume(tfds_dir):
+    # tfds with packing is streamed (no row store): documents shuffled, packed, rows shuffled in windows.
+    cfg = _cfg(source="tfds", tfds_name="colax_tiny_text:1.0.0", tfds_data_dir=tfds_dir, seq_len=8, packing=True,
+               row_shuffle_window=3)
+    shuffled = assert_resumes(cfg, 2, skip=2, take=3)  # saved 1 row into the second window
+    cfg.row_shuffle_window = 0
+    consecutive = _take(cfg, 2, global_batch_size=2)
+    assert not all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(shuffled, consecutive))
 
 
 def test_tfds_errors(tfds_dir, tmp_path):

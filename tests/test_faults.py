@@ -297,10 +297,9 @@ def test_kill_during_a_save_and_torn_files(tok_path, reference, tmp_path, capsys
 
 
 def packed_fault_config(tok):
-    """fault_config with packing and a row shuffle window of 12 rows: with 8 rows a step, checkpoints
-    2 and 4 fall 4 and 8 rows into a window."""
+    """fault_config with packing: rows of the stdlib corpus packed in memory, globally permuted."""
     cfg = fault_config(tok)
-    cfg.data.update(packing=True, row_shuffle_window=12)
+    cfg.data.update(packing=True)
     return cfg
 
 
@@ -324,8 +323,8 @@ loop.run(packed_fault_config(sys.argv[1]), sys.argv[2])
 
 
 def test_kill_9_resumes_shuffled_packed_rows_exactly(tok_path, tmp_path):
-    # SIGKILL after checkpoint 4 (8 rows into a row-shuffle window); the resumed run's losses are the
-    # uninterrupted run's: the restored data iterator re-reads its window and skips the used rows.
+    # SIGKILL after checkpoint 4; the resumed run's losses are the uninterrupted run's: the restored data
+    # iterator continues the epoch's permutation of the packed rows.
     proc = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE, tok_path, str(tmp_path / "killed")], cwd=ROOT,
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == -signal.SIGKILL, proc.stderr
