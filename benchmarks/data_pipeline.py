@@ -2,9 +2,11 @@
 
   python benchmarks/data_pipeline.py [--batches 200] [--batch-size 64] [--seq-len 256]
   python benchmarks/data_pipeline.py --source text --path FILE [--doc-split blank_line|line]
+  python benchmarks/data_pipeline.py --source prepared --path DIR   # shards of `python -m colax.data prepare`
 
 Trains (or reuses) a tokenizer in --workdir, then times `make_pipeline` batches for each mode and
-thread/worker setting and prints a table. Tokens = batch x seq_len input positions per batch.
+thread/worker setting and prints a table (prepared shards: their row mode and tokenizer) and the
+process's peak RSS. Tokens = batch x seq_len input positions per batch.
 Then prints how many distinct documents a packed batch of --mix-batch rows spans: the training
 pipeline's (a global permutation of the packed rows), consecutive rows (data.shuffle=False), and
 uniform sampling of the epoch's rows.
@@ -14,11 +16,12 @@ import argparse
 import hashlib
 import itertools
 import os
+import resource
 import time
 
 import numpy as np
 
-from colax import data
+from colax import data, rows
 from colax import tokenizer as tk
 
 
@@ -96,8 +99,8 @@ def main():
     p.add_argument("--batches", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--source", default="stdlib", help="data.source: stdlib, text or jsonl")
-    p.add_argument("--path", default="", help="data.path for text / jsonl")
+    p.add_argument("--source", default="stdlib", help="data.source: stdlib, text, jsonl or prepared")
+    p.add_argument("--path", default="", help="data.path for text / jsonl / prepared")
     p.add_argument("--doc-split", default="blank_line", help="data.doc_split for text")
     p.add_argument("--workdir", default="/tmp/colax_bench_data")
     p.add_argument("--mix-batch", type=int, default=16, help="rows per batch for the documents-per-batch table")
@@ -106,15 +109,22 @@ def main():
     cfg = data.defaults()
     cfg.update(seq_len=args.seq_len, source=args.source, path=args.path, doc_split=args.doc_split,
                tokenizer_vocab_size=8000)
+    modes = [(False, 1, 0), (False, 4, 0), (False, 4, 2), (True, 1, 0), (True, 4, 0), (True, 4, 2)]
+    if args.source == "prepared":  # the shards' row mode and tokenizer
+        manifest = rows.read_manifest(args.path)
+        cfg.update(seq_len=manifest["seq_len"], packing=manifest["rows"] == "packed")
+        modes = [m for m in modes if m[0] == cfg.packing]
     tok = tk.get_or_train_tokenizer(cfg, os.path.join(args.workdir, args.source))
     print(f"{args.source} corpus {args.path}, tokenizer {tok.vocab_size} pieces, batch {args.batch_size} x "
           f"{args.seq_len}, {args.batches} batches, {os.cpu_count()} CPUs")
     print(f"{'mode':<8} {'read_threads':>12} {'worker_count':>12} {'tokens/s':>12}")
-    for packing, threads, workers in [(False, 1, 0), (False, 4, 0), (False, 4, 2),
-                                      (True, 1, 0), (True, 4, 0), (True, 4, 2)]:
+    for packing, threads, workers in modes:
         cfg.update(packing=packing, read_threads=threads, worker_count=workers)
         rate = tokens_per_s(cfg, tok, args.batches, args.batch_size)
         print(f"{'packed' if packing else 'paper':<8} {threads:>12} {workers:>12} {rate:>12,.0f}")
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
+    if args.source == "prepared":  # records hold token ids: documents cannot be told apart
+        return
     cfg.update(packing=True, read_threads=4, worker_count=0)
     print(f"distinct documents per packed batch of {args.mix_batch} rows (mean of {args.mix_batches} batches)")
     print(f"{'rows':>18} {'documents':>10}")

@@ -15,7 +15,8 @@ joined with EOS and cut into rows of seq_len + 1 tokens (`colax.rows`);
 predictions across a document boundary are masked.
 
 Rows come from a row store, a random-access grain MapDataset of records
-(`colax.rows`), built on the fly: paper mode lazily, one record per document; packed rows of a
+(`colax.rows`): prepared shards (`source="prepared"`, `colax.prepare`), or
+built on the fly: paper mode lazily, one record per document; packed rows of a
 local source (stdlib, text, jsonl) packed in memory at start. Training reads a
 fresh global permutation of the store every epoch. Streamed sources (hf, and
 tfds with packing) cannot be permuted globally: their documents are shuffled
@@ -24,29 +25,35 @@ as the colax packer for the same document order) and their rows shuffled in
 windows of `row_shuffle_window` rows.
 """
 
-import functools
-import itertools
-import time
-from collections.abc import Iterator
+from colax import errors
 
-from absl import flags
-import grain
-import jax
-import ml_collections
-import numpy as np
+if __name__ == "__main__":  # Ctrl-C while the imports below load: one line, exit 130
+    errors.exit_on_signal("interrupted")
 
-from colax import rows as rows_lib
-from colax import sources
-from colax.errors import ConfigError
+import functools  # noqa: E402
+import itertools  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 
-SOURCES = ("stdlib", "text", "jsonl", "tfds", "hf")
+from absl import flags  # noqa: E402
+import grain  # noqa: E402
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from colax import rows as rows_lib  # noqa: E402
+from colax import sources  # noqa: E402
+from colax.errors import ConfigError  # noqa: E402
+
+SOURCES = ("stdlib", "text", "jsonl", "tfds", "hf", "prepared")
 
 
 def defaults() -> ml_collections.ConfigDict:
     """The `config.data` section; every key is described in docs/data.md."""
     return ml_collections.ConfigDict(dict(
-        source="stdlib",  # stdlib (embedded corpus) | text | jsonl | tfds | hf
-        path="",  # text/jsonl: file or glob, comma-separated list; .gz ok
+        source="stdlib",  # stdlib (embedded corpus) | text | jsonl | tfds | hf | prepared
+        path="",  # text/jsonl: file or glob, comma-separated list; .gz ok; prepared: the folder
         val_path="",  # text/jsonl: validation file(s), read as path; empty: hold out val_docs by hash
         doc_split="blank_line",  # text: blank_line | line
         text_field="text",  # jsonl / tfds / hf record field holding the text
@@ -86,6 +93,8 @@ def validate(cfg_data, global_batch_size: int | None = None,
     _check(c.source in SOURCES, "source", f"one of {SOURCES}", c.source)
     _check(c.source not in ("text", "jsonl") or bool(c.path.strip()), "path",
            f"a file or glob for source {c.source!r}", c.path)
+    _check(c.source != "prepared" or bool(c.path.strip()), "path",
+           "the folder of `python -m colax.data prepare` for source 'prepared'", c.path)
     _check(not c.val_path or c.source in ("text", "jsonl"), "val_path",
            f"empty for source {c.source!r} (it is for text and jsonl)", c.val_path)
     _check(c.doc_split in ("blank_line", "line"), "doc_split",
@@ -118,7 +127,12 @@ def train_documents(cfg_data, max_docs: int) -> Iterator[str]:
         docs = sources.hf_documents(cfg_data, "train", 0, 1, shuffle=False)
         return itertools.islice((ex[cfg_data.text_field] for ex in docs), max_docs)
     docs = sources.document_dataset(cfg_data, "train")
-    return iter(docs[::max(1, -(-len(docs) // max_docs))])
+    return iter(docs[::sample_step(len(docs), max_docs)])
+
+
+def sample_step(count: int, max_docs: int) -> int:
+    """Every how many of `count` documents one is taken to train the tokenizer on at most `max_docs`."""
+    return max(1, -(-count // max_docs))
 
 
 def paper_example(doc: str, tokenizer, seq_len: int) -> dict:
@@ -195,9 +209,27 @@ def packed_records(docs, tokenizer, seq_len: int, train: bool, say=lambda messag
     return records
 
 
+def check_manifest(manifest: dict, cfg, tokenizer) -> None:
+    """Raises ConfigError naming the first field where prepared data (`manifest`) and the config
+    (`cfg`: config.data) or its tokenizer disagree."""
+    tok, mode = manifest["tokenizer"], "packed" if cfg.packing else "paper"
+    for key, field, want, got in (("packing", "rows", manifest["rows"], mode),
+                                  ("seq_len", "seq_len", manifest["seq_len"], cfg.seq_len),
+                                  ("tokenizer", "tokenizer vocab_size", tok["vocab_size"], tokenizer.vocab_size),
+                                  ("tokenizer", "tokenizer sha256", tok["sha256"], tokenizer.sha256)):
+        if want != got:
+            raise ConfigError(f"data.{key}: the prepared data in {cfg.path} has {field} {want!r}, this run "
+                              f"{got!r} (prepare again, or change the config)")
+
+
 def record_store(cfg, tokenizer, split: str, process_index: int = 0) -> grain.MapDataset:
     """The row store of `split`: a MapDataset of records (`colax.rows`) in corpus order, for the
     sources that have one (all but hf; tfds only in paper mode)."""
+    if cfg.source == "prepared":
+        manifest = rows_lib.read_manifest(cfg.path)
+        check_manifest(manifest, cfg, tokenizer)
+        paths = [os.path.join(cfg.path, shard["file"]) for shard in manifest["splits"][split]["shards"]]
+        return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)).map(rows_lib.decode)
     docs = sources.document_dataset(cfg, split)
     if not cfg.packing:
         return docs.map(lambda doc: rows_lib.paper_record(tokenizer.encode(doc), cfg.seq_len, tokenizer.eos_id))
@@ -340,3 +372,8 @@ class _HFIterator(grain.DatasetIterator):
         self._docs.load_state_dict(state)
         self._it = None
 
+
+
+if __name__ == "__main__":  # python -m colax.data prepare ...
+    from colax import prepare  # pylint: disable=g-import-not-at-top
+    prepare.cli()

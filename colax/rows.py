@@ -79,18 +79,35 @@ def row_pieces(start: int, length: int, row_len: int) -> list[tuple[int, int, in
     return pieces
 
 
+class Packer:
+    """The colax packer, fed one document at a time (`pack`); holds one row."""
+
+    def __init__(self, row_len: int):
+        self.row_len, self.row, self.start = row_len, np.zeros(row_len, DTYPE), 0
+
+    def add(self, doc: np.ndarray) -> list[np.ndarray]:
+        """Places `doc` (a `document_tokens` array) at the stream's end; returns the records it completed."""
+        done = []
+        for _, col, begin, end in row_pieces(self.start, len(doc), self.row_len):
+            self.row[col:col + end - begin] = doc[begin:end]
+            if col + end - begin == self.row_len:
+                done.append(self.row.copy())
+        self.start += len(doc)
+        return done
+
+    def tail(self) -> list[np.ndarray]:
+        """The stream's last, shorter record, if there is one."""
+        rest = self.start % self.row_len
+        return [self.row[:rest].copy()] if rest else []
+
+
 def pack(docs: Iterable[np.ndarray], row_len: int) -> Iterator[np.ndarray]:
     """The packed records (int32 [row_len], the last one possibly shorter) of `docs`, each a
     `document_tokens` array, in order; holds one row in memory."""
-    row, start = np.zeros(row_len, DTYPE), 0
+    packer = Packer(row_len)
     for doc in docs:
-        for _, col, begin, end in row_pieces(start, len(doc), row_len):
-            row[col:col + end - begin] = doc[begin:end]
-            if col + end - begin == row_len:
-                yield row.copy()
-        start += len(doc)
-    if start % row_len:
-        yield row[:start % row_len].copy()
+        yield from packer.add(doc)
+    yield from packer.tail()
 
 
 def encode(record: np.ndarray) -> bytes:

@@ -10,12 +10,14 @@ import functools
 import glob
 import gzip
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import os
 import sysconfig
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import grain
 
@@ -60,29 +62,48 @@ def source_paths(cfg, split: str = "train") -> list[str]:
     return list(stdlib_paths()) if cfg.source == "stdlib" else expand_paths(cfg.path)
 
 
-def _read_text(path: str) -> str:
-    """The file's text; DataError naming it if it cannot be read or decompressed."""
+class NotUtf8(ValueError):
+    """A file of a local source is not valid UTF-8; `offset`: the first bad byte."""
+
+    def __init__(self, path: str, offset: int):
+        super().__init__(f"{path}: not UTF-8 at byte {offset}")
+        self.path, self.offset = path, offset
+
+
+def _lines(path: str) -> Iterator[str]:
+    """The file's lines (decoded, each with its "\n"), read one at a time (`.gz`: decompressed);
+    NotUtf8 at the first bad byte, DataError naming the file if it cannot be read or decompressed."""
     opener = gzip.open if path.endswith(".gz") else open
+    offset = 0
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
+            for raw in f:  # a UTF-8 sequence never holds the byte "\n": decoding line by line is exact
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise NotUtf8(path, offset + e.start) from None
+                offset += len(raw)
+                yield line
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         what = "truncated" if isinstance(e, EOFError) else (getattr(e, "strerror", None) or str(e) or type(e).__name__)
         raise DataError(f"{path}: cannot be read ({what})") from None
-    return raw.decode("utf-8")
 
 
-def _split_text(text: str, doc_split: str) -> list[str]:
-    if doc_split == "line":
-        blocks = text.split("\n")
-    else:  # "blank_line"
-        blocks = text.replace("\r\n", "\n").split("\n\n")
-    return [b.strip("\n") for b in blocks if b.strip()]
+def _blocks(lines: Iterator[str]) -> Iterator[str]:
+    """Blank-line-separated blocks ("\r\n" read as "\n"), blank ones dropped."""
+    block = []
+    for line in itertools.chain(lines, [""]):
+        line = line[:-2] if line.endswith("\r\n") else line.removesuffix("\n")
+        if line:
+            block.append(line)
+        elif block:
+            text, block = "\n".join(block), []
+            if text.strip():
+                yield text
 
 
-def _jsonl_docs(path: str, text: str, field: str) -> list[str]:
-    docs = []
-    for i, line in enumerate(text.splitlines(), start=1):
+def _jsonl_docs(path: str, lines: Iterator[str], field: str) -> Iterator[str]:
+    for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -91,8 +112,21 @@ def _jsonl_docs(path: str, text: str, field: str) -> list[str]:
             raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise DataError(f"{path}:{i}: no string field {field!r} (data.text_field)")
-        docs.append(record[field])
-    return docs
+        yield record[field]
+
+
+def file_documents(cfg, path: str) -> Iterator[str]:
+    """The documents of one file of a local source, in order, read as they are needed (stdlib: the
+    whole file is one document). NotUtf8 where the file stops being UTF-8."""
+    lines = _lines(path)
+    if cfg.source == "stdlib":
+        text = "".join(lines)
+        return iter([text] if text.strip() else [])
+    if cfg.source == "jsonl":
+        return _jsonl_docs(path, lines, cfg.text_field)
+    if cfg.doc_split == "line":
+        return (line.removesuffix("\n") for line in lines if line.strip())
+    return _blocks(lines)
 
 
 @functools.cache
@@ -101,59 +135,71 @@ def _warn_once(message: str) -> None:
     logging.warning(message)
 
 
-def file_documents(cfg, path: str) -> list[str] | None:
-    """The documents of one file of a local source, in order; None for a file that is not valid UTF-8
-    when `cfg.on_bad_utf8 == "skip"` (else DataError naming it)."""
-    try:
-        text = _read_text(path)
-    except UnicodeDecodeError as e:
-        if cfg.on_bad_utf8 == "fail":
-            raise DataError(f"{path}: not UTF-8 at byte {e.start}") from None
-        return None
-    if cfg.source == "stdlib":
-        return [text] if text.strip() else []
-    if cfg.source == "jsonl":
-        return _jsonl_docs(path, text, cfg.text_field)
-    return _split_text(text, cfg.doc_split)
-
-
-def iter_documents(cfg, paths: list[str]) -> Iterator[str]:
-    """The documents of the files `paths` of a local source (`stdlib`, `text` or `jsonl`), in order,
-    one file in memory at a time. Non-UTF-8 files: see `file_documents` (the skipped ones are counted
-    in the log at the end); no document at all is a DataError."""
-    bad, count = [], 0
-    for path in paths:
-        docs = file_documents(cfg, path)
-        if docs is None:
-            bad.append(path)
-            continue
-        count += len(docs)
-        yield from docs
+def warn_skipped(bad: list[str], files: int) -> None:
+    """Logs (once) the non-UTF-8 files that were skipped, of `files`."""
     if bad:
-        _warn_once(f"data: skipped {len(bad)} non-UTF-8 file(s) of {len(paths)}: "
+        _warn_once(f"data: skipped {len(bad)} non-UTF-8 file(s) of {files}: "
                    f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''} (data.on_bad_utf8='fail' stops instead)")
-    if not count:
-        raise DataError(f"data: no documents in source {cfg.source!r} "
-                        f"({'files ' + ', '.join(paths[:3]) if paths else 'no file'})")
+
+
+def no_documents(cfg, paths: list[str]) -> DataError:
+    return DataError(f"data: no documents in source {cfg.source!r} "
+                     f"({'files ' + ', '.join(paths[:3]) if paths else 'no file'})")
 
 
 def read_documents(cfg, split: str = "train") -> list[str]:
-    """All documents of a local source's files (`source_paths`), in order (`iter_documents`)."""
-    return list(iter_documents(cfg, source_paths(cfg, split)))
+    """All documents of a local source's files (`source_paths`), in order. A file that is not
+    UTF-8 is skipped (and counted in the log) when `cfg.on_bad_utf8 == "skip"`, else a DataError
+    names it; no document at all is a DataError."""
+    paths, docs, bad = source_paths(cfg, split), [], []
+    for path in paths:
+        try:
+            docs += list(file_documents(cfg, path))
+        except NotUtf8 as e:
+            if cfg.on_bad_utf8 == "fail":
+                raise DataError(str(e)) from None
+            bad.append(path)
+    warn_skipped(bad, len(paths))
+    if not docs:
+        raise no_documents(cfg, paths)
+    return docs
+
+
+def digest(doc: str) -> bytes:
+    """The hash that splits train from validation (BLAKE2b, 8 bytes)."""
+    return hashlib.blake2b(doc.encode(), digest_size=8).digest()
+
+
+def smallest_digests(docs: Iterable[str], k: int, first_index: int = 0) -> tuple[list[tuple[bytes, int]], int]:
+    """(the k smallest (digest, index) of `docs`, indices from `first_index`, in order; the number of
+    documents). Memory: k entries; merge two such lists with `heapq.nsmallest(k, a + b)`."""
+    count = 0
+
+    def keyed():
+        nonlocal count
+        for count, doc in enumerate(docs, 1):
+            yield digest(doc), first_index + count - 1
+
+    smallest = heapq.nsmallest(k, keyed()) if k else []
+    count = count if k else sum(1 for _ in docs)
+    return smallest, count
+
+
+def check_held_out(val_docs: int, documents: int) -> None:
+    if val_docs >= documents:
+        raise DataError(f"data.val_docs={val_docs} leaves no training documents "
+                        f"(corpus has {documents})")
 
 
 def split_documents(docs: list[str], val_docs: int):
     """Splits documents into (train, val) lists by a hash of their content.
 
-    The `val_docs` documents with the smallest BLAKE2 hash are held out. The
-    split does not depend on the shuffle seed or on file order, and duplicate
-    documents always land on the same side. Both lists keep the input order.
+    The `val_docs` documents with the smallest BLAKE2 hash are held out (equal hashes: the first
+    ones). The split does not depend on the shuffle seed or on file order, and duplicate
+    documents land on the same side (unless they straddle the cut). Both lists keep the input order.
     """
-    if val_docs >= len(docs):
-        raise DataError(f"data.val_docs={val_docs} leaves no training documents "
-                        f"(corpus has {len(docs)})")
-    digest = lambda d: hashlib.blake2b(d.encode(), digest_size=8).digest()
-    held = set(sorted(range(len(docs)), key=lambda i: digest(docs[i]))[:val_docs])
+    check_held_out(val_docs, len(docs))
+    held = {i for _, i in smallest_digests(docs, val_docs)[0]}
     train = [d for i, d in enumerate(docs) if i not in held]
     val = [d for i, d in enumerate(docs) if i in held]
     return train, val

@@ -18,6 +18,7 @@ import hashlib  # noqa: E402
 import io  # noqa: E402
 import itertools  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 import urllib.request  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
@@ -27,6 +28,7 @@ from etils import epath  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 
 from colax import data  # noqa: E402
+from colax import rows  # noqa: E402
 from colax import workdir as workdir_lib  # noqa: E402
 from colax.errors import ConfigError, DataError  # noqa: E402
 
@@ -152,12 +154,14 @@ def download(url: str, dest) -> bytes:
                         f"elsewhere and place it at {dest}") from None
 
 
-def find_or_train(cfg_data, workdir: str, vocab_size: int = 0, reuse: bool = True):
+def find_or_train(cfg_data, workdir: str, vocab_size: int = 0, reuse: bool = True, sample=None):
     """(tokenizer, proto): `cfg_data.tokenizer` if a path; else `workdir/tokenizer.model` if present
-    (a resumed run) and `reuse`; else the http(s) URL `cfg_data.tokenizer` downloaded (the paper's
+    (a resumed run) and `reuse`; else for prepared data (`source="prepared"`) the folder's own
+    tokenizer.model; else the http(s) URL `cfg_data.tokenizer` downloaded (the paper's
     T5 model, T5_URL); else a tokenizer of `cfg_data.tokenizer_vocab_size` pieces (0: `vocab_size`,
-    the model's) trained on the train split (the held-out documents never shape the vocabulary).
-    A downloaded or trained tokenizer comes with `proto`, its serialized model, not yet written to
+    the model's) trained on the train split (the held-out documents never shape the vocabulary):
+    on `sample`, or if None on `data.train_documents`.
+    A prepared data's, downloaded or trained tokenizer comes with `proto`, its serialized model, not yet written to
     its path `workdir/tokenizer.model` (the caller writes it once every check has passed); else
     `proto` is None.
     """
@@ -166,6 +170,10 @@ def find_or_train(cfg_data, workdir: str, vocab_size: int = 0, reuse: bool = Tru
         return load_tokenizer(cfg_data.tokenizer), None
     if reuse and cached.exists():
         return load_tokenizer(str(cached)), None
+    if cfg_data.source == "prepared" and not cfg_data.tokenizer:  # the prepared data's own
+        rows.read_manifest(cfg_data.path)  # a folder without a finished prepare: one line
+        proto = load_tokenizer(os.path.join(cfg_data.path, rows.TOKENIZER)).sp.serialized_model_proto()
+        return _from_proto(proto, cached), proto
     if cfg_data.tokenizer:
         proto = download(cfg_data.tokenizer, cached)
         return _from_proto(proto, cached), proto
@@ -173,8 +181,8 @@ def find_or_train(cfg_data, workdir: str, vocab_size: int = 0, reuse: bool = Tru
     if not size:
         raise ConfigError("data.tokenizer_vocab_size is 0 (the model's) but no model vocab size was given")
     logging.info("data: training a %d-piece %s tokenizer for %s", size, cfg_data.tokenizer_model_type, cached)
-    proto = _train_proto(data.train_documents(cfg_data, cfg_data.tokenizer_sample_docs), str(cached), size,
-                         cfg_data.tokenizer_model_type, cfg_data.tokenizer_sample_docs)
+    docs = data.train_documents(cfg_data, cfg_data.tokenizer_sample_docs) if sample is None else sample
+    proto = _train_proto(docs, str(cached), size, cfg_data.tokenizer_model_type, cfg_data.tokenizer_sample_docs)
     return _from_proto(proto, cached), proto
 
 

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 import pytest
 from ml_collections import config_flags
 
-from colax import checkpoint, config, errors, loop, model, sources, step, tokenizer
+from colax import checkpoint, config, errors, loop, model, prepare, sources, step, tokenizer
 from colax import run as run_lib
 from colax.projections import common
 from colax import workdir as workdir_lib
@@ -296,10 +296,13 @@ def test_kill_during_a_save_and_torn_files(tok_path, reference, tmp_path, capsys
     assert_losses_match(tmp_path, reference, range(1, STEPS + 1))
 
 
-def packed_fault_config(tok):
-    """fault_config with packing: rows of the stdlib corpus packed in memory, globally permuted."""
+def packed_fault_config(tok, prepared=""):
+    """fault_config with packing: rows of the stdlib corpus packed in memory, globally permuted; or
+    read from `prepared`, the folder of `colax.prepare` of that config."""
     cfg = fault_config(tok)
     cfg.data.update(packing=True)
+    if prepared:
+        cfg.data.update(source="prepared", path=prepared)
     return cfg
 
 
@@ -318,17 +321,20 @@ def save_then_die(mngr, s, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
 checkpoint.save = save_then_die
-loop.run(packed_fault_config(sys.argv[1]), sys.argv[2])
+loop.run(packed_fault_config(sys.argv[1], sys.argv[3]), sys.argv[2])
 '''
 
 
 def test_kill_9_resumes_shuffled_packed_rows_exactly(tok_path, tmp_path):
-    # SIGKILL after checkpoint 4; the resumed run's losses are the uninterrupted run's: the restored data
-    # iterator continues the epoch's permutation of the packed rows.
-    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE, tok_path, str(tmp_path / "killed")], cwd=ROOT,
-                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    # Training from prepared shards, SIGKILL after checkpoint 4; the resumed run's losses are those of
+    # the uninterrupted run on the fly (the same batches): the restored data iterator continues the
+    # epoch's permutation of the packed rows.
+    prepared = str(tmp_path / "prepared")
+    prepare.prepare(packed_fault_config(tok_path), prepared, workers=1)
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE, tok_path, str(tmp_path / "killed"), prepared],
+                          cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    loop.run(packed_fault_config(tok_path), str(tmp_path / "killed"))
+    loop.run(packed_fault_config(tok_path, prepared), str(tmp_path / "killed"))
     loop.run(packed_fault_config(tok_path), str(tmp_path / "whole"))
     assert_losses_match(tmp_path / "killed", (None, {r["step"]: r["loss"] for r in read_metrics(tmp_path / "whole")}),
                         range(1, STEPS + 1))
