@@ -6,9 +6,10 @@ VENV ?= .venv
 PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
 CONSTRAINTS := constraints/py$(PYVER).txt
 STAMP := $(VENV)/.installed-$(PYVER)
-# The parity extra (the authors' PyTorch code) installs as a CPU build on Python 3.11 only.
+# The parity extra (the authors' PyTorch code) installs as a CPU build on Python 3.11 only; the
+# beam extra (apache-beam 2.77 needs numpy<2.5, 3.12's verified numpy is 2.5) too.
 COMMA := ,
-EXTRAS := dev$(if $(filter 311,$(PYVER)),$(COMMA)parity)
+EXTRAS := dev$(if $(filter 311,$(PYVER)),$(COMMA)parity$(COMMA)beam)
 
 .PHONY: demo test venv lock
 
