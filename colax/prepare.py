@@ -1,10 +1,11 @@
 """Prepared shards: a corpus tokenised once into the row store's array_record shards (`colax.rows`).
 
   python -m colax.data prepare --config configs/tiny.py --out DIR [--config.data.path=...]
-      [--workers N] [--records_per_shard N] [--overwrite]
+      [--workers N] [--records_per_shard N] [--overwrite] [--runner=DirectRunner [-- BEAM_OPTIONS]]
 
 reads the config's source (`config.data`: stdlib, text, jsonl, tfds, hf; local files one at a time,
-line by line), tokenises in `--workers` processes and writes DIR in the format of `colax.rows`, the
+line by line), tokenises in `--workers` processes (or, with --runner, in an Apache Beam pipeline:
+`colax.prepare_beam`, the same files) and writes DIR in the format of `colax.rows`, the
 records of both splits in `data.packing`'s row mode. Train with `--config.data.source=prepared
 --config.data.path=DIR` (the same seq_len, packing and tokenizer; see docs/data.md).
 
@@ -199,8 +200,6 @@ class _SplitWriter:
     def close(self) -> dict:
         """The split's entry of the manifest."""
         self._close_shard()
-        if not self.records:
-            raise DataError(f"prepare: the {self.split} split has no documents")
         return dict(documents=self.documents, rows=self.records, tokens=self.tokens, shards=self.shards)
 
 
@@ -243,10 +242,11 @@ def _clear(out: str) -> None:
 
 
 def prepare(cfg, out: str, workers: int = 0, records_per_shard: int = rows.RECORDS_PER_SHARD,
-            overwrite: bool = False, say=print) -> dict:
+            overwrite: bool = False, say=print, write=None) -> dict:
     """Writes the prepared data of `cfg` (a colax config: `data`, and `model.vocab_size` for a
     trained tokenizer) into the folder `out`; returns the manifest. `workers` tokenising processes
-    (0: os.cpu_count()). ConfigError / DataError (one line) before anything is written on a bad
+    (0: os.cpu_count()); `write`: the second pass, `_write`'s signature (None: `_write`;
+    `prepare_beam.writer`: a Beam pipeline). ConfigError / DataError (one line) before anything is written on a bad
     config, a bad input, or a finished `out` without `overwrite`."""
     c = cfg.data
     data.validate(c)
@@ -262,7 +262,8 @@ def prepare(cfg, out: str, workers: int = 0, records_per_shard: int = rows.RECOR
     os.makedirs(out, exist_ok=True)
     _clear(out)
     try:
-        return _write(c, p, tok, proto, out, workers, records_per_shard, say)
+        workdir_lib.atomic_write(os.path.join(out, rows.TOKENIZER), proto or tok.sp.serialized_model_proto())
+        return (write or _write)(c, p, tok, out, workers, records_per_shard, say)
     except (ConfigError, DataError):  # e.g. an empty split of a streamed source: nothing is left
         _clear(out)
         if created and not os.listdir(out):
@@ -270,9 +271,8 @@ def prepare(cfg, out: str, workers: int = 0, records_per_shard: int = rows.RECOR
         raise
 
 
-def _write(c, p: Plan, tok, proto, out, workers, records_per_shard, say) -> dict:
-    """The second pass of `prepare` (the tokenizer, the shards, the manifest last); returns the manifest."""
-    workdir_lib.atomic_write(os.path.join(out, rows.TOKENIZER), proto or tok.sp.serialized_model_proto())
+def _write(c, p: Plan, tok, out, workers, records_per_shard, say) -> dict:
+    """The second pass of `prepare` (the shards, the manifest last); returns the manifest."""
     writers = {split: _SplitWriter(out, split, records_per_shard) for split in ("train", "val")}
     packers = {split: rows.Packer(c.seq_len + 1) for split in writers} if c.packing else None
     progress = _Progress(p.total, say)
@@ -289,13 +289,22 @@ def _write(c, p: Plan, tok, proto, out, workers, records_per_shard, say) -> dict
     if packers:  # validation keeps the stream's last, shorter row; training drops it
         for r in packers["val"].tail():
             writers["val"].write(r)
+    splits = {split: w.close() for split, w in writers.items()}
+    progress.update(0, 0, final=True)
+    return write_manifest(c, tok, records_per_shard, p.files, splits, out)
+
+
+def write_manifest(c, tok, records_per_shard: int, files: list, splits: dict, out: str) -> dict:
+    """Writes and returns the manifest of `out` (`colax.rows`) once the shards are written: `files` the
+    local files read, `splits` {train, val: {documents, rows, tokens, shards}}; DataError for an empty split."""
+    for split, entry in splits.items():
+        if not entry["rows"]:
+            raise DataError(f"prepare: the {split} split has no documents")
     manifest = dict(format=rows.FORMAT, version=rows.FORMAT_VERSION, rows="packed" if c.packing else "paper",
                     seq_len=c.seq_len, records_per_shard=records_per_shard,
                     tokenizer=dict(file=rows.TOKENIZER, sha256=tok.sha256, vocab_size=tok.vocab_size,
                                    eos_id=tok.eos_id, pad_id=tok.pad_id),
-                    data={k: c[k] for k in DATA_KEYS}, sources=p.files,
-                    splits={split: w.close() for split, w in writers.items()})
-    progress.update(0, 0, final=True)
+                    data={k: c[k] for k in DATA_KEYS}, sources=files, splits=splits)
     workdir_lib.atomic_write(os.path.join(out, rows.MANIFEST), rows.manifest_bytes(manifest))
     return manifest
 
@@ -312,13 +321,21 @@ def cli() -> None:
     workers = flags.DEFINE_integer("workers", 0, "Tokenising processes; 0: one per CPU.")
     per_shard = flags.DEFINE_integer("records_per_shard", rows.RECORDS_PER_SHARD, "Records per shard file.")
     overwrite = flags.DEFINE_bool("overwrite", False, "Replace the prepared data in --out.")
+    runner = flags.DEFINE_string("runner", "", "Tokenise in an Apache Beam pipeline on this runner (DirectRunner, "
+                                 "FlinkRunner, ...; the beam extra), its options after --; empty: --workers processes.")
     flags.mark_flags_as_required(["config", "out"])
 
     @errors.exit_on_error
     def main(argv):
-        if argv[1:] != ["prepare"]:
-            raise app.UsageError("usage: python -m colax.data prepare --config C --out DIR [--config.data.x=y]")
-        manifest = prepare(config_lib.from_flag(holder), out.value, workers.value, per_shard.value, overwrite.value)
+        if argv[1:2] != ["prepare"] or (argv[2:] and not runner.value):
+            raise app.UsageError("usage: python -m colax.data prepare --config C --out DIR [--config.data.x=y] "
+                                 "[--runner=R [-- BEAM_OPTIONS]]")
+        write = None
+        if runner.value:
+            from colax import prepare_beam  # pylint: disable=g-import-not-at-top
+            write = prepare_beam.writer(runner.value, argv[2:])
+        manifest = prepare(config_lib.from_flag(holder), out.value, workers.value, per_shard.value, overwrite.value,
+                           write=write)
         counts = ", ".join(f"{split} {s['documents']:,} documents -> {s['rows']:,} rows in {len(s['shards'])} shard(s)"
                            for split, s in manifest["splits"].items())
         print(f"wrote {out.value}: {manifest['rows']} rows of {manifest['seq_len']} tokens, {counts}", flush=True)

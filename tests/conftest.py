@@ -24,10 +24,15 @@ def spec():
 
 
 def authors_package(module):
-    """Import `module` from the `parity` extra (the authors' code), or skip the test in one line.
+    """Import `module` from the `parity` extra (the authors' code), or skip the test in one line."""
+    return extra_package(module, "parity")
 
-    The extra installs on Python 3.11 (`make test` adds it there); a CI run on 3.11 without it is
-    a failure, never a silent skip.
+
+def extra_package(module, extra):
+    """Import `module` from the optional dependencies `extra`, or skip the test in one line.
+
+    The extras `make test` installs on Python 3.11 (parity, beam) must be there on 3.11: a CI run on
+    3.11 without them is a failure, never a silent skip.
     """
     import importlib
     import os
@@ -36,7 +41,7 @@ def authors_package(module):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        why = f"{module} not importable ({e}); install the parity extra: pip install -e '.[parity]'"
+        why = f"{module} not importable ({e}); install the {extra} extra: pip install -e '.[{extra}]'"
         if os.environ.get("CI") and sys.version_info[:2] == (3, 11):
             pytest.fail(why)
-        pytest.skip(why)
+        pytest.skip(why, allow_module_level=True)
