@@ -1,6 +1,7 @@
 """The Beam prepare (colax.prepare_beam on the DirectRunner) writes the local prepare's files byte for byte."""
 
 import gzip
+import importlib
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 
 from conftest import extra_package
 from colax import config, prepare, tokenizer
+from colax.errors import ConfigError
 
 extra_package("apache_beam", "beam")
 from colax import prepare_beam  # noqa: E402  (imports apache_beam)
@@ -89,3 +91,15 @@ def test_command_line_with_a_runner(corpus, tmp_path):
     assert _files(tmp_path / "beam") == _files(tmp_path / "local")
     wrong = run("--overwrite", "--", "--direct_num_workers=1")
     assert wrong.returncode != 0 and "usage: python -m colax.data prepare" in wrong.stderr, wrong.stderr
+
+
+def test_one_line_without_apache_beam_or_for_a_streamed_source(corpus, monkeypatch):
+    write = prepare_beam.writer("DirectRunner", [])
+    cfg = corpus.copy_and_resolve_references()
+    cfg.data.source = "hf"
+    with pytest.raises(ConfigError, match=r"^data.source: --runner prepares stdlib, text or jsonl, not 'hf'$"):
+        write(cfg.data, None, None, "unused", 1, 7, print)
+    monkeypatch.setitem(sys.modules, "apache_beam", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "colax.prepare_beam")
+    with pytest.raises(ConfigError, match=r"^--runner needs apache-beam: pip install 'colax\[beam\]'$"):
+        importlib.import_module("colax.prepare_beam")
