@@ -2,7 +2,7 @@
 
   python benchmarks/data_pipeline.py [--batches 200] [--batch-size 64] [--seq-len 256]
   python benchmarks/data_pipeline.py --source text --path FILE [--doc-split blank_line|line]
-  python benchmarks/data_pipeline.py --source prepared --path DIR   # shards of `python -m colax.data prepare`
+  python benchmarks/data_pipeline.py --source prepared --path DIR [--prepared-index disk]  # `colax.data prepare`'s
 
 Trains (or reuses) a tokenizer in --workdir, then times `make_pipeline` batches for each mode and
 thread/worker setting and prints a table (prepared shards: their row mode and tokenizer) and the
@@ -102,13 +102,14 @@ def main():
     p.add_argument("--source", default="stdlib", help="data.source: stdlib, text, jsonl or prepared")
     p.add_argument("--path", default="", help="data.path for text / jsonl / prepared")
     p.add_argument("--doc-split", default="blank_line", help="data.doc_split for text")
+    p.add_argument("--prepared-index", default="memory", help="data.prepared_index for prepared: memory or disk")
     p.add_argument("--workdir", default="/tmp/colax_bench_data")
     p.add_argument("--mix-batch", type=int, default=16, help="rows per batch for the documents-per-batch table")
     p.add_argument("--mix-batches", type=int, default=50, help="batches averaged for it")
     args = p.parse_args()
     cfg = data.defaults()
     cfg.update(seq_len=args.seq_len, source=args.source, path=args.path, doc_split=args.doc_split,
-               tokenizer_vocab_size=8000)
+               prepared_index=args.prepared_index, tokenizer_vocab_size=8000)
     modes = [(False, 1, 0), (False, 4, 0), (False, 4, 2), (True, 1, 0), (True, 4, 0), (True, 4, 2)]
     if args.source == "prepared":  # the shards' row mode and tokenizer
         manifest = rows.read_manifest(args.path)

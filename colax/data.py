@@ -54,6 +54,7 @@ def defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         source="stdlib",  # stdlib (embedded corpus) | text | jsonl | tfds | hf | prepared
         path="",  # text/jsonl: file or glob, comma-separated list; .gz ok; prepared: the folder
+        prepared_index="memory",  # prepared: the shards' record index in memory (fast reads) | disk (flat memory)
         val_path="",  # text/jsonl: validation file(s), read as path; empty: hold out val_docs by hash
         doc_split="blank_line",  # text: blank_line | line
         text_field="text",  # jsonl / tfds / hf record field holding the text
@@ -95,8 +96,9 @@ def validate(cfg_data, global_batch_size: int | None = None,
            f"a file or glob for source {c.source!r}", c.path)
     _check(c.source != "prepared" or bool(c.path.strip()), "path",
            "the folder of `python -m colax.data prepare` for source 'prepared'", c.path)
-    _check(not c.val_path or c.source in ("text", "jsonl"), "val_path",
+    _check(not c.val_path or c.source in ("text", "jsonl", "prepared"), "val_path",
            f"empty for source {c.source!r} (it is for text and jsonl)", c.val_path)
+    _check(c.prepared_index in ("memory", "disk"), "prepared_index", "'memory' or 'disk'", c.prepared_index)
     _check(c.doc_split in ("blank_line", "line"), "doc_split",
            "'blank_line' or 'line'", c.doc_split)
     _check(c.on_bad_utf8 in ("skip", "fail"), "on_bad_utf8", "'skip' or 'fail'",
@@ -229,7 +231,9 @@ def record_store(cfg, tokenizer, split: str, process_index: int = 0) -> grain.Ma
         manifest = rows_lib.read_manifest(cfg.path)
         check_manifest(manifest, cfg, tokenizer)
         paths = [os.path.join(cfg.path, shard["file"]) for shard in manifest["splits"][split]["shards"]]
-        return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)).map(rows_lib.decode)
+        disk = {"index_storage_option": "offloaded", "footer_prefetch_bytes": "0"}  # array_record reader options
+        source = grain.sources.ArrayRecordDataSource(paths, disk if cfg.prepared_index == "disk" else None)
+        return grain.MapDataset.source(source).map(rows_lib.decode)
     docs = sources.document_dataset(cfg, split)
     if not cfg.packing:
         return docs.map(lambda doc: rows_lib.paper_record(tokenizer.encode(doc), cfg.seq_len, tokenizer.eos_id))

@@ -81,11 +81,25 @@ def test_prepared_shards_give_the_on_the_fly_batches(corpus, tmp_path, packing):
     train = manifest["splits"]["train"]
     assert train["documents"] == 53 and len(train["shards"]) == -(-train["rows"] // 7) > 1
     steps = train["rows"] // 4 + 3  # across the epoch boundary
-    for p, count in [(0, 1), (0, 2), (1, 2)]:
-        chex.assert_trees_all_equal(_batches(_prepared(cfg, tmp_path / "out"), tok, steps, p=p, count=count),
+    prepared = _prepared(cfg, tmp_path / "out")
+    for p, count, index in [(0, 1, "memory"), (0, 2, "memory"), (1, 2, "disk")]:
+        prepared.prepared_index = index
+        chex.assert_trees_all_equal(_batches(prepared, tok, steps, p=p, count=count),
                                     _batches(cfg.data, tok, steps, p=p, count=count))
-        chex.assert_trees_all_equal(_batches(_prepared(cfg, tmp_path / "out"), tok, 100, "val", p, count),
+        chex.assert_trees_all_equal(_batches(prepared, tok, 100, "val", p, count),
                                     _batches(cfg.data, tok, 100, "val", p, count))
+
+
+def test_a_validation_file_of_ones_own(corpus, tmp_path):
+    cfg, tok = corpus
+    cfg = cfg.copy_and_resolve_references()
+    (tmp_path / "val.txt").write_text("first held out\n\nsecond held out\n\nthird")
+    cfg.data.update(packing=True, val_path=str(tmp_path / "val.txt"))
+    manifest = prepare.prepare(cfg, str(tmp_path / "out"), workers=1)
+    assert [manifest["splits"][s]["documents"] for s in ("train", "val")] == [60, 3]
+    for split in ("train", "val"):
+        chex.assert_trees_all_equal(_batches(_prepared(cfg, tmp_path / "out"), tok, 5, split),
+                                    _batches(cfg.data, tok, 5, split))
 
 
 def _files(folder):
