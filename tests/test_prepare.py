@@ -212,3 +212,24 @@ def test_command_line(corpus, tmp_path):
                            env=dict(os.environ, PYTHONPATH=ROOT))
     assert again.returncode == 2 and again.stderr.strip().splitlines() == [
         f"error: --out {tmp_path / 'out'} holds prepared data (manifest.json): pass --overwrite to replace it"]
+
+
+def test_streamed_sources_prepare(corpus, tmp_path):
+    # tfds (paper rows: the on-the-fly pipeline's batches) and hf (a local json file through `datasets`).
+    from test_data import ColaxTinyText  # pylint: disable=import-outside-toplevel
+    cfg, tok = corpus
+    cfg = cfg.copy_and_resolve_references()
+    ColaxTinyText(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    cfg.data.update(source="tfds", tfds_name="colax_tiny_text:1.0.0", tfds_data_dir=str(tmp_path / "tfds"))
+    manifest = prepare.prepare(cfg, str(tmp_path / "from_tfds"), workers=1)
+    assert [manifest["splits"][s]["documents"] for s in ("train", "val")] == [12, 3]
+    for split in ("train", "val"):
+        chex.assert_trees_all_equal(_batches(_prepared(cfg, tmp_path / "from_tfds"), tok, 5, split),
+                                    _batches(cfg.data, tok, 5, split))
+    pytest.importorskip("datasets")
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": f"alpha beta {i} " * i}) for i in range(1, 9)))
+    cfg.data.update(source="hf", hf_name="json", hf_config="", path=str(tmp_path / "d.jsonl"), val_split="train",
+                    packing=True)
+    manifest = prepare.prepare(cfg, str(tmp_path / "from_hf"), workers=1)
+    assert [manifest["splits"][s]["documents"] for s in ("train", "val")] == [8, 8]
+    assert len(_batches(_prepared(cfg, tmp_path / "from_hf"), tok, 3)) == 3
