@@ -332,7 +332,8 @@ def make_pipeline(cfg_data, tokenizer, *, split: str, global_batch_size: int,
     b = global_batch_size // process_count. "train" repeats `num_epochs` times
     (None: forever), reshuffling each epoch with `cfg_data.seed`; "val" is one
     unshuffled pass whose last batch is padded with all-zero rows (loss_mask 0),
-    so every host yields the same number of batches in paper mode.
+    so every host yields the same number of batches (not guaranteed for a
+    streamed source in packing mode: hf, tfds).
 
     The iterator is checkpointable: `it.get_state()` / `it.set_state(state)`,
     or with orbax `grain.checkpoint.CheckpointSave(it)` /
