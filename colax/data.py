@@ -32,6 +32,7 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: one line, exi
 
 import functools  # noqa: E402
 import itertools  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -234,11 +235,20 @@ def record_store(cfg, tokenizer, split: str, process_index: int = 0) -> grain.Ma
         disk = {"index_storage_option": "offloaded", "footer_prefetch_bytes": "0"}  # array_record reader options
         source = grain.sources.ArrayRecordDataSource(paths, disk if cfg.prepared_index == "disk" else None)
         return grain.MapDataset.source(source).map(rows_lib.decode)
-    docs = sources.document_dataset(cfg, split)
     if not cfg.packing:
+        docs = sources.document_dataset(cfg, split)
         return docs.map(lambda doc: rows_lib.paper_record(tokenizer.encode(doc), cfg.seq_len, tokenizer.eos_id))
+    return grain.MapDataset.source(_packed_split(cfg.to_json(sort_keys=True), tokenizer, split, process_index))
+
+
+@functools.lru_cache(maxsize=2)
+def _packed_split(cfg_json: str, tokenizer, split: str, process_index: int) -> list:
+    """`packed_records` of a local source's split, kept for the next pipeline of the same config,
+    tokenizer (object) and split in this process: the final evaluation and the unigram baseline
+    reuse the rows packed at start."""
+    cfg = ml_collections.ConfigDict(json.loads(cfg_json))
     say = functools.partial(_say, process_index)
-    return grain.MapDataset.source(packed_records(docs, tokenizer, cfg.seq_len, split == "train", say))
+    return packed_records(sources.document_dataset(cfg, split), tokenizer, cfg.seq_len, split == "train", say)
 
 
 def _host_batches(rows, cfg, train, batch, p, n_proc):

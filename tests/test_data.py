@@ -78,6 +78,34 @@ def _fields(b, row=0):
     return tuple(b[k][row].tolist() for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions"))
 
 
+class CountingTokenizer(CharTokenizer):
+    """CharTokenizer that counts the documents it encodes."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, text):
+        self.calls += 1
+        return super().encode(text)
+
+
+def test_packed_split_is_packed_once_per_config_and_tokenizer(corpus):
+    """A second pipeline of the same config, split and tokenizer (the final evaluation, the unigram
+    baseline) reuses the rows packed for the first; another config or tokenizer packs again."""
+    corpus.packing = True
+    tok = CountingTokenizer()
+    batches = lambda cfg, t: list(itertools.islice(data.make_pipeline(
+        cfg, t, split="val", global_batch_size=4, process_index=0, process_count=1), 2))
+    first = batches(corpus, tok)
+    assert tok.calls == corpus.val_docs
+    chex.assert_trees_all_equal(batches(corpus, tok), first)
+    assert tok.calls == corpus.val_docs
+    batches(corpus, CountingTokenizer())
+    corpus.val_docs += 1
+    batches(corpus, tok)
+    assert tok.calls == 2 * corpus.val_docs - 1
+
+
 def test_packing_rows_and_masks(monkeypatch):
     _fixed_docs(monkeypatch, ["abc", "de", "fghij"])
     cfg = _cfg(seq_len=4, shuffle=False, packing=True)
