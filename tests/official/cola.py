@@ -26,9 +26,19 @@ def cola_layer(torch, x, w, key):
     """ColaLayer.forward (CoLA@91ff0d1:cola/cola_layer.py:46-57): silu(x @ cola_a) @ cola_b. lr_act is
     always on: no call site passes lr_act=False (modeling_cola.py:239-259, :316-343), so down and o
     have the SiLU too."""
+    return cola_up(torch, cola_down(torch, x, w, key), w, key)
+
+
+def cola_down(torch, x, w, key):
+    """The r-wide half of ColaLayer.forward: silu(x @ cola_a) (CoLA@91ff0d1:cola/cola_layer.py:47-50;
+    CoLA-M's ColaMDownProjLayer)."""
     out = torch.matmul(x, w[f"{key}.cola_a"])  # :47
-    out = torch.nn.functional.silu(out)  # :49-50, ACT2FN["silu"]
-    return torch.matmul(out, w[f"{key}.cola_b"])  # :52
+    return torch.nn.functional.silu(out)  # :49-50, ACT2FN["silu"]
+
+
+def cola_up(torch, h, w, key):
+    """The other half: h @ cola_b (CoLA@91ff0d1:cola/cola_layer.py:52; CoLA-M's ColaMUpProjLayer)."""
+    return torch.matmul(h, w[f"{key}.cola_b"])  # :52
 
 
 def rms_norm(torch, x, weight, eps):
@@ -45,6 +55,7 @@ def rope(torch, q, k, head_dim, seq_len, theta):
     freqs = torch.arange(seq_len).float()[:, None] * inv_freq[None, :]  # :160-162
     emb = torch.cat((freqs, freqs), dim=-1)  # :163
     cos, sin = emb.cos()[None, None], emb.sin()[None, None]  # :164-165, unsqueeze_dim=1 (:226-227)
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # :171
 
     def rotate_half(x):  # :199-203
         x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
@@ -55,16 +66,21 @@ def rope(torch, q, k, head_dim, seq_len, theta):
 
 def attention(torch, h, w, prefix, num_heads, theta):
     """ColaAttention.forward, eager path (CoLA@91ff0d1:cola/modeling_cola.py:362-429), causal mask."""
-    bsz, q_len, hidden = h.shape
-    head_dim = hidden // num_heads  # :309
     q, k, v = (cola_layer(torch, h, w, f"{prefix}.{ATTN[p]}") for p in ("q", "k", "v"))  # :367-369
+    return cola_layer(torch, causal_attention(torch, q, k, v, num_heads, theta), w, f"{prefix}.{ATTN['o']}")  # :429
+
+
+def causal_attention(torch, q, k, v, num_heads, theta):
+    """The heads of ColaAttention.forward between its projections, eager path (CoLA@91ff0d1:
+    cola/modeling_cola.py:371-428): q, k, v [B, T, D] -> [B, T, D]."""
+    bsz, q_len, hidden = q.shape
+    head_dim = hidden // num_heads  # :309
     q, k, v = (t.view(bsz, q_len, num_heads, head_dim).transpose(1, 2) for t in (q, k, v))  # :371-379
     q, k = rope(torch, q, k, head_dim, q_len, theta)  # :388-393
     scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)  # :404-406
     mask = torch.full((q_len, q_len), float("-inf")).triu(1)  # the causal mask added at :408-410
     probs = torch.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)  # :413-415
-    out = torch.matmul(probs, v).transpose(1, 2).reshape(bsz, q_len, -1)  # :419, :427-428
-    return cola_layer(torch, out, w, f"{prefix}.{ATTN['o']}")  # :429
+    return torch.matmul(probs, v).transpose(1, 2).reshape(bsz, q_len, -1)  # :419, :427-428
 
 
 def mlp(torch, h, w, prefix, only_lr_act):

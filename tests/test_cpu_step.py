@@ -1,0 +1,37 @@
+"""benchmarks/cpu_step.py: its table at a tiny size, and that its PyTorch models are colax's models
+(the same first-step loss from the same weights). No timing is checked."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import authors_package
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import cpu_step  # noqa: E402
+
+TINY = dict(size="tiny", dtype="float32", batch=2, seq_len=16, overrides=[])
+
+
+def test_table_row_at_a_tiny_size(capsys):
+    """One timed step of colax's tiny CoLA: the row holds a finite, positive tokens/s."""
+    cpu_step.main(["--size", "tiny", "--batch", "2", "--seq_len", "16", "--rows", "cola", "--dtypes", "float32",
+                   "--warmup", "0", "--steps", "1", "--rounds", "1", "--no_torch"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("cola "))
+    tokens_per_s = float(row.split()[2])
+    assert math.isfinite(tokens_per_s) and tokens_per_s > 0
+
+
+@pytest.mark.parametrize("name", ["llama", "cola_m"])
+def test_torch_step_starts_from_colax_model(name):
+    """The first step's loss (before any update) of the torch model (transformers' LlamaForCausalLM;
+    the authors' CoLA-M checkpoint segments) equals colax's on the same weights and tokens, to 1e-5
+    relative: the two sides time the same model."""
+    authors_package("torch"), authors_package("transformers")
+    cfg = cpu_step.colax_config(name, **TINY)
+    tokens = cpu_step.random_tokens(cfg.model.vocab_size, TINY["batch"], TINY["seq_len"])
+    colax_run, params = cpu_step.colax_step(cfg, tokens)
+    torch_run = cpu_step.torch_step(name, cfg, tokens, params)
+    assert torch_run() == pytest.approx(colax_run(), rel=1e-5)
