@@ -27,7 +27,9 @@ class ScaleByRowAdamState(NamedTuple):
     """counts: tuple of int32 arrays, one per leaf of `mu` (in `jax.tree.leaves` order), each the
     leaf's shape with its vector axis (or all axes) set to 1; holds: int32, the same shapes, the
     number of coming updates whose gradient is zeroed; mu, nu: the moments, shaped like the
-    parameters. Counts and holds are tuples, not params-keyed dicts, so they sit at no parameter path
+    parameters, float32 (or the parameter's dtype if wider): the gradients `colax.step.grads` gives
+    are float32, so bf16 moments would come back float32 from the first update (and the jitted
+    step would compile again for the second). Counts and holds are tuples, not params-keyed dicts, so they sit at no parameter path
     (replicated by `colax.state`, untouched by `colax.hooks.map_param_state`)."""
     counts: tuple
     holds: tuple
@@ -56,7 +58,8 @@ def scale_by_row_adam(b1, b2, eps, vector_axis: Callable):
     def init(params):
         counts = tuple(jnp.zeros(count_shape(p.shape, vector_axis(param_keys(path))), jnp.int32)
                        for path, p in jax.tree_util.tree_leaves_with_path(params))
-        moments = (jax.tree.map(jnp.zeros_like, params) for _ in "mv")
+        moments = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
+                   for _ in "mv")
         return ScaleByRowAdamState(counts, tuple(map(jnp.zeros_like, counts)), *moments)
 
     def update(updates, state, params=None):

@@ -38,8 +38,9 @@ def _join(trainable, frozen):
 def grads(params, graphdef, batches, full_rank=False, key=None):
     """Token-weighted mean loss and its gradient over micro-batches stacked on axis 0.
 
-    Only trainable parameters (`model.trainable_mask(params, full_rank)`) are differentiated; the
-    gradient of a frozen one is zeros of its shape and dtype. `key`: dropout's PRNG key (micro-batch
+    Only trainable parameters (`model.trainable_mask(params, full_rank)`) are differentiated, and
+    their gradients are float32 whatever the parameters' dtype (summed, then divided by the float32
+    token count); the gradient of a frozen one is zeros of its shape and dtype. `key`: dropout's PRNG key (micro-batch
     i gets `fold_in(key, i)`), None: none.
     """
     trainable, frozen = _split(params, full_rank)

@@ -72,3 +72,25 @@ def test_frozen_and_integer_leaves_are_not_trained(frozen_setup):
         np.testing.assert_array_equal(new["blocks"]["q"][name], params["blocks"]["q"][name])
     assert new["blocks"]["q"]["support"].dtype == jnp.int32
     assert not np.allclose(new["blocks"]["q"]["delta"], params["blocks"]["q"]["delta"])
+
+
+def test_pure_bf16_step_returns_the_state_dtypes_it_was_given():
+    """Pure bf16 (param_dtype bfloat16): the step's gradients are float32, so the AdamW moments are
+    float32 from init, and a step's output params and optimizer state have the input's dtypes
+    (else the jitted step compiles a second time for step 2, and a checkpoint's moments would not
+    match the restore target). The params stay bf16."""
+    cfg = config.preset("cola", "tiny")
+    cfg.model.update(vocab_size=64, hidden_size=16, intermediate_size=32, num_heads=2, num_layers=2, rank=4,
+                     dtype="bfloat16", param_dtype="bfloat16")
+    spec = model.spec_from_config(cfg.model)
+    graphdef, state = nnx.split(model.Transformer(spec, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(state)
+    tx = optim.make(cfg.optim, cfg.train.steps)
+    opt_state = tx.init(params)
+    tokens = jax.random.randint(jax.random.key(1), (1, 2, 8), 0, 64)
+    batch = dict(inputs=tokens, targets=jnp.roll(tokens, -1, -1), loss_mask=jnp.ones(tokens.shape))
+    new = jax.jit(step.make_train_step(graphdef, tx))(params, opt_state, batch)[:2]
+    dtypes = lambda tree: [x.dtype for x in jax.tree.leaves(tree)]
+    assert dtypes(new) == dtypes((params, opt_state))
+    assert set(dtypes(params)) == {jnp.dtype(jnp.bfloat16)}
+    assert jnp.dtype(jnp.float32) in dtypes(opt_state)
