@@ -14,6 +14,7 @@ import ml_collections
 from flax import nnx
 
 from colax import kernels, layers, projections, remat, sharding
+from colax.matmul import matmul
 from colax.errors import ConfigError
 from colax.projections.common import PROJECTION_NAMES, projection_shapes
 
@@ -253,7 +254,7 @@ class Transformer(nnx.Module):
         """Final norm and lm_head: x [..., D] compute dtype -> float32 [..., V]."""
         x = self.final_norm(x)
         axes = ("batch", "length", "act_vocab") if x.ndim == 3 else ("batch", "act_vocab")
-        logits = sharding.constrain(x @ self.lm_head[...].astype(self.spec.dtype), axes)
+        logits = sharding.constrain(matmul(x, self.lm_head[...].astype(self.spec.dtype)), axes)
         return logits.astype(jnp.float32)
 
     def _embed_rows(self, table, tokens):

@@ -9,6 +9,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 
 from colax.errors import ConfigError
+from colax.matmul import matmul
 from colax.kernels import cola_pallas
 from colax.kernels.cola_pallas import Blocks, silu_matmul, silu_matmul_fwd_kernel, silu_matmul_sharded
 from colax.kernels.reference import cola_reference, silu_matmul_bwd, silu_matmul_reference
@@ -39,7 +40,7 @@ def cola_matmul(x, a, b, *, kernel, interpret=None, blocks=Blocks()):
 
     A and B are cast to x's dtype; z = x @ A is tagged "cola_z", then `silu_matmul_any` runs.
     """
-    z = checkpoint_name(x @ a.astype(x.dtype), "cola_z")
+    z = checkpoint_name(matmul(x, a.astype(x.dtype)), "cola_z")
     return silu_matmul_any(z, b.astype(x.dtype), kernel=kernel, interpret=interpret, blocks=blocks)
 
 
@@ -54,7 +55,7 @@ def silu_matmul_any(z, b, *, kernel, interpret=None, blocks=Blocks()):
     interpret = cola_pallas.INTERPRET if interpret is None else interpret
     check_kernel(kernel, interpret)
     if kernel == "xla":
-        return checkpoint_name(jax.nn.silu(z), "cola_h") @ b
+        return matmul(checkpoint_name(jax.nn.silu(z), "cola_h"), b)
     mesh = jax.sharding.get_abstract_mesh()
     axes = () if mesh.empty else _batch_axes(mesh)
     if axes and z.ndim > 1:

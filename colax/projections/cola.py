@@ -4,6 +4,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from colax import kernels, sharding
+from colax.matmul import matmul
 from colax.projections.common import normal
 
 
@@ -24,7 +25,7 @@ class CoLA(nnx.Module):
 
     def bottleneck(self, x):
         """z = x @ A: x [..., in] compute dtype -> [..., r] same dtype, tagged "cola_z"."""
-        z = sharding.constrain(x @ self.A[...].astype(x.dtype), ("batch", "length", "act_rank"))
+        z = sharding.constrain(matmul(x, self.A[...].astype(x.dtype)), ("batch", "length", "act_rank"))
         return checkpoint_name(z, "cola_z")
 
     def __call__(self, x):

@@ -2,6 +2,7 @@
 
 from flax import nnx
 
+from colax.matmul import matmul
 from colax.projections.common import normal
 
 
@@ -14,7 +15,7 @@ class Dense(nnx.Module):
 
     def __call__(self, x):
         """x: [..., in] compute dtype -> [..., out] same dtype."""
-        return x @ self.w[...].astype(x.dtype)
+        return matmul(x, self.w[...].astype(x.dtype))
 
     @staticmethod
     def flops_per_token(in_features, out_features, rank):
