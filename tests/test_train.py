@@ -418,6 +418,7 @@ def test_an_interrupt_swallowed_by_python_is_raised_at_the_next_check(monkeypatc
     unraisable exceptions still reach the previous hook, which is restored afterwards."""
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    handler = signal.getsignal(signal.SIGINT)  # whatever this process had: StopOnSignal must restore it
 
     class Finalized:
         def __init__(self, raising):
@@ -435,7 +436,7 @@ def test_an_interrupt_swallowed_by_python_is_raised_at_the_next_check(monkeypatc
             Finalized(lambda: stop._handle(signal.SIGINT, None))  # swallowed, as in a gc callback
             assert [type(u.exc_value) for u in seen] == [ValueError]
             stop.check()
-    assert sys.unraisablehook == seen.append and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert sys.unraisablehook == seen.append and signal.getsignal(signal.SIGINT) is handler
     with pytest.raises(KeyboardInterrupt, match="^swallowed in the last step$"):  # a check at the end too
         with loop.StopOnSignal("swallowed in the last step") as stop:
             Finalized(lambda: stop._handle(signal.SIGINT, None))
