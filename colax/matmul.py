@@ -1,10 +1,19 @@
 """`matmul(x, w)`: the model's projection matmul, x @ w in x's dtype.
 
-On the CPU backend a bfloat16 x @ w runs as a bfloat16 dot that accumulates in float32 (then rounds
-to bfloat16), forward and backward (a custom VJP). That is what XLA:CPU computes for a plain
-bf16 x bf16 -> bf16 dot too, but jaxlib 0.10 does it by converting both operands to float32 and
-running a float32 dot, while a bf16 x bf16 -> f32 dot runs natively (docs/cpu_performance.md). Other
-dtypes and backends: a plain `x @ w`.
+On the CPU backend it is a custom VJP making two choices that XLA:CPU (jaxlib 0.10-0.12) does not
+make well by itself (docs/cpu_performance.md):
+
+- every dot accumulates in float32 (`preferred_element_type`): a bfloat16 x bfloat16 -> bfloat16
+  dot runs there as a float32 dot with both operands converted, a bf16 x bf16 -> f32 dot natively.
+  The numbers are those of XLA's upcast (bf16 products are exact in f32), rounded once to bf16.
+- the weight gradient x^T @ dy contracts over the tokens, so XLA copies one operand into a
+  [features, tokens] layout first, with the elementwise backward that produces it fused into that
+  copy, where it runs in transposed order. JAX's transpose rule picks the operand by argument order;
+  here the narrower of x [..., I] and dy [..., O] is the one copied (I <= O: x^T @ dy, else
+  (dy^T @ x)^T, whose [O, I] result is weight-sized). CoLA's [in, r] and [r, out] factors are
+  always one wide and one narrow side.
+
+Other backends: a plain `x @ w`.
 """
 
 import jax
@@ -13,32 +22,37 @@ import jax.numpy as jnp
 
 def matmul(x, w):
     """x [..., I] @ w [I, O] -> [..., O], both in one dtype (the compute dtype), result in it."""
-    if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
-        return _bf16_matmul(x, w)
+    if jax.default_backend() == "cpu":
+        return _cpu_matmul(x, w)
     return x @ w
 
 
-def _dot32(a, b, contract):
-    """bf16 dot_general contracting a's axes contract[0] with b's contract[1], accumulated in f32."""
-    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+def _dot(a, b, contract):
+    """dot_general contracting a's axes contract[0] with b's contract[1], accumulated in at least
+    float32, rounded to a's dtype."""
+    acc = jnp.promote_types(a.dtype, jnp.float32)
+    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=acc).astype(a.dtype)
 
 
 @jax.custom_vjp
-def _bf16_matmul(x, w):
-    return _dot32(x, w, ((x.ndim - 1,), (0,))).astype(x.dtype)
+def _cpu_matmul(x, w):
+    return _dot(x, w, ((x.ndim - 1,), (0,)))
 
 
 def _fwd(x, w):
-    return _bf16_matmul(x, w), (x, w)
+    return _cpu_matmul(x, w), (x, w)
 
 
 def _bwd(residuals, dy):
-    """dx = dy @ w^T, dw = x^T @ dy over every leading axis, each a bf16 dot accumulated in f32."""
+    """dx = dy @ w^T; dw = x^T @ dy over every leading axis, transposing the narrower operand."""
     x, w = residuals
     lead = tuple(range(x.ndim - 1))
-    dx = _dot32(dy, w, ((dy.ndim - 1,), (1,))).astype(x.dtype)
-    dw = _dot32(x, dy, (lead, lead)).astype(w.dtype)
-    return dx, dw
+    dx = _dot(dy, w, ((dy.ndim - 1,), (1,)))
+    if x.shape[-1] <= dy.shape[-1]:
+        dw = _dot(x, dy, (lead, lead))
+    else:
+        dw = _dot(dy, x, (lead, lead)).T
+    return dx, dw.astype(w.dtype)
 
 
-_bf16_matmul.defvjp(_fwd, _bwd)
+_cpu_matmul.defvjp(_fwd, _bwd)
