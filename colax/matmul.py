@@ -27,11 +27,12 @@ def matmul(x, w):
     return x @ w
 
 
-def _dot(a, b, contract):
+def _dot(a, b, contract, out=None):
     """dot_general contracting a's axes contract[0] with b's contract[1], accumulated in at least
-    float32, rounded to a's dtype."""
+    float32, in dtype `out` (default a's)."""
     acc = jnp.promote_types(a.dtype, jnp.float32)
-    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=acc).astype(a.dtype)
+    out = a.dtype if out is None else out
+    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=acc).astype(out)
 
 
 @jax.custom_vjp
@@ -43,15 +44,23 @@ def _fwd(x, w):
     return _cpu_matmul(x, w), (x, w)
 
 
-def _bwd(residuals, dy):
-    """dx = dy @ w^T; dw = x^T @ dy over every leading axis, transposing the narrower operand."""
-    x, w = residuals
+def matmul_grads(x, w, dy):
+    """The gradients of x @ w for its cotangent dy [..., O]: (dx = dy @ w^T in x's dtype, dw = x^T @ dy
+    over every leading axis, accumulated in at least float32 and not rounded), the narrower of x
+    and dy transposed for dw."""
     lead = tuple(range(x.ndim - 1))
+    acc = jnp.promote_types(x.dtype, jnp.float32)
     dx = _dot(dy, w, ((dy.ndim - 1,), (1,)))
     if x.shape[-1] <= dy.shape[-1]:
-        dw = _dot(x, dy, (lead, lead))
+        dw = _dot(x, dy, (lead, lead), acc)
     else:
-        dw = _dot(dy, x, (lead, lead)).T
+        dw = _dot(dy, x, (lead, lead), acc).T
+    return dx, dw
+
+
+def _bwd(residuals, dy):
+    x, w = residuals
+    dx, dw = matmul_grads(x, w, dy)
     return dx, dw.astype(w.dtype)
 
 

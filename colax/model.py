@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from colax import kernels, layers, projections, remat, sharding
+from colax import kernels, layers, projections, remat, sharding, xent
 from colax.matmul import matmul
 from colax.errors import ConfigError
 from colax.projections.common import PROJECTION_NAMES, projection_shapes
@@ -161,6 +161,13 @@ class _BlockCfg:
         self.ranks = spec.rank
 
 
+def _positions(tokens, positions):
+    """`positions`, or 0..T-1 per row of tokens int32 [B, T] where None."""
+    if positions is None:
+        return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return positions
+
+
 class Transformer(nnx.Module):
     """LLaMA decoder: embed -> L pre-norm blocks -> RMSNorm -> lm_head (untied, full-rank).
 
@@ -199,11 +206,16 @@ class Transformer(nnx.Module):
         `key`: a training forward pass's PRNG key for the projection kind's dropout (`uses_rng`),
         split over the stacked blocks; None (evaluation, generation): no dropout.
         """
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        x, acts = self._blocks(tokens, positions, segment_ids, capture=capture, key=key)
+        x, acts = self._blocks(tokens, _positions(tokens, positions), segment_ids, capture=capture, key=key)
         logits = self._logits(x)
         return (logits, acts) if capture else logits
+
+    def loss(self, tokens, targets, mask, positions=None, segment_ids=None, key=None):
+        """Summed token cross-entropy of `__call__`'s logits against `targets` (int32 [B, T]) weighted
+        by `mask` (float32 [B, T]): a float32 scalar from `xent.lm_head_loss`, which never holds the
+        [B, T, V] logits whole. Other arguments as `__call__`'s."""
+        x, _ = self._blocks(tokens, _positions(tokens, positions), segment_ids, key=key)
+        return xent.lm_head_loss(self.final_norm(x), self._head(), targets, mask)
 
     def decode(self, tokens, positions, cache, at=None):
         """One step of generation over a KV cache (`init_cache`), through the same blocks.
@@ -250,11 +262,15 @@ class Transformer(nnx.Module):
             out = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
         return carry[0], (out if first_out is None else _prepend(first_out, out))
 
+    def _head(self):
+        """The lm_head [D, V] in the compute dtype."""
+        return self.lm_head[...].astype(self.spec.dtype)
+
     def _logits(self, x):
         """Final norm and lm_head: x [..., D] compute dtype -> float32 [..., V]."""
         x = self.final_norm(x)
         axes = ("batch", "length", "act_vocab") if x.ndim == 3 else ("batch", "act_vocab")
-        logits = sharding.constrain(matmul(x, self.lm_head[...].astype(self.spec.dtype)), axes)
+        logits = sharding.constrain(matmul(x, self._head()), axes)
         return logits.astype(jnp.float32)
 
     def _embed_rows(self, table, tokens):

@@ -17,10 +17,10 @@ def loss_sums(params, graphdef, batch, key=None):
     """Summed token cross-entropy and the number of counted tokens (both float32 scalars); `key`:
     the PRNG key of a training forward pass with dropout (`model.uses_rng`), None: deterministic."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"), key=key)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
-    return (ce * mask).sum(), mask.sum()
+    total = model.loss(batch["inputs"], batch["targets"], mask, batch.get("positions"), batch.get("segment_ids"),
+                       key=key)
+    return total, mask.sum()
 
 
 def _split(params, full_rank):
