@@ -29,7 +29,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from colax import config as config_lib  # noqa: E402
 from colax import model as model_lib  # noqa: E402
-from colax import optim, remat, step  # noqa: E402
+from colax import optim, remat, step, xent  # noqa: E402
 from colax.errors import ConfigError, exit_on_error, parse_flags  # noqa: E402
 from colax.projections.common import projection_shapes  # noqa: E402
 
@@ -66,7 +66,8 @@ def step_flops(spec, cfg, batch_size, seq_len, compiled=None):
     XLA counts a loop body once. For a scanned model, one block's forward and backward are
     counted as the difference of copies with 4 scanned blocks and one and two blocks per scan
     iteration: the backward's recomputation stays in its own loop, as in training, where an
-    unrolled copy would let XLA merge it with the forward.
+    unrolled copy would let XLA merge it with the forward. The loss's loop over sequence chunks
+    (`colax.xent`) adds its uncounted chunks, each counted as one chunk's loss and gradients.
     """
     compiled = compiled or compile_step(spec, cfg, batch_size, seq_len)
     flops = xla_flops(compiled)
@@ -76,7 +77,16 @@ def step_flops(spec, cfg, batch_size, seq_len, compiled=None):
         copy = spec.replace(num_layers=4 + unscanned)
         per_unroll = [xla_flops(compile_step(copy.replace(scan_unroll=u), cfg, batch_size, seq_len)) for u in (1, 2)]
         flops += (spec.num_layers - unscanned - loops) * (per_unroll[1] - per_unroll[0])
-    return flops
+    return flops + (seq_len // xent.sequence_chunk(batch_size, seq_len) - 1) * loss_chunk_flops(spec, batch_size, seq_len)
+
+
+def loss_chunk_flops(spec, batch_size, seq_len):
+    """XLA FLOPs of one sequence chunk of `xent.lm_head_loss` and its gradients."""
+    chunk = xent.sequence_chunk(batch_size, seq_len)
+    shape = lambda *s, dtype=spec.dtype: jax.ShapeDtypeStruct(s, dtype)
+    args = (shape(batch_size, chunk, spec.hidden_size), shape(spec.hidden_size, spec.vocab_size),
+            shape(batch_size, chunk, dtype=jnp.int32), shape(batch_size, chunk, dtype=jnp.float32))
+    return xla_flops(jax.jit(jax.value_and_grad(xent.lm_head_loss, (0, 1))).lower(*args).compile())
 
 
 def memory(compiled):
