@@ -11,7 +11,9 @@ make well by itself (docs/cpu_performance.md):
   copy, where it runs in transposed order. JAX's transpose rule picks the operand by argument order;
   here the narrower of x [..., I] and dy [..., O] is the one copied (I <= O: x^T @ dy, else
   (dy^T @ x)^T, whose [O, I] result is weight-sized). CoLA's [in, r] and [r, out] factors are
-  always one wide and one narrow side.
+  always one wide and one narrow side. An optimization barrier keeps XLA from folding that last
+  transpose into the dot: folded, it becomes a dot that XLA:CPU 0.10 runs on Eigen, which has
+  no bf16 x bf16 -> f32 kernel ("Unsupported element type for DotThunk").
 
 Other backends: a plain `x @ w`.
 """
@@ -54,7 +56,7 @@ def matmul_grads(x, w, dy):
     if x.shape[-1] <= dy.shape[-1]:
         dw = _dot(x, dy, (lead, lead), acc)
     else:
-        dw = _dot(dy, x, (lead, lead), acc).T
+        dw = jax.lax.optimization_barrier(_dot(dy, x, (lead, lead), acc)).T
     return dx, dw
 
 
