@@ -1,7 +1,7 @@
 """`matmul(x, w)`: the model's projection matmul, x @ w in x's dtype.
 
-On the CPU backend it is a custom VJP making two choices that XLA:CPU (jaxlib 0.10-0.12) does not
-make well by itself (docs/cpu_performance.md):
+On the CPU backend it is a custom VJP making two choices that XLA:CPU (measured on jaxlib 0.10)
+does not make well by itself (docs/cpu_performance.md):
 
 - every dot accumulates in float32 (`preferred_element_type`): a bfloat16 x bfloat16 -> bfloat16
   dot runs there as a float32 dot with both operands converted, a bf16 x bf16 -> f32 dot natively.
