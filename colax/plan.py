@@ -77,7 +77,10 @@ def step_flops(spec, cfg, batch_size, seq_len, compiled=None):
         copy = spec.replace(num_layers=4 + unscanned)
         per_unroll = [xla_flops(compile_step(copy.replace(scan_unroll=u), cfg, batch_size, seq_len)) for u in (1, 2)]
         flops += (spec.num_layers - unscanned - loops) * (per_unroll[1] - per_unroll[0])
-    return flops + (seq_len // xent.sequence_chunk(batch_size, seq_len) - 1) * loss_chunk_flops(spec, batch_size, seq_len)
+    chunks = seq_len // xent.sequence_chunk(batch_size, seq_len)
+    if chunks > 1:  # one chunk: nothing uncounted, nothing to compile
+        flops += (chunks - 1) * loss_chunk_flops(spec, batch_size, seq_len)
+    return flops
 
 
 def loss_chunk_flops(spec, batch_size, seq_len):

@@ -8,9 +8,8 @@ import pytest
 from colax.matmul import matmul
 
 
-def _operands(dtype, i, o):
+def _operands(dtype, lead, i, o):
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
-    lead = (2, 24) if i < 100 else (8, 128)  # (172, 64) at 8 x 128 tokens: a dot XLA:CPU once failed to run in bf16
     x = jax.random.normal(kx, (*lead, i), jnp.float32).astype(dtype)
     w = (0.1 * jax.random.normal(kw, (i, o), jnp.float32)).astype(dtype)
     dy = jax.random.normal(kg, (*lead, o), jnp.float32).astype(dtype)
@@ -22,15 +21,16 @@ def _value_and_grads(f, x, w, dy):
     return (y, *vjp(dy))
 
 
-@pytest.mark.parametrize("i, o", [(96, 40), (40, 96), (172, 64)])  # dw as (dy^T x)^T, as x^T dy
+# dw as (dy^T x)^T and as x^T dy; (172, 64) at 8 x 128 tokens is a dot XLA:CPU once failed to run in bf16
+@pytest.mark.parametrize("lead, i, o", [((2, 24), 96, 40), ((2, 24), 40, 96), ((8, 128), 172, 64)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_matmul_and_its_gradients_equal_float32_products_rounded_once(dtype, i, o):
+def test_matmul_and_its_gradients_equal_float32_products_rounded_once(dtype, lead, i, o):
     """y, dx, dw of `matmul` against the same products computed in float64 from the operands and
     rounded once to the dtype: fp32 to 2e-6 relative (plain x @ w), bf16 to one bf16 rounding
     (2^-8 relative of the largest entry). Catches a dropped or transposed backward dot, and a
     bf16 result rounded before the sum (relative error ~1e-2 on 96-term sums). Both ways of
     ordering the weight-gradient dot (the narrower operand transposed) are covered."""
-    x, w, dy = _operands(dtype, i, o)
+    x, w, dy = _operands(dtype, lead, i, o)
     got = jax.jit(lambda x, w, dy: _value_and_grads(matmul, x, w, dy))(x, w, dy)
     x64, w64, dy64 = (np.asarray(a, np.float64) for a in (x, w, dy))
     want = (x64 @ w64, dy64 @ w64.T, np.einsum("bti,bto->io", x64, dy64))
