@@ -9,9 +9,10 @@ A workdir holding a run of another config is refused unless --overwrite. Multi-h
 command on every host (docs/sharding.md). See docs/training.md.
 """
 
-from colax import errors
+from colax import errors, host
 
 errors.exit_on_signal("interrupted before step 0, nothing saved")  # Ctrl-C while jax is imported
+host.reuse_freed_memory()  # on a CPU backend, before JAX starts its threads (colax.host)
 
 from absl import app, flags, logging  # noqa: E402 (after the signal handler)
 from ml_collections import config_flags  # noqa: E402

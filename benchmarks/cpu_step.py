@@ -18,10 +18,12 @@ batch set to one micro-batch of --batch x --seq_len); PyTorch's is the same mode
 Both take uniform random tokens, the summed-then-averaged token cross-entropy, global-norm clipping at
 the preset's `optim.grad_clip` and AdamW at the preset's lr, betas, eps and weight decay. float32:
 parameters and compute in fp32; bfloat16: pure bf16 (colax param_dtype and dtype bfloat16, torch
-`model.to(bfloat16)`), the paper's mode. For each row both steps are compiled/warmed up
-(--warmup steps, not timed), then timed A B A B (--steps steps of each per round, --rounds
-rounds); tok/s is batch x seq_len over the median step time. Ratios: colax / torch per row, and
-CoLA (and CoLA-M) / full-rank within colax at the same dtype. Needs torch and transformers (the
+`model.to(bfloat16)`), the paper's mode. Per dtype every row's two steps are compiled/warmed up
+(--warmup steps, not timed), then timed in turn, colax and torch of each row (--steps steps of each
+per round, --rounds rounds); tok/s is batch x seq_len over the median step time. Ratios: colax /
+torch per row, and CoLA (and CoLA-M) / full-rank within colax at the same dtype, both from steps
+timed in the same rounds. glibc's malloc is set as train.py sets it (`colax.host`, for both sides:
+they share the process; COLAX_MALLOC=system leaves it). Needs torch and transformers (the
 `parity` extra); without them only colax's column is printed. Nothing here is asserted: CPU timing
 is in no test (docs/cpu_performance.md has the measured tables).
 """
@@ -41,7 +43,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from colax import config, convert, loop, sharding, state, trainer
+from colax import config, convert, host, loop, sharding, state, trainer
 from colax import model as model_lib
 
 ROWS = {"llama": ("llama", "none"), "cola": ("cola", "none"), "cola_m": ("cola", "cola_m")}  # kind, remat
@@ -235,6 +237,7 @@ def fmt(x, spec):
 
 def main(argv=None):
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
+    kept = host.reuse_freed_memory()  # before the first step starts JAX's threads; torch shares the process
     use_torch = HAS_TORCH and not args.no_torch
     if not HAS_TORCH and not args.no_torch:
         print("torch/transformers not installed (pip install -e '.[parity]'): timing colax only")
@@ -248,25 +251,23 @@ def main(argv=None):
           + (f", torch {torch.__version__} ({args.threads} threads)" if use_torch else "")
           + f"; {args.size}, {args.batch} x {args.seq_len} tokens, median of {args.steps} x {args.rounds} steps "
           f"after {args.warmup}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; malloc: {'colax.host' if kept else 'system'}", flush=True)
     print(f"{'model':<8} {'dtype':<9} {'colax tok/s':>11} {'torch tok/s':>11} {'colax/torch':>11} "
           f"{'x full-rank':>11}", flush=True)
-    full_rank = {}
+    rows = args.rows.split(",")
     for dtype in args.dtypes.split(","):
-        for name in args.rows.split(","):
+        sides = {}  # every row's steps of this dtype, timed in turn (ratios between rows interleaved too)
+        for name in rows:
             cfg = colax_config(name, args.size, dtype, args.batch, args.seq_len, overrides)
             tokens = random_tokens(cfg.model.vocab_size, args.batch, args.seq_len)
-            sides = {}
-            sides["colax"], params = colax_step(cfg, tokens)
+            sides[name, "colax"], params = colax_step(cfg, tokens)
             if use_torch:
-                sides["torch"] = torch_step(name, cfg, tokens, params)
-            secs = interleaved(sides, args.warmup, args.steps, args.rounds)
-            tps = {k: tokens_per_step / s for k, s in secs.items()}
-            if name == "llama":
-                full_rank[dtype] = tps["colax"]
-            ratio = tps["colax"] / tps["torch"] if use_torch else None
-            vs_full = tps["colax"] / full_rank[dtype] if dtype in full_rank and name != "llama" else None
-            print(f"{name:<8} {dtype:<9} {tps['colax']:>11.0f} {fmt(tps.get('torch'), '>11.0f')} "
+                sides[name, "torch"] = torch_step(name, cfg, tokens, params)
+        tps = {k: tokens_per_step / s for k, s in interleaved(sides, args.warmup, args.steps, args.rounds).items()}
+        for name in rows:
+            ratio = tps[name, "colax"] / tps[name, "torch"] if use_torch else None
+            vs_full = tps[name, "colax"] / tps["llama", "colax"] if "llama" in rows and name != "llama" else None
+            print(f"{name:<8} {dtype:<9} {tps[name, 'colax']:>11.0f} {fmt(tps.get((name, 'torch')), '>11.0f')} "
                   f"{fmt(ratio, '>11.2f')} {fmt(vs_full, '>11.2f')}", flush=True)
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

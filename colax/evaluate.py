@@ -14,10 +14,11 @@ tokens have been evaluated (the reference's stopping rule, 10M) or the split end
 line of JSON.
 """
 
-from colax import errors
+from colax import errors, host
 
 if __name__ == "__main__":  # Ctrl-C while the imports below load: one line, exit 130
     errors.exit_on_signal("interrupted")
+    host.reuse_freed_memory()  # before JAX starts its threads (colax.host)
 
 import itertools  # noqa: E402
 import json  # noqa: E402

@@ -11,10 +11,11 @@ prefill and on B for decode, never on the prompt lengths within a bucket or on t
 Both go through `Transformer.decode`, i.e. the training blocks and projections.
 """
 
-from colax import errors
+from colax import errors, host
 
 if __name__ == "__main__":  # Ctrl-C while the imports below load: one line, exit 130
     errors.exit_on_signal("interrupted")
+    host.reuse_freed_memory()  # before JAX starts its threads (colax.host)
 
 import functools  # noqa: E402
 import time  # noqa: E402

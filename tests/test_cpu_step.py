@@ -15,13 +15,18 @@ import cpu_step  # noqa: E402
 TINY = dict(size="tiny", dtype="float32", batch=2, seq_len=16, overrides=[])
 
 
-def test_table_row_at_a_tiny_size(capsys):
-    """One timed step (after one that compiles) of colax's tiny CoLA: the row holds a finite, positive tokens/s."""
-    cpu_step.main(["--size", "tiny", "--batch", "2", "--seq_len", "16", "--rows", "cola", "--dtypes", "float32",
+def test_table_rows_at_a_tiny_size(capsys, monkeypatch):
+    """One timed step (after one that compiles) of colax's tiny full-rank and CoLA models, timed in turn:
+    each row holds a finite, positive tokens/s, and CoLA's row its ratio to full-rank's."""
+    monkeypatch.setenv("COLAX_MALLOC", "system")  # pytest's process: leave its malloc alone (colax.host)
+    cpu_step.main(["--size", "tiny", "--batch", "2", "--seq_len", "16", "--rows", "llama,cola", "--dtypes", "float32",
                    "--warmup", "1", "--steps", "1", "--rounds", "1", "--no_torch"])
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("cola "))
-    tokens_per_s = float(row.split()[2])
-    assert math.isfinite(tokens_per_s) and tokens_per_s > 0
+    out = capsys.readouterr().out
+    assert "malloc: system" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("llama ", "cola "))}
+    tokens_per_s = {name: float(row[2]) for name, row in rows.items()}
+    assert all(math.isfinite(t) and t > 0 for t in tokens_per_s.values()), rows
+    assert float(rows["cola"][-1]) == pytest.approx(tokens_per_s["cola"] / tokens_per_s["llama"], abs=0.01)
 
 
 @pytest.mark.parametrize("name", ["llama", "cola_m"])

@@ -1,0 +1,55 @@
+"""The host process on a CPU backend: glibc's malloc set to keep the memory XLA:CPU frees.
+
+XLA:CPU allocates an executable's temporary buffers with `malloc` at every run and frees them after.
+glibc serves an allocation over 32 MiB with a fresh `mmap` and unmaps it on `free`, so the kernel
+zero-fills every page of the step's temporaries again at first touch, every step: 449k page faults
+and ~0.8 s of system time in a 2 s CoLA-60M fp32 training step at 8 x 256 (docs/cpu_performance.md).
+`reuse_freed_memory` sets glibc (`mallopt`) to serve every allocation from one heap that is never
+trimmed, so the next step reuses the same pages: no faults, at the cost of a resident set that stays
+at its peak (+1.7 GiB, 3.3 -> 5.1 GiB, for that step).
+
+It must run before the JAX backend starts its threads (a thread that already has its own malloc arena
+keeps it); train.py, colax's command-line tools and benchmarks/cpu_step.py call it first thing. It does
+nothing off Linux/glibc, where an accelerator plugin (CUDA, ROCm, TPU) is installed and JAX_PLATFORMS
+does not select the CPU, or where the environment variable COLAX_MALLOC is "system".
+"""
+
+import ctypes
+import importlib.metadata
+import os
+import sys
+
+ENV = "COLAX_MALLOC"  # "system": leave glibc's malloc as it is
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc <malloc.h>
+_ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
+
+
+def _cpu_backend():
+    """Whether JAX will run on the CPU: JAX_PLATFORMS starts with cpu, or no accelerator plugin is installed."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    names = (dist.metadata["Name"] or "" for dist in importlib.metadata.distributions())
+    return not any(name.lower().startswith(_ACCELERATOR_PLUGINS) for name in names)
+
+
+def _glibc():
+    """The C library as ctypes, or None where it is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None)
+    return libc if hasattr(libc, "gnu_get_libc_version") else None
+
+
+def reuse_freed_memory():
+    """Keep freed memory in the process (one malloc arena, no mmap, no trimming) on a CPU backend
+    under glibc; returns whether it did. COLAX_MALLOC=system turns it off."""
+    if os.environ.get(ENV, "").lower() == "system" or not _cpu_backend():
+        return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    # Threads share the main arena (others fall back to mmap for large blocks), blocks come from the
+    # heap instead of mmap, and free never returns the heap's top to the kernel (-1: no threshold).
+    return all(libc.mallopt(param, value) == 1
+               for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))

@@ -1,0 +1,66 @@
+"""colax.host: with glibc's malloc set, a repeated XLA:CPU run reuses the pages its temporaries had.
+
+Each case runs in a fresh process (the setting must come before JAX starts its threads) and counts
+the minor page faults of two runs of a jitted function after three, whose [8192, 8192] fp32
+temporaries XLA:CPU allocates anew at every run. Counts, not timings.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from colax import host
+
+SCRIPT = """
+import resource, sys
+from colax import host
+kept = host.reuse_freed_memory() if sys.argv[1] == "on" else False
+import jax, jax.numpy as jnp
+
+def g(x):  # a loop, so that XLA:CPU runs it on its own threads rather than inline on this one
+    y = x @ x.T  # [8192, 8192] fp32: 256 MiB
+    return jax.lax.fori_loop(0, 2, lambda i, s: s + (y + y.T).sum(0), jnp.zeros(x.shape[0]))
+
+f, x = jax.jit(g), jnp.ones((8192, 64))
+for _ in range(3):  # the first runs grow the heap
+    f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(2):
+    f(x).block_until_ready()
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+glibc = pytest.mark.skipif(host._glibc() is None, reason="glibc's malloc only (Linux)")
+
+
+def repeated_run_faults(setting, **env):
+    """(whether colax.host changed malloc, minor page faults of two runs after three) in a fresh process."""
+    import os
+
+    out = subprocess.run([sys.executable, "-c", SCRIPT, setting], capture_output=True, text=True, check=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+    kept, faults = out.stdout.split()
+    return kept == "True", int(faults)
+
+
+@glibc
+def test_repeated_runs_touch_no_fresh_pages():
+    """Without the setting each run faults its temporaries in again (~470k 4 KiB pages for the two);
+    with it, they fault in almost none."""
+    kept, faults = repeated_run_faults("off")
+    assert not kept and faults > 100_000
+    kept, faults = repeated_run_faults("on")
+    assert kept and faults < 500
+
+
+@glibc
+def test_colax_malloc_system_leaves_malloc():
+    kept, faults = repeated_run_faults("on", COLAX_MALLOC="system")
+    assert not kept and faults > 100_000
+
+
+@pytest.mark.parametrize("platforms, expected", [("cpu", True), ("cuda", False), ("tpu,cpu", False)])
+def test_only_for_a_cpu_backend(monkeypatch, platforms, expected):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert host._cpu_backend() is expected
