@@ -13,6 +13,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from colax import sharding
+from colax.attention import causal_attention
 from colax.projections import PROJECTIONS
 from colax.projections.common import PROJECTION_NAMES, projection_shapes
 
@@ -52,10 +53,14 @@ def attention(q, k, v, segment_ids, implementation):
     """Causal multi-head attention. q, k, v: [B, T, N, H]; segment_ids: int32 [B, T] or None.
 
     With segment ids, a token attends only to earlier tokens of its own segment (packed rows).
+    implementation "" on the CPU backend: `colax.attention.causal_attention`; otherwise
+    `jax.nn.dot_product_attention`'s ("" lets jax pick).
     """
     mask = None
     if segment_ids is not None:
         mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    if not implementation and jax.default_backend() == "cpu":
+        return causal_attention(q, k, v, mask)
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=True, implementation=implementation or None)
 

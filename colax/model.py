@@ -41,7 +41,7 @@ def defaults():
         remat="none",             # a key of colax.remat.POLICIES
         dtype="bfloat16",         # compute dtype
         param_dtype="float32",    # "bfloat16" with dtype "bfloat16" is the paper's pure-bf16 mode
-        attention_impl="",        # jax.nn.dot_product_attention implementation: "", "xla", "cudnn"
+        attention_impl="",        # "": colax.attention on CPU, jax's pick elsewhere; "xla", "cudnn": jax.nn.dot_product_attention's
         kernel="xla",             # CoLA silu(z) @ B kernel: "xla" or "pallas" (GPU; docs/kernels.md)
         pad_id=ml_collections.FieldReference(None, field_type=int),  # embedding row kept at 0, never trained
         **projections.config_defaults(),  # each kind's own keys, documented where the kind declares them
