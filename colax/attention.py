@@ -8,8 +8,8 @@ head) and forms dq, dk, dv as FlashAttention-2's backward does (Dao 2023, algori
 tiling: XLA:CPU runs each dot whole). Every dot takes the operands in their dtype and accumulates
 in float32 (native bf16 dots on the CPU); the softmax is in float32 as jax's.
 
-Measured on the 2-core CPU at 60M, 8 x 256 (docs/cpu_performance.md): the training step 8-9 %
-faster in fp32 and 14 % in bf16, for CoLA and full-rank alike. `tests/test_attention.py` checks it
+Measured on the 2-core CPU at 60M, 8 x 256 (docs/cpu_performance.md): the training step 8-12 %
+faster in fp32 and 11-16 % in bf16 (full-rank, CoLA). `tests/test_attention.py` checks it
 against `jax.nn.dot_product_attention` (value and gradients, fp32 and bf16, packed segments).
 """
 
