@@ -1,5 +1,6 @@
 """`colax.plan`: XLA's compiled FLOPs agree with the analytic count; the JSON interface."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def test_analytic_flops_by_hand():
     assert got == dict(forward=lora_fwd, train=3 * lora_fwd - layers * full)
 
 
+@functools.lru_cache  # (cola, "xla") serves two tests: compiled once
 def _xla_per_token(kind, attention_impl):
     """XLA's training FLOPs per token of the 60M preset at its micro-batch (32 x 256)."""
     cfg = config.preset(kind, "60m")
