@@ -1,10 +1,15 @@
 """colax.host: with glibc's malloc set, a repeated XLA:CPU run reuses the pages its temporaries had.
 
 Each case runs in a fresh process (the setting must come before JAX starts its threads) and counts
-the minor page faults of two runs of a jitted function after three, whose [8192, 8192] fp32
-temporaries XLA:CPU allocates anew at every run. Counts, not timings.
+the minor page faults of each of twelve runs of a jitted function whose [8192, 8192] fp32 temporaries
+XLA:CPU allocates anew at every run. Counts, not timings.
+
+With the setting, some runs after the first still grow the heap (XLA's threads free and allocate in
+an order that can leave no free block large enough: 131k faults, one 512 MiB growth, seen up to four
+times in twelve runs under a concurrent job), so the test asserts on the median run, not on every run.
 """
 
+import statistics
 import subprocess
 import sys
 
@@ -23,31 +28,32 @@ def g(x):  # a loop, so that XLA:CPU runs it on its own threads rather than inli
     return jax.lax.fori_loop(0, 2, lambda i, s: s + (y + y.T).sum(0), jnp.zeros(x.shape[0]))
 
 f, x = jax.jit(g), jnp.ones((8192, 64))
-for _ in range(3):  # the first runs grow the heap
+faults = []
+for _ in range(12):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(2):
-    f(x).block_until_ready()
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, *faults)
 """
 
 glibc = pytest.mark.skipif(host._glibc() is None, reason="glibc's malloc only (Linux)")
 
 
 def repeated_run_faults(setting, **env):
-    """(whether colax.host changed malloc, minor page faults of two runs after three) in a fresh process."""
+    """(whether colax.host changed malloc, the median of the minor page faults of runs 2-12) in a fresh
+    process; the first run grows the heap in either setting."""
     import os
 
     out = subprocess.run([sys.executable, "-c", SCRIPT, setting], capture_output=True, text=True, check=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
-    kept, faults = out.stdout.split()
-    return kept == "True", int(faults)
+    kept, *faults = out.stdout.split()
+    return kept == "True", statistics.median(int(n) for n in faults[1:])
 
 
 @glibc
 def test_repeated_runs_touch_no_fresh_pages():
-    """Without the setting each run faults its temporaries in again (~470k 4 KiB pages for the two);
-    with it, they fault in almost none."""
+    """Without the setting each run faults its temporaries in again (~148k 4 KiB pages); with it, most
+    runs fault in none."""
     kept, faults = repeated_run_faults("off")
     assert not kept and faults > 100_000
     kept, faults = repeated_run_faults("on")
