@@ -250,6 +250,8 @@ class Transformer(nnx.Module):
                                     unroll=spec.scan_unroll if spec.scan_layers else True)
             return carry[0], None
         body = remat.checkpointed(_layer_fn(graphdef, capture), spec.remat, prevent_cse=not spec.scan_layers)
+        if _packs_residuals(spec) and not capture and cache is None:
+            body = remat.packed_residuals(body)
         step = lambda carry, layer: body(carry, layer, positions, segment_ids)
         layers_in = (stacked, cache, None if key is None else jax.random.split(key, spec.num_layers - first))
         if spec.scan_layers:
@@ -286,6 +288,14 @@ def init_cache(spec: ModelSpec, batch, length):
     compute dtype (keys are stored after RoPE)."""
     shape = (spec.num_layers, batch, length, spec.num_heads, spec.hidden_size // spec.num_heads)
     return {"k": jnp.zeros(shape, spec.dtype), "v": jnp.zeros(shape, spec.dtype)}
+
+
+def _packs_residuals(spec):
+    """Whether scanned blocks keep their bf16 residuals as uint16 bits (`remat.packed_residuals`): on
+    the CPU backend, where XLA:CPU 0.10 runs bf16 dynamic-update-slices through f32 and keeps the
+    stacked residuals in f32; not for a policy that offloads them (a GPU/TPU feature)."""
+    return (spec.scan_layers and spec.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
+            and not remat.POLICIES[spec.remat].offload)
 
 
 def _layer_fn(graphdef, capture):
