@@ -218,7 +218,7 @@ def interleaved(sides, warmup, steps, rounds):
                 loss = run()
                 times[k].append(time.perf_counter() - start)
                 if not math.isfinite(loss):
-                    raise SystemExit(f"{k}: non-finite loss {loss}")
+                    raise SystemExit(f"{' '.join(k) if isinstance(k, tuple) else k}: non-finite loss {loss}")
     return {k: statistics.median(v) for k, v in times.items()}
 
 

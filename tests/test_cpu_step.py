@@ -40,3 +40,9 @@ def test_torch_step_starts_from_colax_model(name):
     colax_run, params = cpu_step.colax_step(cfg, tokens)
     torch_run = cpu_step.torch_step(name, cfg, tokens, params)
     assert torch_run() == pytest.approx(colax_run(), rel=1e-5)
+
+
+def test_a_non_finite_loss_names_the_row_and_side():
+    sides = {("cola", "colax"): lambda: 1.0, ("cola", "torch"): lambda: math.nan}
+    with pytest.raises(SystemExit, match=r"^cola torch: non-finite loss nan$"):
+        cpu_step.interleaved(sides, warmup=0, steps=1, rounds=1)
