@@ -57,6 +57,7 @@ def test_one_setup_cell_for_colab_and_a_fresh_kernel():
     assert code[0].startswith("COLAX_REPO = ") and setup.count("COLAX_REPO = ") == 1  # the URL, in one place
     assert '"install", "-q", "..[notebooks]"' in setup and "-e" not in setup.split()  # not editable: no restart
     assert "importlib.invalidate_caches()" in setup
+    assert setup.rstrip().splitlines()[-1].startswith("host.reuse_freed_memory()")  # before any cell starts JAX
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'notebooks = ["matplotlib' in pyproject
     for path in NOTEBOOKS:  # matplotlib is the only import beyond colax and the dev tools' numpy/jax
