@@ -10,9 +10,9 @@ at its peak (+1.7 GiB, 3.3 -> 5.1 GiB, for that step).
 
 It must run before the JAX backend starts its threads (a thread that already has its own malloc arena
 keeps it); train.py, `python -m colax.evaluate`, `python -m colax.generate`,
-benchmarks/cpu_step.py and the notebooks' setup cell call it first thing. It does nothing off Linux/glibc, where an accelerator
-plugin (CUDA, ROCm, TPU) is installed and JAX_PLATFORMS does not select the CPU, or where the
-environment variable COLAX_MALLOC is "system".
+benchmarks/cpu_step.py and the notebooks' setup cell call it first thing. It does nothing off
+Linux/glibc, where an accelerator plugin (CUDA, ROCm, TPU) is installed and JAX_PLATFORMS does not
+select the CPU, or where the environment variable COLAX_MALLOC is "system".
 """
 
 import ctypes
