@@ -4,7 +4,8 @@
   python train.py --config configs/cola_350m.py --workdir /tmp/smoke --smoke   # a quick check of the config
 
 Rerunning the same command resumes from the newest checkpoint; SIGTERM/SIGINT save and exit (before
-the first step they exit at once: "interrupted before step 0, nothing saved", exit code 130).
+the first step they exit at once: "interrupted before step 0, nothing saved", exit code 130);
+--stop_after=N saves and stops after step N.
 A workdir holding a run of another config is refused unless --overwrite. Multi-host: run the same
 command on every host (docs/sharding.md). See docs/training.md.
 """
@@ -17,7 +18,7 @@ host.reuse_freed_memory()  # on a CPU backend, before JAX starts its threads (co
 from absl import app, flags, logging  # noqa: E402 (after the signal handler)
 from ml_collections import config_flags  # noqa: E402
 
-from colax import config, loop, sharding  # noqa: E402
+from colax import config, distributed, loop  # noqa: E402
 from colax.errors import exit_on_error, parse_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
@@ -30,6 +31,12 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-host run by
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", distributed.DEFAULT_HEARTBEAT_TIMEOUT,
+                                  "Multi-host: seconds without a peer's heartbeat before every process stops.",
+                                  lower_bound=1)
+_STOP_AFTER = flags.DEFINE_integer("stop_after", None, "Save a checkpoint and stop after this step (the same "
+                                   "command resumes), e.g. before moving the run to another number of hosts.",
+                                   lower_bound=1)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,16 +46,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:  # library logs (orbax: INFO per save, WARNINGs per read-only look
         logging.set_verbosity(logging.ERROR)    # at checkpoints) hidden; colax prints its own lines. -v 0 shows them
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                    auto=_DISTRIBUTED.value)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value,
+                           heartbeat_timeout=_HEARTBEAT.value)
     cfg = config.from_flag(_CONFIG)
     if _SMOKE.value:
         cfg = config.smoke(cfg, cfg.train.steps if "config.train.steps" in flags.FLAGS else config.SMOKE_STEPS)
         t = cfg.train
         print(f"notice: --smoke: {t.steps} steps of {t.batch_size} x {cfg.data.seq_len} tokens, "
               f"{t.eval_batches} validation batch, no baseline, a {t.sample_tokens}-token sample", flush=True)
-    loop.run(cfg, _WORKDIR.value, overwrite=_OVERWRITE.value)
+    loop.run(cfg, _WORKDIR.value, overwrite=_OVERWRITE.value, stop_after=_STOP_AFTER.value)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(distributed.end_directly(main), flags_parser=parse_flags)

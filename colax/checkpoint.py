@@ -1,7 +1,12 @@
 """The run's orbax checkpoints (workdir/checkpoints/<step>/); the run's config.json is `colax.run`'s.
 
-A checkpoint holds "state" (params and optimizer state, the step count inside), "data" (the
-grain train iterator's position) and "config" (the run's config, should config.json be lost).
+A checkpoint holds "state" (params and optimizer state, the step count inside), "config" (the
+run's config, should config.json be lost), "topology" (the process and device counts that wrote
+it) and, for a streamed source only, "data" (each process's grain iterator position). A source
+with a row store needs no data item: checkpoint s resumes at global batch s, the same rows on any
+number of hosts (`colax.data.make_pipeline`'s start_batch), and the state restores resharded onto
+any mesh, so a run moves to another host or device count. A streamed source's position is per
+process: it resumes on the same number of processes only (a ConfigError says so).
 Saves are asynchronous and atomic (orbax writes to a temporary folder and renames it when
 complete), so a run killed during a save resumes from the previous one; a failed save raises
 CheckpointError at the next `check_saves`. Restoring falls back to the newest checkpoint that
@@ -60,13 +65,20 @@ class _KeepLatestAndPinned:
         return [i >= len(checkpoints) - self.n or c.step in self.pinned for i, c in enumerate(checkpoints)]
 
 
-def manager(workdir, cfg_train, pinned=frozenset()):
+def manager(workdir, cfg_train, pinned=frozenset(), owner=False):
     """An orbax CheckpointManager over workdir/checkpoints keeping the newest `train.keep_checkpoints`
-    and the steps in `pinned` (a set the caller may grow while the run goes on)."""
+    and the steps in `pinned` (a set the caller may grow while the run goes on).
+
+    owner: the caller is the run holding the workdir's lock; what an interrupted save left (orbax's
+    temporary folders, `check_writable`'s probes) is removed. Any other reader leaves them alone: they
+    may belong to a live run."""
     absl_logging.get_absl_logger().addFilter(_REPORTED_HERE)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=_KeepLatestAndPinned(cfg_train.keep_checkpoints, pinned),
-        enable_async_checkpointing=True)
+        enable_async_checkpointing=True, cleanup_tmp_directories=owner)
+    if owner and jax.process_index() == 0 and directory(workdir).exists():
+        for probe in directory(workdir).glob(f"{_PROBE}*"):
+            probe.rmdir()
     return _Manager(epath.Path(workdir).absolute() / "checkpoints", options=options)
 
 
@@ -85,6 +97,7 @@ class _ReportedHere(logging.Filter):
 
 
 _REPORTED_HERE = _ReportedHere()
+_PROBE = ".write-check-"
 
 
 def check_writable(directory):
@@ -94,7 +107,7 @@ def check_writable(directory):
     directory = epath.Path(directory)
     if not directory.exists():
         return
-    probe = directory / f".write-check-{jax.process_index()}-{os.getpid()}"
+    probe = directory / f"{_PROBE}{jax.process_index()}-{os.getpid()}"
     try:
         probe.mkdir()
         probe.rmdir()
@@ -103,16 +116,25 @@ def check_writable(directory):
         raise CheckpointError(f"checkpoints cannot be written in {directory} ({why})") from None
 
 
-def save(mngr, step, params, opt_state, data_iter, config=None):
+def topology():
+    """{"process_count", "device_count"} of this run."""
+    return dict(process_count=jax.process_count(), device_count=jax.device_count())
+
+
+def save(mngr, step, params, opt_state, data_iter=None, config=None):
     """Starts an async save of the state after `step` optimizer steps (returns once copied to host),
     after the previous save has finished (CheckpointError if that one failed).
 
+    data_iter: a streamed source's train iterator (its per-process position is saved), or None (a
+    source with a row store resumes at global batch `step`).
     config: the run's config dict, saved beside the state (`saved_config` reads it back).
     """
     check_saves(mngr, wait=True)
     check_writable(mngr.directory)
     items = dict(state=ocp.args.StandardSave(dict(params=params, opt_state=opt_state)),
-                 data=grain.checkpoint.CheckpointSave(data_iter))
+                 topology=ocp.args.JsonSave(topology()))
+    if data_iter is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     if config is not None:
         items["config"] = ocp.args.JsonSave(config)
     try:
@@ -172,23 +194,52 @@ def check_resume_step(workdir, resume_step):
         _trained_steps(_reader(workdir), resume_step)
 
 
-def restore(mngr, target, data_iter, step=0):
-    """(step, params, opt_state) of the newest checkpoint that restores cleanly, or of `step` if > 0.
+def saved_topology(mngr, step):
+    """{"process_count", "device_count"} that wrote checkpoint `step` (device_count None where a
+    checkpoint from before the "topology" item says only its process count, by its data files)."""
+    try:
+        return mngr.restore(step, args=ocp.args.Composite(topology=ocp.args.JsonRestore())).topology
+    except Exception:  # pylint: disable=broad-except  # written before the topology item existed
+        files = [p.name for p in (epath.Path(mngr.directory) / str(step) / "data").glob("process_*-of-*.json")]
+        counts = {int(name.rsplit("-of-", 1)[1].split(".")[0]) for name in files}
+        return dict(process_count=counts.pop() if len(counts) == 1 else None, device_count=None)
+
+
+def describe(topo):
+    """"2 processes with 4 devices" for a `topology()` dict (parts it does not know are left out)."""
+    n, d = topo.get("process_count"), topo.get("device_count")
+    parts = [f"{n} process{'es' if n != 1 else ''}" if n else "", f"{d} device{'s' if d != 1 else ''}" if d else ""]
+    return " with ".join(p for p in parts if p) or "an unknown topology"
+
+
+def restore(mngr, target, data_iter=None, step=0):
+    """(step, params, opt_state, topology) of the newest checkpoint that restores cleanly, or of
+    `step` if > 0; topology: `saved_topology`'s, that of the processes that wrote it.
 
     target: step -> `(params, opt_state)` of ShapeDtypeStructs with shardings
     (`state.abstract_state`; the state's structure may depend on the step, as the optimizer state
-    of a full-rank warm start does), so each device reads only its shards, on any mesh. The data iterator is moved in place to its
-    saved position. A newer checkpoint that fails to restore is renamed `<step>.corrupt`; those
-    newer than an explicit `step`, `<step>.abandoned` (the run continues from `step`); a line says so.
+    of a full-rank warm start does), so each device reads only its shards, on any mesh.
+    data_iter: a streamed source's train iterator, moved in place to its saved position (ConfigError
+    if the checkpoint was written by another number of processes: that position is per process); None
+    for a source with a row store. A newer checkpoint that fails to restore is renamed
+    `<step>.corrupt`; those newer than an explicit `step`, `<step>.abandoned` (the run continues from
+    `step`); a line says so.
     """
     steps = _trained_steps(mngr, step)
     failed = []
     for s in [step] if step else steps:
+        topo = saved_topology(mngr, s)
+        if data_iter is not None and topo["process_count"] not in (None, jax.process_count()):
+            raise ConfigError(f"checkpoint {s} was written by {describe(topo)}: a streamed source's position "
+                              f"(data.source) is kept per process, so it resumes on {topo['process_count']} "
+                              f"processes only, not {jax.process_count()}; relaunch with that many, or prepare "
+                              "the data (python -m colax.data prepare) to resume on any number")
         params, opt_state = target(s)
+        items = dict(state=ocp.args.StandardRestore(dict(params=params, opt_state=opt_state)))
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
-            restored = mngr.restore(s, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(dict(params=params, opt_state=opt_state)),
-                data=grain.checkpoint.CheckpointRestore(data_iter)))
+            restored = mngr.restore(s, args=ocp.args.Composite(**items))
         except Exception as e:  # pylint: disable=broad-except
             failed.append(f"{s} ({errors.cause(e)})")
             workdir_lib.note(f"checkpoint {s} cannot be restored: {errors.cause(e)}")
@@ -197,7 +248,7 @@ def restore(mngr, target, data_iter, step=0):
             why = "abandoned" if step else "corrupt"
             workdir_lib.note(f"checkpoint {newer} set aside as checkpoints/{_set_aside(mngr, newer, why)}")
         mngr.reload()
-        return s, restored.state["params"], restored.state["opt_state"]
+        return s, restored.state["params"], restored.state["opt_state"], topo
     raise CheckpointError(f"no checkpoint in {mngr.directory} restores: {'; '.join(failed)}")
 
 

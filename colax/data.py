@@ -251,14 +251,14 @@ def _packed_split(cfg_json: str, tokenizer, split: str, process_index: int) -> l
     return packed_records(sources.document_dataset(cfg, split), tokenizer, cfg.seq_len, split == "train", say)
 
 
-def _host_batches(rows, cfg, train, batch, p, n_proc):
-    """Rows of global batch k, host p: rows [k*B + p*b, k*B + (p+1)*b)."""
+def _host_batches(rows, cfg, train, batch, p, n_proc, start_batch=0):
+    """Rows of global batch k, host p: rows [k*B + p*b, k*B + (p+1)*b), from global batch `start_batch` on."""
     global_batch = batch * n_proc
     if not train:  # pad the one pass to whole global batches with empty rows
         pad = [empty_example(cfg.seq_len)] * (-len(rows) % global_batch)
         rows = grain.MapDataset.concatenate([rows, grain.MapDataset.source(pad)])
     rows = rows[:len(rows) // global_batch * global_batch]
-    return rows.batch(batch, drop_remainder=True)[p::n_proc].to_iter_dataset(
+    return rows.batch(batch, drop_remainder=True)[p::n_proc][start_batch:].to_iter_dataset(
         grain.ReadOptions(num_threads=cfg.read_threads,
                           prefetch_buffer_size=cfg.prefetch))
 
@@ -301,10 +301,16 @@ def _stream_dataset(cfg, tokenizer, split, train, batch, p, n_proc, num_epochs):
     return rows.batch(batch, drop_remainder=True)
 
 
+def is_streamed(cfg_data) -> bool:
+    """Whether the source is streamed (hf, tfds with packing): each host reads its own stream, so
+    a position in it is per host (grain's iterator state), not a global batch index."""
+    return cfg_data.source == "hf" or (cfg_data.source == "tfds" and cfg_data.packing)
+
+
 def make_dataset(cfg_data, tokenizer, *, split: str, global_batch_size: int,
                  process_index: int | None = None,
                  process_count: int | None = None,
-                 num_epochs: int | None = None) -> grain.IterDataset:
+                 num_epochs: int | None = None, start_batch: int = 0) -> grain.IterDataset:
     """The batch dataset of one host (see `make_pipeline`)."""
     p = jax.process_index() if process_index is None else process_index
     n_proc = jax.process_count() if process_count is None else process_count
@@ -313,7 +319,10 @@ def make_dataset(cfg_data, tokenizer, *, split: str, global_batch_size: int,
     train = split == "train"
     if split not in ("train", "val"):
         raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
-    if cfg_data.source == "hf" or (cfg_data.source == "tfds" and cfg_data.packing):
+    if start_batch and (not train or is_streamed(cfg_data)):
+        raise ConfigError(f"start_batch: only the train split of a source with a row store starts at a "
+                          f"global batch (data.source={cfg_data.source!r})")
+    if is_streamed(cfg_data):
         ds = _stream_dataset(cfg_data, tokenizer, split, train, batch, p, n_proc, num_epochs)
         return _with_workers(ds, cfg_data)
     records = record_store(cfg_data, tokenizer, split, p)
@@ -321,7 +330,7 @@ def make_dataset(cfg_data, tokenizer, *, split: str, global_batch_size: int,
         records = records.shuffle(seed=cfg_data.seed)
     rows = records.repeat(num_epochs if train else 1).map(
         functools.partial(record_example, cfg=cfg_data, tokenizer=tokenizer))
-    return _with_workers(_host_batches(rows, cfg_data, train, batch, p, n_proc), cfg_data)
+    return _with_workers(_host_batches(rows, cfg_data, train, batch, p, n_proc, start_batch), cfg_data)
 
 
 def _with_workers(ds: grain.IterDataset, cfg) -> grain.IterDataset:
@@ -336,10 +345,14 @@ def _with_workers(ds: grain.IterDataset, cfg) -> grain.IterDataset:
 def make_pipeline(cfg_data, tokenizer, *, split: str, global_batch_size: int,
                   process_index: int | None = None,
                   process_count: int | None = None,
-                  num_epochs: int | None = None) -> grain.DatasetIterator:
+                  num_epochs: int | None = None, start_batch: int = 0) -> grain.DatasetIterator:
     """An iterator over this host's batches (dicts of [b, seq_len] arrays).
 
-    b = global_batch_size // process_count. "train" repeats `num_epochs` times
+    b = global_batch_size // process_count. Host p's k-th batch holds rows [k*B + p*b, k*B +
+    (p+1)*b) of the split's row order, so global batch k is the same rows for any process count;
+    `start_batch` starts at global batch k = start_batch (train, sources with a row store: not
+    `is_streamed`), which is how a run resumes on another number of hosts.
+    "train" repeats `num_epochs` times
     (None: forever), reshuffling each epoch with `cfg_data.seed`; "val" is one
     unshuffled pass whose last batch is padded with all-zero rows (loss_mask 0),
     so every host yields the same number of batches (not guaranteed for a
@@ -352,7 +365,8 @@ def make_pipeline(cfg_data, tokenizer, *, split: str, global_batch_size: int,
     return iter(make_dataset(cfg_data, tokenizer, split=split,
                              global_batch_size=global_batch_size,
                              process_index=process_index,
-                             process_count=process_count, num_epochs=num_epochs))
+                             process_count=process_count, num_epochs=num_epochs,
+                             start_batch=start_batch))
 
 
 class _HFDocuments(grain.IterDataset):

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from colax import checkpoint, convert, data, evaluate, generate, metrics, optim, sharding, state, tokenizer
+from colax import checkpoint, convert, data, distributed, evaluate, generate, metrics, optim, sharding, state, tokenizer
 from colax import trainer as trainer_lib
 from colax import config as config_lib
 from colax import guard as guard_lib
@@ -37,17 +37,20 @@ def device_batch(batch, accum, mesh):
 
 
 def unigram_ppl(cfg, tok, val):
-    """Perplexity on `val` (host batches) of the add-one-smoothed unigram model of
-    `train.baseline_batches` train batches."""
-    counts = np.ones(tok.vocab_size)
+    """Perplexity on `val` (this host's share of the validation batches) of the add-one-smoothed
+    unigram model of `train.baseline_batches` global train batches: counts and sums are over every
+    host's rows (`distributed.global_sum`), so any number of hosts gives one process's figure."""
+    counts = np.zeros(tok.vocab_size, np.int32)
     train = data.make_pipeline(cfg.data, tok, split="train", global_batch_size=cfg.train.batch_size,
                                num_epochs=1)
     for b in itertools.islice(train, cfg.train.baseline_batches):
-        counts += np.bincount(b["targets"][b["loss_mask"] > 0], minlength=tok.vocab_size)
+        counts += np.bincount(b["targets"][b["loss_mask"] > 0], minlength=tok.vocab_size).astype(np.int32)
+    counts = distributed.global_sum(counts) + 1.0
     logp = np.log(counts / counts.sum())
     nll, targets = 0.0, 0.0
     for b in val:
         nll, targets = nll - (logp[b["targets"]] * b["loss_mask"]).sum(), targets + b["loss_mask"].sum()
+    nll, targets = distributed.global_sum(np.float32([nll, targets]))
     return math.exp(nll / max(targets, 1.0))
 
 
@@ -156,14 +159,21 @@ def run(cfg, workdir, overwrite=False, stop_after=None):
     StopOnSignal (before the first step: KeyboardInterrupt("interrupted before step 0, nothing saved")).
     """
     with StopOnSignal("interrupted before step 0, nothing saved") as stop:
-        return _run(cfg, workdir, overwrite, stop_after, stop)
+        try:
+            result = _run(cfg, workdir, overwrite, stop_after, stop)
+        except Exception as e:  # a peer lost in a multi-host run is the cause (colax.distributed)
+            distributed.on_error(e)
+            raise
+    distributed.on_success()
+    return result
 
 
 def prepare(cfg, spec, workdir, overwrite):
     """Every check that reads the workdir or the data, then (only once all passed) its writes: the
     replaced run's files deleted (`overwrite`), tokenizer.model and config.json. Returns (tokenizer,
     resume step: `train.resume_step`, or 0 when config.json shows that this resume was already
-    done, the train iterator: opening it reads and checks the data)."""
+    done, the train iterator from the first batch: opening it reads and checks the data, make_train:
+    start_batch -> the train iterator from that global batch)."""
     t = cfg.train
     old, replace = run_lib.check_workdir(workdir, cfg, overwrite)
     done = old and old["train"].get("resume_step") == t.resume_step
@@ -176,14 +186,15 @@ def prepare(cfg, spec, workdir, overwrite):
             generate.check_prompts([tok.encode(t.sample_prompt)], cfg.data.seq_len)
         except DataError as e:
             raise ConfigError(f"train.sample_prompt: {e}") from None
-    train_it = data.make_pipeline(cfg.data, tok, split="train", global_batch_size=t.batch_size)
+    make_train = functools.partial(data.make_pipeline, cfg.data, tok, split="train", global_batch_size=t.batch_size)
+    train_it = make_train(start_batch=0)
     run_lib.write_workdir(workdir, cfg, replace)  # checked above: config.json is read once
     if proto is not None and jax.process_index() == 0:
         workdir_lib.atomic_write(tok.path, proto)
     changes = run_lib.recovery_changes(old, json.loads(cfg.to_json_best_effort())) if old else []
     if changes:
         print(f"resuming with changed recovery settings: {', '.join(changes)}", flush=True)
-    return tok, 0 if done else t.resume_step, train_it
+    return tok, 0 if done else t.resume_step, (train_it, make_train)
 
 
 def _run(cfg, workdir, overwrite, stop_after, stop):
@@ -194,32 +205,51 @@ def _run(cfg, workdir, overwrite, stop_after, stop):
     mesh = sharding.make_mesh(cfg.mesh)
     state.validate(spec, mesh, cfg.train.batch_size)
     with workdir_lib.lock(workdir, jax.process_index() == 0):  # one lock per run: process 0 holds it
-        tok, resume_step, train_it = prepare(cfg, spec, workdir, overwrite)
+        tok, resume_step, train_data = prepare(cfg, spec, workdir, overwrite)
         try:
-            return _train(cfg, spec, mesh, tok, train_it, workdir, resume_step, stop_after, stop)
+            return _train(cfg, spec, mesh, tok, train_data, workdir, resume_step, stop_after, stop)
         except DivergenceError:  # the advised resume_step is honoured even if an earlier go-back used it
             run_lib.forget_resume_step(workdir)
             raise
 
 
-def _train(cfg, spec, mesh, tok, train_it, workdir, resume_step, stop_after, stop):
+def _restore(cfg, spec, mesh, trainer, mngr, train_data, resume_step):
+    """(start, params, opt_state, train iterator) of the checkpoint a run resumes from, on this run's
+    mesh and hosts (`checkpoint.restore`): a source with a row store continues at global batch
+    `start` whatever the topology that saved it; a line says when the topology changed."""
+    streamed = data.is_streamed(cfg.data)
+    train_it, make_train = train_data
+    target = lambda step: state.abstract_state(spec, trainer.tx(step), mesh)  # the state of its step's phase
+    start, params, opt_state, saved = checkpoint.restore(mngr, target, train_it if streamed else None, resume_step)
+    now = checkpoint.topology()
+    if any(saved.get(k) not in (None, v) for k, v in now.items()):
+        workdir_lib.note(f"checkpoint {start} was written by {checkpoint.describe(saved)}; resuming on "
+                         f"{checkpoint.describe(now)}: the state is resharded onto the new mesh and the data "
+                         f"continues at global batch {start}")
+    return start, params, opt_state, train_it if streamed else make_train(start_batch=start)
+
+
+def _train(cfg, spec, mesh, tok, train_data, workdir, resume_step, stop_after, stop):
     """The body of `run` once the workdir is locked and prepared."""
     accum, t = config_lib.accum_steps(cfg), cfg.train
     trainer = trainer_lib.Trainer(cfg, nnx.graphdef(model_lib.abstract_model(spec)), mesh)
     if resume_step:  # resuming from a chosen checkpoint starts a new branch: earlier pins are released
         run_lib.write_pinned(workdir, set())
     guard = guard_lib.Guard(t, run_lib.read_pinned(workdir), lambda pinned: run_lib.write_pinned(workdir, pinned))
-    mngr = checkpoint.manager(workdir, t, guard.pinned)
+    mngr = checkpoint.manager(workdir, t, guard.pinned, owner=True)
+    if distributed.watchdog():
+        distributed.watchdog().watch(checkpoint.directory(workdir))
     start = 0
     if mngr.latest_step() or resume_step:  # restored straight into the shardings: no fresh parameters
         stop.message = f"interrupted before resuming at step {resume_step or mngr.latest_step()}, nothing saved"
-        graphdef = trainer.graphdef  # each checkpoint restores into the state of its step's phase:
-        target = lambda step: state.abstract_state(spec, trainer.tx(step), mesh)
-        start, params, opt_state = checkpoint.restore(mngr, target, train_it, resume_step)
+        graphdef = trainer.graphdef
+        start, params, opt_state, train_it = _restore(cfg, spec, mesh, trainer, mngr, train_data, resume_step)
         guard.saved(start)
     else:
         graphdef, params, opt_state = state.init_state(spec, trainer.tx(0), mesh, t.seed)
         params, opt_state = init_from(cfg, workdir, mngr, trainer.tx(0), params, opt_state)
+        train_it = train_data[0]
+    saved_it = train_it if data.is_streamed(cfg.data) else None  # a row store resumes by global batch
     stop.check()  # an interrupt swallowed while the state was compiled (e.g. in a gc callback)
     val = list(evaluate.val_batches(cfg, tok, t.batch_size // accum, t.eval_batches))
     evaluate_fn = evaluate.make_evaluate(graphdef, params, mesh, val)
@@ -231,7 +261,7 @@ def _train(cfg, spec, mesh, tok, train_it, workdir, resume_step, stop_after, sto
                        f"{model_lib.count_params(spec)['total'] / 1e6:.2f}M parameters, {accum} micro-batch(es) "
                        f"of {t.batch_size // accum} x {cfg.data.seq_len} tokens per step")
     config = json.loads(cfg.to_json_best_effort())
-    pending, s, result = None, start, None
+    pending, s, result, signalled = None, start, None, False
     with stop.while_training("interrupted again: stopped without saving; the last checkpoint stays valid"):
         try:
             for s in range(start + 1, t.steps + 1):
@@ -240,7 +270,8 @@ def _train(cfg, spec, mesh, tok, train_it, workdir, resume_step, stop_after, sto
                     log.step(*pending)
                 checkpoint.check_saves(mngr)  # a failed async save stops the run at once
                 pending = (s, m)
-                stopping = stop.requested or s == stop_after
+                signalled = distributed.any_process(stop.requested)  # one signalled host: every host stops at s
+                stopping = signalled or s == stop_after
                 evaluating = s == t.steps or (t.eval_every and s % t.eval_every == 0)
                 saving = s == t.steps or stopping or s % t.checkpoint_every == 0
                 if evaluating or saving:  # wait for step s's metrics: a NaN state is never saved
@@ -250,7 +281,7 @@ def _train(cfg, spec, mesh, tok, train_it, workdir, resume_step, stop_after, sto
                 if saving and guard.in_streak:  # the state of a skipped non-finite step is never saved
                     log.progress.write(f"step {s} was skipped as non-finite: no checkpoint saved")
                 elif saving:
-                    checkpoint.save(mngr, s, params, opt_state, train_it, config)
+                    checkpoint.save(mngr, s, params, opt_state, saved_it, config)
                     guard.saved(s)
                     log.progress.write(f"saving checkpoint {checkpoint.step_dir(workdir, s)}")
                 if stopping:
@@ -264,7 +295,8 @@ def _train(cfg, spec, mesh, tok, train_it, workdir, resume_step, stop_after, sto
         f"checkpoint {checkpoint.step_dir(workdir, guard.last_saved)} saved")
     stop.message = f"interrupted after step {s}, {newest}"
     if s < t.steps:
-        log.progress.write(f"stopped after step {s} ({stop.requested or 'stop_after'}); {newest}, run the same "
+        why = stop.requested or ("a signal to another process" if signalled else "--stop_after")
+        log.progress.write(f"stopped after step {s} ({why}); {newest}, run the same "
                            "command to resume")
         return None
     result = result or final_eval(params)

@@ -9,7 +9,6 @@ The tensor-parallel layout the rules encode for CoLA, and its collectives, are i
 
 import functools
 import math
-import os
 
 import jax
 import ml_collections
@@ -133,27 +132,3 @@ def on_mesh(fn, mesh):
             return fn(*args, **kwargs)
 
     return wrapped
-
-
-def _cluster_launch():
-    """Whether the environment is a multi-process launch that jax can join by itself."""
-    env = os.environ
-    return ("JAX_COORDINATOR_ADDRESS" in env
-            or int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_NODELIST" in env
-            or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-            or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-            or "MEGASCALE_COORDINATOR_ADDRESS" in env)
-
-
-def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None, auto=False):
-    """Joins the processes of a multi-host run; call first, before any other jax call.
-
-    Explicit arguments (the --coordinator_address/--num_processes/--process_id flags) win. Else
-    jax's cluster detection runs when `auto` is set (Cloud TPU pod slices, GKE, Kubernetes) or the
-    environment is a multi-process launch (JAX_COORDINATOR_ADDRESS, SLURM srun with several tasks,
-    Open MPI, multi-host TPU env vars). Else it is a single process and nothing happens.
-    Returns (process_index, process_count).
-    """
-    if coordinator_address is not None or auto or _cluster_launch():
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    return jax.process_index(), jax.process_count()
