@@ -10,8 +10,9 @@ A workdir holding a run of another config is refused unless --overwrite. Multi-h
 command on every host (docs/sharding.md). See docs/training.md.
 """
 
-from colax import errors, host
+from colax import errors, host, supervisor
 
+supervisor.supervise()  # a multi-process launch runs as a supervised child (colax.supervisor)
 errors.exit_on_signal("interrupted before step 0, nothing saved")  # Ctrl-C while jax is imported
 host.reuse_freed_memory()  # on a CPU backend, before JAX starts its threads (colax.host)
 

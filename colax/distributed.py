@@ -23,23 +23,13 @@ import traceback
 
 import jax
 import numpy as np
-from etils import epath
 from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
 
-LOST_HOST_EXIT_CODE = 75  # EX_TEMPFAIL: relaunching every process resumes the run
+from colax.supervisor import LOST_HOST_EXIT_CODE, cluster_launch, newest_checkpoint
+
 DEFAULT_HEARTBEAT_TIMEOUT = 30  # seconds without a peer's heartbeat before the run stops
 _ALIVE, _EXIT = "colax/alive/", "colax/exit/"
-
-
-def _cluster_launch():
-    """Whether the environment is a multi-process launch that jax can join by itself."""
-    env = os.environ
-    return ("JAX_COORDINATOR_ADDRESS" in env
-            or int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_NODELIST" in env
-            or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-            or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-            or "MEGASCALE_COORDINATOR_ADDRESS" in env)
 
 
 def initialize(coordinator_address=None, num_processes=None, process_id=None, auto=False,
@@ -53,7 +43,7 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, au
     With several processes a `Watchdog` of `heartbeat_timeout` seconds starts (`watchdog()`).
     Returns (process_index, process_count).
     """
-    if coordinator_address is not None or auto or _cluster_launch():
+    if coordinator_address is not None or auto or cluster_launch():
         jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                    heartbeat_timeout_seconds=2 * heartbeat_timeout + 30)
         if jax.process_count() > 1:
@@ -70,16 +60,6 @@ _WATCHDOG = None
 def watchdog():
     """The running `Watchdog` of this multi-process run, or None (a single process)."""
     return _WATCHDOG
-
-
-def newest_checkpoint(checkpoints):
-    """A phrase naming the newest complete checkpoint folder (all-digit name) in `checkpoints`."""
-    try:
-        steps = [int(p.name) for p in epath.Path(checkpoints).iterdir() if p.name.isdigit()]
-    except OSError:
-        steps = []
-    return f"the last good checkpoint is {epath.Path(checkpoints) / str(max(steps))}" if steps else \
-        "no checkpoint was saved"
 
 
 class Watchdog:
@@ -119,8 +99,8 @@ class Watchdog:
             self.answered = now
             for key, value in alive.items():
                 peer = int(key.rsplit("/", 1)[-1])
-                if peer in self.seen and self.seen[peer][0] != value:
-                    self.seen[peer] = (value, now)
+                if peer in self.seen and self.seen[peer][0] != int(value):
+                    self.seen[peer] = (int(value), now)
             self.exits = {int(k.rsplit("/", 1)[-1]): v for k, v in exits.items()}
             count += 1
             self.closed.wait(self.period)
@@ -167,14 +147,16 @@ class Watchdog:
             pass
 
     def verdict(self, wait):
-        """After an error in this process: waits up to `wait` seconds until every peer has sent a
-        fresh heartbeat (the error is this process's own: returns) or one is lost (`stop`)."""
-        start = time.monotonic()
+        """After an error in this process: waits up to `wait` seconds until every peer has sent two
+        more heartbeats (alive: the error is this process's own, returns; one more could be the last
+        of a peer that has just died) or one is lost (`stop`)."""
+        start, before = time.monotonic(), {peer: count for peer, (count, _) in self.seen.items()}
         while time.monotonic() - start < wait:
             found = self.lost()
             if found and found[2]:
                 self.stop(*found)
-            if all(when > start or peer in self.exits for peer, (_, when) in self.seen.items()):
+            if all(peer in self.exits or (count or 0) >= (before[peer] or 0) + 2
+                   for peer, (count, _) in self.seen.items()):
                 return
             time.sleep(self.period / 4)
 
