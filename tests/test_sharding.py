@@ -1,4 +1,4 @@
-"""Sharding rules, activation constraints and multi-host start-up; the 8-device tests run in a
+"""Sharding rules and activation constraints; the 8-device tests run in a
 subprocess (tests/multidevice_sharding.py) so that this process keeps its single device."""
 
 import os
@@ -48,24 +48,3 @@ def test_unknown_parameter_is_named():
 def test_constrain_without_mesh_is_identity():
     x = jax.numpy.ones((2, 3, 4))
     assert sharding.constrain(x, sharding.BTD) is x
-
-
-def test_single_process_needs_no_distributed_init(monkeypatch):
-    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                "MEGASCALE_COORDINATOR_ADDRESS"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(jax.distributed, "initialize", lambda *a: pytest.fail("initialize called"))
-    assert sharding.initialize_distributed() == (0, 1)
-
-
-@pytest.mark.parametrize("env, args", [
-    ({"SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "node[1-2]"}, ()),
-    ({}, ("10.0.0.1:1234", 2, 1)),
-])
-def test_multi_process_launch_initializes(monkeypatch, env, args):
-    for var, value in env.items():
-        monkeypatch.setenv(var, value)
-    calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda *a: calls.append(a))
-    sharding.initialize_distributed(*args)
-    assert calls == [args + (None,) * (3 - len(args))]
