@@ -1,7 +1,7 @@
 """Model weights to and from safetensors: colax's own layout, the CoLA authors' and Hugging Face LLaMA's.
 
   python -m colax.convert export --workdir RUN --out DIR [--step N] [--format auto|colax|cola|llama]
-  python -m colax.convert import SRC --workdir DIR [--config configs/x.py [--config.a.b=v ...]]
+  python -m colax.convert import SRC --workdir DIR [--config configs/x.py [--config.a.b=v ...]] [--overwrite]
 
 A layout names every parameter of a `Transformer` (a pure dict: `embed` [V, D], `lm_head` [D, V],
 `final_norm.weight` [D], `blocks.<name>.<leaf>` [L, ...] stacked over layers) as safetensors keys:
@@ -17,7 +17,8 @@ A layout names every parameter of a `Transformer` (a pure dict: `embed` [V, D], 
 Files: `model.safetensors`, or `model-0000i-of-0000n.safetensors` plus
 `model.safetensors.index.json` past `--max_shard_mb`, and `config.json`; import takes that
 directory or one safetensors file (config.json beside it). Import writes a colax workdir (config.json
-and a step-0 checkpoint of the parameters), which `colax.evaluate`, `colax.generate` and
+and a step-0 checkpoint of the parameters; as train.py, under the workdir's lock, every check before
+the first write), which `colax.evaluate`, `colax.generate` and
 `train.py --config.train.init_from=DIR` read. docs/inference.md#convert has the details.
 """
 

@@ -16,9 +16,15 @@ in one line before anything is written; the second pass tokenises. Without `data
 tokenizer is trained as training would train it (`tokenizer.find_or_train`) and stored in DIR.
 
 Memory stays flat: a bounded number of chunks of documents in flight (`_ordered_map`), one row per
-split being packed, one shard open per split. The manifest is written last, atomically; a folder
-without it is not prepared data, and running again over it starts over (the files of an earlier
-prepare are deleted first). A folder with a manifest is replaced only with --overwrite.
+split being packed, one shard open per split. DIR is locked first (`colax.workdir.lock`, DIR/lock):
+a second prepare into it is refused in one line naming the first, and changes nothing. The manifest
+is written last, atomically, with each shard's size and sha256; a folder without it is not prepared
+data, and running again over it starts over (the files of an earlier prepare are deleted first). A
+folder with a manifest is replaced only with --overwrite.
+
+  python -m colax.data verify DIR
+
+reads all of DIR's records and checks each shard's sha256 (`rows.verify`).
 """
 
 import collections

@@ -31,14 +31,20 @@ The manifest (`manifest_bytes`: JSON, sorted keys, indent 2):
 
   format, version      "colax.prepared", FORMAT_VERSION
   rows, seq_len        "packed" or "paper"; L
+  record_tokens        L + 1: the tokens of every packed record (but the validation split's last,
+                       which may be shorter); at most that many, at least 2, in a paper record
   records_per_shard    N
   tokenizer            {file, sha256 (of its serialized model), vocab_size, eos_id, pad_id}
   data                 the config.data fields that chose the documents (source, path, val_path, ...)
   sources              [{path, bytes}] of the files read (local sources), in reading order
   splits               {train, val: {documents, rows, tokens (stored, summed over records),
-                        shards: [{file, records}]}}
+                        shards: [{file, records, bytes (the file's size), sha256 (of the file)}]}}
 
-The same inputs give byte-identical shards and manifest (no times, no host names).
+The same inputs give byte-identical shards and manifest (no times, no host names). Reading checks
+the data: `check_shards` when a split opens (cheap: each shard's size, record count and first
+record), `verify` all of it (`python -m colax.data verify DIR`: every record and each shard's
+sha256). Manifests written before `record_tokens`, `bytes` and `sha256` existed are read as before:
+the checks skip what they lack.
 """
 
 import bisect
@@ -201,7 +207,8 @@ def shard_entry(folder: str, file: str, records: int) -> dict:
 
 
 def _record_tokens(manifest: dict, where: str) -> int:
-    """The manifest's `record_tokens` (seq_len + 1; older manifests: seq_len + 1), checked against its seq_len."""
+    """The rows' record length, seq_len + 1; DataError if the manifest's `record_tokens` (older
+    manifests have none) says otherwise."""
     want = manifest["seq_len"] + 1
     if manifest.get("record_tokens", want) != want:
         raise DataError(f"{where}: record_tokens {manifest['record_tokens']} disagrees with seq_len "
@@ -241,7 +248,7 @@ def _open(path: str, shard: dict) -> array_record_module.ArrayRecordReader:
                         "prepare again")
     try:
         reader = array_record_module.ArrayRecordReader(
-            path, ",".join(f"{k}:{v}" for k, v in {"readahead_buffer_size": "0", **DISK_OPTIONS}.items()))
+            path, ",".join(f"{k}:{v}" for k, v in dict(readahead_buffer_size=0, **DISK_OPTIONS).items()))
     except (RuntimeError, ValueError, OSError) as e:
         raise DataError(f"{path}: not a readable shard ({errors.cause(e)}): prepare again") from None
     if reader.num_records() != shard["records"]:
@@ -292,23 +299,21 @@ def verify(folder: str) -> dict:
     manifest = read_manifest(folder)
     check_shards(folder, manifest)
     row_len, mode = manifest["seq_len"] + 1, manifest["rows"]
-    out = dict(shards=0, records=0, tokens=0, checksums=True)
-    found = {split: [0, 0] for split in manifest["splits"]}  # records, tokens
+    found, checksums = {split: [0, 0] for split in manifest["splits"]}, True  # {split: [records, tokens]}
     for split, path, shard, last_may_be_short in _shards(folder, manifest):
-        tokens = _shard_tokens(path, shard, mode, row_len, last_may_be_short)
+        found[split][0] += shard["records"]
+        found[split][1] += _shard_tokens(path, shard, mode, row_len, last_may_be_short)
         if "sha256" in shard and (sha256 := file_digest(path)[1]) != shard["sha256"]:
             raise DataError(f"{path}: sha256 {sha256}, the manifest says {shard['sha256']} (damaged: prepare again)")
-        out["checksums"] &= "sha256" in shard
-        found[split][0] += shard["records"]
-        found[split][1] += tokens
-        out["shards"], out["records"], out["tokens"] = out["shards"] + 1, out["records"] + shard["records"], \
-            out["tokens"] + tokens
+        checksums &= "sha256" in shard
     for split, entry in sorted(manifest["splits"].items()):
         if found[split] != [entry["rows"], entry["tokens"]]:
             raise DataError(f"{os.path.join(folder, MANIFEST)}: the {split} split has {entry['rows']:,} rows of "
                             f"{entry['tokens']:,} tokens, its shards {found[split][0]:,} of {found[split][1]:,}: "
                             "prepare again")
-    return out
+    return dict(shards=sum(len(entry["shards"]) for entry in manifest["splits"].values()),
+                records=sum(r for r, _ in found.values()), tokens=sum(t for _, t in found.values()),
+                checksums=checksums)
 
 
 def _shard_tokens(path: str, shard: dict, mode: str, row_len: int, last_may_be_short: bool) -> int:

@@ -3,9 +3,9 @@
 `lock(workdir)` holds `workdir/lock` for the life of a run: an exclusive `fcntl.flock` on the
 file, which the kernel releases when the process ends in any way (kill -9 included), and the
 holder's host, pid, start time and command as JSON for the message a second writer gets. Every
-command that writes into a workdir or a data folder holds it (train.py, `colax.convert import`,
-`colax.data prepare` on its --out). A lock file left by
-a process that died is stale: its flock is free, and the next run takes it over. Object stores
+command that writes into a workdir or a data folder holds it: train.py, `colax.convert import`,
+`colax.data prepare` (on its --out). A lock file left by a process that died is stale: its flock
+is free, and the next run takes it over. Object stores
 (`gs://`, `s3://`) have no flock: there the lock is skipped (one process 0 per run is the user's
 job). `atomic_write` replaces a file by writing a temporary file beside it and renaming it, so a
 reader sees the old or the new content, never a torn one.
