@@ -178,6 +178,14 @@ def flip_record(folder, manifest, shard=1, record=3):
     path.write_bytes(bytes(content))
 
 
+def flip_padding(folder, manifest):
+    """Flips a byte of a shard's padding (after its records, before its footer): only its sha256 shows it."""
+    path = folder / manifest["splits"]["train"]["shards"][1]["file"]
+    content = bytearray(path.read_bytes())
+    content[content.find(bytes(256)) + 100] ^= 0xFF
+    path.write_bytes(bytes(content))
+
+
 def truncate(folder, manifest):
     path = folder / manifest["splits"]["train"]["shards"][2]["file"]
     path.write_bytes(path.read_bytes()[:-100])
@@ -223,15 +231,17 @@ def test_the_manifest_records_each_shards_size_and_sha256_and_verify_checks_them
         "has none (prepare again to record them)" in done.stdout
 
 
-@pytest.mark.parametrize("damage, at_open, message", [
-    (flip_record, False, r"train-00001.array_record: record 3 cannot be read \(RuntimeError: .*hash mismatch"),
-    (truncate, True, r"train-00002.array_record: [\d,]+ bytes, the manifest says [\d,]+ \(truncated or changed\)"),
-    (delete, True, r"val-00000.array_record: a shard of the manifest cannot be read \(No such file or directory\)"),
-    (edit_seq_len, True, r"manifest.json: record_tokens 33 disagrees with seq_len 64"),
-    (edit_seq_len_and_record_tokens, True,
+@pytest.mark.parametrize("damage, found_by, message", [
+    (flip_record, "read", r"train-00001.array_record: record 3 cannot be read \(RuntimeError: .*hash mismatch"),
+    (flip_padding, "verify", r"train-00001.array_record: sha256 [0-9a-f]{64}, the manifest says [0-9a-f]{64} "
+     r"\(damaged: prepare again\)"),
+    (truncate, "open", r"train-00002.array_record: [\d,]+ bytes, the manifest says [\d,]+ \(truncated or changed\)"),
+    (delete, "open", r"val-00000.array_record: a shard of the manifest cannot be read \(No such file or directory\)"),
+    (edit_seq_len, "open", r"manifest.json: record_tokens 33 disagrees with seq_len 64"),
+    (edit_seq_len_and_record_tokens, "open",
      r"train-00000.array_record: record 0 holds 33 tokens, packed rows of seq_len 64 hold 65 \(the manifest "
      "disagrees with the records: prepare again\\)")])
-def test_damaged_prepared_data_is_one_line_naming_the_shard_before_train_writes(prepared, tmp_path, damage, at_open,
+def test_damaged_prepared_data_is_one_line_naming_the_shard_before_train_writes(prepared, tmp_path, damage, found_by,
                                                                                 message):
     # Item 4: flipped bytes, a truncated or deleted shard: 37-49-line tracebacks; a manifest whose
     # seq_len disagrees with its records trained on short rows, padded.
@@ -244,16 +254,19 @@ def test_damaged_prepared_data_is_one_line_naming_the_shard_before_train_writes(
                           env=ENV, cwd=ROOT)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and re.search(message, done.stderr), done.stderr
     workdir = tmp_path / "run"
-    if at_open:  # the cheap checks when the data opens: before the workdir is written
+    if found_by == "open":  # the cheap checks when the data opens: before the workdir is written
         with pytest.raises(DataError, match=message) as e:
             loop.run(cfg, str(workdir))
         one_line(e)
         assert not workdir.exists()
-    else:  # found when the record is read: one line naming it
+    else:  # "read": one line naming the record when it is read; "verify": harmless to training
         tok = tokenizer.load_tokenizer(str(folder / rows.TOKENIZER))
+        batches = data.make_pipeline(cfg.data, tok, split="train", global_batch_size=4, num_epochs=1)
+        if found_by == "verify":
+            assert len(list(batches)) == rows.read_manifest(str(folder))["splits"]["train"]["rows"] // 4
+            return
         with pytest.raises(DataError, match=message) as e:
-            for _ in data.make_pipeline(cfg.data, tok, split="train", global_batch_size=4, num_epochs=1):
-                pass
+            list(batches)
         assert one_line(e).endswith(f"python -m colax.data verify {folder} checks all of them")
 
 
