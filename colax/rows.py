@@ -66,7 +66,6 @@ TOKENIZER = "tokenizer.model"
 WRITER_OPTIONS = "group_size:1,uncompressed"
 # A shard's reader that reads its footer and the records asked for, never its whole index.
 DISK_OPTIONS = {"index_storage_option": "offloaded", "footer_prefetch_bytes": "0"}
-READ_BLOCK = 4096  # records read at once by `verify`
 RECORDS_PER_SHARD = 65536  # ~64 MB of packed rows of 257 tokens
 
 
@@ -216,16 +215,21 @@ def _record_tokens(manifest: dict, where: str) -> int:
     return want
 
 
-def _check_record(path: str, k: int, raw: bytes, mode: str, row_len: int, may_be_short: bool) -> int:
-    """The tokens of record `k` of shard `path`; DataError unless `raw` holds whole int32 tokens, as
-    many as a row of `mode` holds: packed row_len (fewer: only `may_be_short`), paper 2..row_len."""
-    n, extra = divmod(len(raw), DTYPE.itemsize)
-    short = mode == "packed" and n < row_len and may_be_short
-    if extra or not (n == row_len or short or (mode == "paper" and 2 <= n <= row_len)):
+def _check_lengths(path: str, nbytes: np.ndarray, mode: str, row_len: int, last_may_be_short: bool) -> int:
+    """The tokens of the records [0, n) of shard `path`, whose sizes in bytes are `nbytes` [n]; DataError
+    naming the first record that does not hold whole int32 tokens, as many as a row of `mode` holds:
+    packed row_len (fewer: the last one if `last_may_be_short`), paper 2..row_len."""
+    tokens, extra = np.divmod(nbytes, DTYPE.itemsize)
+    fits = (tokens == row_len) if mode == "packed" else (tokens >= 2) & (tokens <= row_len)
+    if last_may_be_short and mode == "packed" and len(tokens):
+        fits[-1] |= tokens[-1] < row_len
+    bad = np.flatnonzero(~fits | (extra > 0))
+    if len(bad):
+        k = bad[0]
         want = f"{row_len}" if mode == "packed" else f"2 to {row_len}"
-        raise DataError(f"{path}: record {k} holds {len(raw) / DTYPE.itemsize:g} tokens, {mode} rows of seq_len "
+        raise DataError(f"{path}: record {k} holds {nbytes[k] / DTYPE.itemsize:g} tokens, {mode} rows of seq_len "
                         f"{row_len - 1} hold {want} (the manifest disagrees with the records: prepare again)")
-    return n
+    return int(tokens.sum())
 
 
 def _shards(folder: str, manifest: dict) -> Iterator[tuple[str, str, dict, bool]]:
@@ -236,9 +240,10 @@ def _shards(folder: str, manifest: dict) -> Iterator[tuple[str, str, dict, bool]
             yield split, os.path.join(folder, shard["file"]), shard, split == "val" and i == len(entry["shards"]) - 1
 
 
-def _open(path: str, shard: dict) -> array_record_module.ArrayRecordReader:
-    """A reader of shard `path` (footer read, no index); DataError if it is missing, has another size
-    than the manifest's, cannot be opened or holds another number of records."""
+def _open(path: str, shard: dict, whole: bool = False) -> array_record_module.ArrayRecordReader:
+    """A reader of shard `path` (its index in memory if `whole`, to read all records; else only its
+    footer); DataError if it is missing, has another size than the manifest's, cannot be opened or
+    holds another number of records."""
     try:
         size = os.path.getsize(path)
     except OSError as e:
@@ -247,8 +252,8 @@ def _open(path: str, shard: dict) -> array_record_module.ArrayRecordReader:
         raise DataError(f"{path}: {size:,} bytes, the manifest says {shard['bytes']:,} (truncated or changed): "
                         "prepare again")
     try:
-        reader = array_record_module.ArrayRecordReader(
-            path, ",".join(f"{k}:{v}" for k, v in dict(readahead_buffer_size=0, **DISK_OPTIONS).items()))
+        options = {} if whole else dict(readahead_buffer_size=0, **DISK_OPTIONS)
+        reader = array_record_module.ArrayRecordReader(path, ",".join(f"{k}:{v}" for k, v in options.items()))
     except (RuntimeError, ValueError, OSError) as e:
         raise DataError(f"{path}: not a readable shard ({errors.cause(e)}): prepare again") from None
     if reader.num_records() != shard["records"]:
@@ -257,11 +262,12 @@ def _open(path: str, shard: dict) -> array_record_module.ArrayRecordReader:
     return reader
 
 
-def _read(reader, path: str, keys: list[int]) -> list[bytes]:
-    """The records `keys` of an open shard; DataError naming the first that cannot be read."""
+def _read(reader, path: str, keys: list[int] | None = None) -> list[bytes]:
+    """The records `keys` (None: all) of an open shard; DataError naming the first that cannot be read."""
     try:
-        return reader.read(keys)
+        return reader.read(keys) if keys else reader.read_all()
     except RuntimeError as e:
+        keys = keys or range(reader.num_records())
         bad = next((k for k in keys if not _readable(reader, k)), keys[0])
         raise DataError(f"{path}: record {bad} cannot be read ({errors.cause(e)}): prepare again") from None
 
@@ -284,8 +290,8 @@ def check_shards(folder: str, manifest: dict) -> None:
         reader = _open(path, shard)
         try:
             if shard["records"]:
-                _check_record(path, 0, _read(reader, path, [0])[0], manifest["rows"], row_len,
-                              last_may_be_short and shard["records"] == 1)
+                _check_lengths(path, np.array([len(_read(reader, path, [0])[0])]), manifest["rows"], row_len,
+                               last_may_be_short and shard["records"] == 1)
         finally:
             reader.close()
 
@@ -317,16 +323,14 @@ def verify(folder: str) -> dict:
 
 
 def _shard_tokens(path: str, shard: dict, mode: str, row_len: int, last_may_be_short: bool) -> int:
-    """The tokens of the records of one shard, each read and checked (`_check_record`)."""
-    tokens, reader = 0, _open(path, shard)
+    """The tokens of the records of one shard, each read and checked (`_check_lengths`)."""
+    reader = _open(path, shard, whole=True)
     try:
-        for start in range(0, shard["records"], READ_BLOCK):
-            keys = list(range(start, min(start + READ_BLOCK, shard["records"])))
-            for k, raw in zip(keys, _read(reader, path, keys)):
-                tokens += _check_record(path, k, raw, mode, row_len, last_may_be_short and k == shard["records"] - 1)
+        records = _read(reader, path)
     finally:
         reader.close()
-    return tokens
+    return _check_lengths(path, np.fromiter(map(len, records), np.int64, len(records)), mode, row_len,
+                          last_may_be_short)
 
 
 class ShardSource:
