@@ -19,6 +19,7 @@ import pytest
 from colax import convert, data, loop, prepare, rows, tokenizer
 from colax.errors import ConfigError, DataError
 from test_convert import MICRO, micro, random_params  # noqa: F401
+from test_faults import one_line
 from test_prepare import ROOT, corpus  # noqa: F401
 
 ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
@@ -31,7 +32,7 @@ with workdir.lock(sys.argv[1]):  # as train.py holds its workdir
     time.sleep(120)
 '''
 
-# A prepare that stops after its first shard (one record of each split written) until it is killed.
+# A prepare that waits, until it is killed, once a split has 2 records in its first shard (closed: on disk).
 SLOW_PREPARE = '''
 import sys, time
 from colax import config, prepare
@@ -59,12 +60,6 @@ def snapshot(folder):
             with open(path, "rb") as f:
                 out[os.path.relpath(path, folder)] = f.read()
     return out
-
-
-def one_line(e):
-    message = str(e.value)
-    assert "\n" not in message and "Traceback" not in message, message
-    return message
 
 
 def holding(script, *args):
