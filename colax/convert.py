@@ -1,7 +1,7 @@
 """Model weights to and from safetensors: colax's own layout, the CoLA authors' and Hugging Face LLaMA's.
 
   python -m colax.convert export --workdir RUN --out DIR [--step N] [--format auto|colax|cola|llama]
-  python -m colax.convert import SRC --workdir DIR [--config configs/x.py [--config.a.b=v ...]]
+  python -m colax.convert import SRC --workdir DIR [--config configs/x.py [--config.a.b=v ...]] [--overwrite]
 
 A layout names every parameter of a `Transformer` (a pure dict: `embed` [V, D], `lm_head` [D, V],
 `final_norm.weight` [D], `blocks.<name>.<leaf>` [L, ...] stacked over layers) as safetensors keys:
@@ -17,7 +17,8 @@ A layout names every parameter of a `Transformer` (a pure dict: `embed` [V, D], 
 Files: `model.safetensors`, or `model-0000i-of-0000n.safetensors` plus
 `model.safetensors.index.json` past `--max_shard_mb`, and `config.json`; import takes that
 directory or one safetensors file (config.json beside it). Import writes a colax workdir (config.json
-and a step-0 checkpoint of the parameters), which `colax.evaluate`, `colax.generate` and
+and a step-0 checkpoint of the parameters; as train.py, under the workdir's lock, every check before
+the first write), which `colax.evaluate`, `colax.generate` and
 `train.py --config.train.init_from=DIR` read. docs/inference.md#convert has the details.
 """
 
@@ -44,6 +45,7 @@ from safetensors import SafetensorError, safe_open  # noqa: E402
 from colax import checkpoint, model, sharding, tokenizer  # noqa: E402
 from colax import config as config_lib  # noqa: E402
 from colax import run as run_lib  # noqa: E402
+from colax import workdir as workdir_lib  # noqa: E402
 from colax.errors import ConfigError, DataError, exit_on_error, parse_flags  # noqa: E402
 from colax.projections.common import PROJECTION_NAMES  # noqa: E402
 
@@ -391,22 +393,26 @@ def import_run(src, workdir, cfg=None, overwrite=False):
     """Writes the checkpoint at `src` as a colax workdir: config.json (`cfg`, default
     `config.defaults()`, with the checkpoint's model fields) and a step-0 checkpoint of the parameters.
 
-    A tokenizer.model beside the weights is copied into the workdir. Returns the config.
+    As train.py: the workdir's lock first (ConfigError naming the holder while a run or another
+    import has it), then every check, then the writes; a refused import changes no byte. A workdir
+    that holds checkpoints is replaced only with `overwrite` (all of its run's files). A
+    tokenizer.model beside the weights is copied into the workdir. Returns the config.
     """
     cfg = ml_collections.ConfigDict(config_lib.defaults() if cfg is None else cfg)
-    fields, params = read(src, cfg.model)
-    cfg.model.update(fields)
-    config_lib.validate(cfg)
-    run_lib.prepare_workdir(workdir, cfg, overwrite)
-    ckpt_dir = epath.Path(workdir) / "checkpoints"
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-        if not overwrite:
+    with workdir_lib.lock(workdir, command="convert import"):
+        fields, params = read(src, cfg.model)
+        cfg.model.update(fields)
+        config_lib.validate(cfg)
+        _, replace = run_lib.check_workdir(workdir, cfg, overwrite)
+        ckpt_dir = checkpoint.directory(workdir)
+        if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not overwrite:
             raise ConfigError(f"workdir {workdir} already holds checkpoints; pass --overwrite to replace them")
-        shutil.rmtree(ckpt_dir)
-    tok_src = _weight_files(src)[0] / tokenizer.MODEL_NAME
-    if tok_src.exists() and not cfg.data.tokenizer:
-        shutil.copyfile(tok_src, epath.Path(workdir) / tokenizer.MODEL_NAME)
-    checkpoint.save_params(workdir, 0, params)
+        checkpoint.check_writable(ckpt_dir)
+        run_lib.write_workdir(workdir, cfg, replace or overwrite)
+        tok_src = _weight_files(src)[0] / tokenizer.MODEL_NAME
+        if tok_src.exists() and not cfg.data.tokenizer:
+            shutil.copyfile(tok_src, epath.Path(workdir) / tokenizer.MODEL_NAME)
+        checkpoint.save_params(workdir, 0, params)
     return cfg
 
 

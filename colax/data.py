@@ -33,7 +33,6 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: one line, exi
 import functools  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
@@ -231,9 +230,8 @@ def record_store(cfg, tokenizer, split: str, process_index: int = 0) -> grain.Ma
     if cfg.source == "prepared":
         manifest = rows_lib.read_manifest(cfg.path)
         check_manifest(manifest, cfg, tokenizer)
-        paths = [os.path.join(cfg.path, shard["file"]) for shard in manifest["splits"][split]["shards"]]
-        disk = {"index_storage_option": "offloaded", "footer_prefetch_bytes": "0"}  # array_record reader options
-        source = grain.sources.ArrayRecordDataSource(paths, disk if cfg.prepared_index == "disk" else None)
+        rows_lib.check_shards(cfg.path, manifest)  # sizes and record lengths, before anything is written
+        source = rows_lib.ShardSource(cfg.path, manifest, split, disk=cfg.prepared_index == "disk")
         return grain.MapDataset.source(source).map(rows_lib.decode)
     if not cfg.packing:
         docs = sources.document_dataset(cfg, split)

@@ -16,9 +16,15 @@ in one line before anything is written; the second pass tokenises. Without `data
 tokenizer is trained as training would train it (`tokenizer.find_or_train`) and stored in DIR.
 
 Memory stays flat: a bounded number of chunks of documents in flight (`_ordered_map`), one row per
-split being packed, one shard open per split. The manifest is written last, atomically; a folder
-without it is not prepared data, and running again over it starts over (the files of an earlier
-prepare are deleted first). A folder with a manifest is replaced only with --overwrite.
+split being packed, one shard open per split. DIR is locked first (`colax.workdir.lock`, DIR/lock):
+a second prepare into it is refused in one line naming the first, and changes nothing. The manifest
+is written last, atomically, with each shard's size and sha256; a folder without it is not prepared
+data, and running again over it starts over (the files of an earlier prepare are deleted first). A
+folder with a manifest is replaced only with --overwrite.
+
+  python -m colax.data verify DIR
+
+reads all of DIR's records and checks each shard's sha256 (`rows.verify`).
 """
 
 import collections
@@ -185,17 +191,19 @@ class _SplitWriter:
     def write(self, record: np.ndarray) -> None:
         if self.records % self.per_shard == 0:
             self._close_shard()
-            self.shards.append({"file": rows.shard_name(self.split, len(self.shards)), "records": 0})
             self.writer = array_record_module.ArrayRecordWriter(
-                os.path.join(self.out, self.shards[-1]["file"]), rows.WRITER_OPTIONS)
+                os.path.join(self.out, rows.shard_name(self.split, len(self.shards))), rows.WRITER_OPTIONS)
         self.writer.write(rows.encode(record))
-        self.shards[-1]["records"] += 1
         self.records, self.tokens = self.records + 1, self.tokens + len(record)
 
     def _close_shard(self) -> None:
+        """Closes the open shard and adds its manifest entry (`rows.shard_entry`: its size and sha256)."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+            done = len(self.shards) * self.per_shard
+            self.shards.append(rows.shard_entry(self.out, rows.shard_name(self.split, len(self.shards)),
+                                                self.records - done))
 
     def close(self) -> dict:
         """The split's entry of the manifest."""
@@ -224,8 +232,6 @@ class _Progress:
 
 
 def _check_out(out: str, overwrite: bool) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise DataError(f"--out {out} is a file, not a folder")
     if os.path.exists(os.path.join(out, rows.MANIFEST)) and not overwrite:
         raise DataError(f"--out {out} holds prepared data (manifest.json): pass --overwrite to replace it")
 
@@ -246,29 +252,29 @@ def prepare(cfg, out: str, workers: int = 0, records_per_shard: int = rows.RECOR
     """Writes the prepared data of `cfg` (a colax config: `data`, and `model.vocab_size` for a
     trained tokenizer) into the folder `out`; returns the manifest. `workers` tokenising processes
     (0: os.cpu_count()); `write`: the second pass, `_write`'s signature (None: `_write`;
-    `prepare_beam.writer`: a Beam pipeline). ConfigError / DataError (one line) before anything is written on a bad
-    config, a bad input, or a finished `out` without `overwrite`."""
+    `prepare_beam.writer`: a Beam pipeline). `out` is locked first (`colax.workdir.lock`: a live
+    prepare into it is named and left alone); ConfigError / DataError (one line) before anything is
+    written on a bad config, a bad input, or a finished `out` without `overwrite`."""
     c = cfg.data
     data.validate(c)
     if c.source == "prepared":
         raise ConfigError("data.source must be the corpus to prepare, got 'prepared'")
     if records_per_shard < 1:
         raise ConfigError(f"--records_per_shard must be >= 1, got {records_per_shard}")
-    _check_out(out, overwrite)
-    p = plan(c, say)
-    tok, proto = tokenizer.find_or_train(c, out, cfg.model.vocab_size, reuse=False,
-                                         sample=p.sample(c.tokenizer_sample_docs))
-    created = not os.path.isdir(out)
-    os.makedirs(out, exist_ok=True)
-    _clear(out)
-    try:
-        workdir_lib.atomic_write(os.path.join(out, rows.TOKENIZER), proto or tok.sp.serialized_model_proto())
-        return (write or _write)(c, p, tok, out, workers, records_per_shard, say)
-    except (ConfigError, DataError):  # e.g. an empty split of a streamed source: nothing is left
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--out {out} is a file, not a folder")
+    with workdir_lib.lock(out, command="prepare", flag="--out"):
+        _check_out(out, overwrite)
+        p = plan(c, say)
+        tok, proto = tokenizer.find_or_train(c, out, cfg.model.vocab_size, reuse=False,
+                                             sample=p.sample(c.tokenizer_sample_docs))
         _clear(out)
-        if created and not os.listdir(out):
-            os.rmdir(out)
-        raise
+        try:
+            workdir_lib.atomic_write(os.path.join(out, rows.TOKENIZER), proto or tok.sp.serialized_model_proto())
+            return (write or _write)(c, p, tok, out, workers, records_per_shard, say)
+        except (ConfigError, DataError):  # e.g. an empty split of a streamed source: nothing is left
+            _clear(out)
+            raise
 
 
 def _write(c, p: Plan, tok, out, workers, records_per_shard, say) -> dict:
@@ -301,7 +307,7 @@ def write_manifest(c, tok, records_per_shard: int, files: list, splits: dict, ou
         if not entry["rows"]:
             raise DataError(f"prepare: the {split} split has no documents")
     manifest = dict(format=rows.FORMAT, version=rows.FORMAT_VERSION, rows="packed" if c.packing else "paper",
-                    seq_len=c.seq_len, records_per_shard=records_per_shard,
+                    seq_len=c.seq_len, record_tokens=c.seq_len + 1, records_per_shard=records_per_shard,
                     tokenizer=dict(file=rows.TOKENIZER, sha256=tok.sha256, vocab_size=tok.vocab_size,
                                    eos_id=tok.eos_id, pad_id=tok.pad_id),
                     data={k: c[k] for k in DATA_KEYS}, sources=files, splits=splits)
@@ -310,7 +316,7 @@ def write_manifest(c, tok, records_per_shard: int, files: list, splits: dict, ou
 
 
 def cli() -> None:
-    """`python -m colax.data prepare` (module docstring)."""
+    """`python -m colax.data prepare` (module docstring) and `python -m colax.data verify DIR` (`rows.verify`)."""
     from absl import app, flags  # pylint: disable=g-import-not-at-top
     from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
@@ -323,13 +329,15 @@ def cli() -> None:
     overwrite = flags.DEFINE_bool("overwrite", False, "Replace the prepared data in --out.")
     runner = flags.DEFINE_string("runner", "", "Tokenise in an Apache Beam pipeline on this runner (DirectRunner, "
                                  "FlinkRunner, ...; the beam extra), its options after --; empty: --workers processes.")
-    flags.mark_flags_as_required(["config", "out"])
 
     @errors.exit_on_error
     def main(argv):
-        if argv[1:2] != ["prepare"] or (argv[2:] and not runner.value):
+        if argv[1:2] == ["verify"] and len(argv) == 3:
+            return verify_command(argv[2])
+        if argv[1:2] != ["prepare"] or (argv[2:] and not runner.value) or out.value is None \
+                or not flags.FLAGS[holder.name].present:
             raise app.UsageError("usage: python -m colax.data prepare --config C --out DIR [--config.data.x=y] "
-                                 "[--runner=R [-- BEAM_OPTIONS]]")
+                                 "[--runner=R [-- BEAM_OPTIONS]] | verify DIR")
         write = None
         if runner.value:
             from colax import prepare_beam  # pylint: disable=g-import-not-at-top
@@ -341,3 +349,13 @@ def cli() -> None:
         print(f"wrote {out.value}: {manifest['rows']} rows of {manifest['seq_len']} tokens, {counts}", flush=True)
 
     app.run(main, flags_parser=errors.parse_flags)
+
+
+def verify_command(folder: str) -> None:
+    """`python -m colax.data verify DIR`: `rows.verify`, then one line saying what was checked."""
+    found = rows.verify(folder)
+    what = ("sizes, sha256 checksums and records match the manifest" if found["checksums"] else
+            "sizes and records match the manifest; the sha256 checksums were not checked: this manifest, of an "
+            "earlier colax, has none (prepare again to record them)")
+    print(f"verified {folder}: {found['shards']} shards, {found['records']:,} records, {found['tokens']:,} tokens: "
+          f"{what}", flush=True)

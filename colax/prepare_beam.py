@@ -119,7 +119,7 @@ def _records(pieces) -> list[np.ndarray]:
 
 
 def _write_shard(element, out: str) -> tuple:
-    """Writes shard ((split, shard index), pieces); (split, shard index, records, tokens)."""
+    """Writes shard ((split, shard index), pieces); (split, shard index, tokens, its manifest entry)."""
     (split, index), pieces = element
     records = _records(pieces)
     path = os.path.join(out, rows.shard_name(split, index))
@@ -129,17 +129,17 @@ def _write_shard(element, out: str) -> tuple:
         writer.write(rows.encode(record))
     writer.close()
     os.replace(root + ".tmp" + ext, path)
-    return split, index, len(records), int(sum(map(len, records)))
+    return split, index, int(sum(map(len, records))), rows.shard_entry(out, os.path.basename(path), len(records))
 
 
 def _write_splits(shards: list, documents: dict, out: str) -> None:
-    """Writes SPLITS: {split: {documents, rows, tokens, shards: [{file, records}]}}."""
+    """Writes SPLITS: {split: {documents, rows, tokens, shards: [{file, records, bytes, sha256}]}}."""
     splits = {split: dict(documents=documents.get(split, 0), rows=0, tokens=0, shards=[])
               for split in ("train", "val")}
-    for split, index, records, tokens in sorted(shards):
+    for split, index, tokens, entry in sorted(shards, key=lambda shard: shard[:2]):
         s = splits[split]
-        s["rows"], s["tokens"] = s["rows"] + records, s["tokens"] + tokens
-        s["shards"].append(dict(file=rows.shard_name(split, index), records=records))
+        s["rows"], s["tokens"] = s["rows"] + entry["records"], s["tokens"] + tokens
+        s["shards"].append(entry)
     with open(os.path.join(out, SPLITS), "w") as f:
         json.dump(splits, f)
 

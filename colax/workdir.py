@@ -1,9 +1,11 @@
-"""One run per workdir: a lock file, and atomic writes of the workdir's files.
+"""One writer per folder: a lock file, and atomic writes of the folder's files.
 
 `lock(workdir)` holds `workdir/lock` for the life of a run: an exclusive `fcntl.flock` on the
 file, which the kernel releases when the process ends in any way (kill -9 included), and the
-holder's host, pid and start time as JSON for the message a second run gets. A lock file left by
-a process that died is stale: its flock is free, and the next run takes it over. Object stores
+holder's host, pid, start time and command as JSON for the message a second writer gets. Every
+command that writes into a workdir or a data folder holds it: train.py, `colax.convert import`,
+`colax.data prepare` (on its --out). A lock file left by a process that died is stale: its flock
+is free, and the next run takes it over. Object stores
 (`gs://`, `s3://`) have no flock: there the lock is skipped (one process 0 per run is the user's
 job). `atomic_write` replaces a file by writing a temporary file beside it and renaming it, so a
 reader sees the old or the new content, never a torn one.
@@ -45,20 +47,22 @@ def atomic_write(path, data):
 
 
 def _holder(path):
-    """The "host pid ..." description of the lock file's holder (best effort)."""
+    """(command, "pid ... on host, started ...") of the lock file's holder (best effort)."""
     try:
         info = json.loads(path.read_text())
-        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
-    except (OSError, ValueError, KeyError):
-        return "a process that left no description"
+        return info.get("command", "run"), f"pid {info['pid']} on {info['host']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "process", "it left no description"
 
 
 @contextlib.contextmanager
-def lock(workdir, enabled=True):
+def lock(workdir, enabled=True, command="run", flag="--workdir"):
     """Holds `workdir/lock` (creating `workdir`) while the body runs; ConfigError naming the holder
     if another process has it, or if the workdir cannot be written. A workdir this call created
     and that is still empty at the end (a run refused by a later check) is removed again.
     Does nothing unless `enabled` (the other processes of a multi-host run), or on an object store.
+    `command` ("run", "convert import", "prepare") is told to a process refused; `flag` is the
+    option that names the folder ("--workdir", "--out"), in the messages.
     """
     workdir = epath.Path(workdir)
     if not enabled or "://" in str(workdir):  # an object store: no flock
@@ -67,9 +71,9 @@ def lock(workdir, enabled=True):
     created = not workdir.exists()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        fd = _acquire(workdir / LOCK_NAME)
+        fd = _acquire(workdir / LOCK_NAME, command, flag)
     except OSError as e:
-        raise ConfigError(f"workdir {workdir} cannot be written ({e.strerror or type(e).__name__})") from None
+        raise ConfigError(f"{_name(flag)} {workdir} cannot be written ({e.strerror or type(e).__name__})") from None
     try:
         yield
     finally:
@@ -79,23 +83,29 @@ def lock(workdir, enabled=True):
             workdir.rmdir()
 
 
-def _acquire(path):
-    """An open fd of `path` holding its exclusive flock, with this process described in it."""
+def _name(flag):
+    """How messages name the folder of `flag`: "workdir" for --workdir, else the flag ("--out")."""
+    return "workdir" if flag == "--workdir" else flag
+
+
+def _acquire(path, command, flag):
+    """An open fd of `path` holding its exclusive flock, with this process (running `command`) described in it."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ConfigError(f"workdir {path.parent} is in use by another run ({_holder(path)}); "
-                              "stop it or use another --workdir") from None
+            raise ConfigError("{} {} is in use by another {} ({}); stop it or use another {}".format(
+                _name(flag), path.parent, *_holder(path), flag)) from None
         if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
             break
         os.close(fd)  # the holder released and removed the file in between: lock the new one
     if os.fstat(fd).st_size:
-        print(f"workdir {path.parent}: taking over the lock of a run that ended without releasing it "
-              f"({_holder(path)})", flush=True)
-    info = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+        print("{} {}: taking over the lock of a {} that ended without releasing it ({})".format(
+            _name(flag), path.parent, *_holder(path)), flush=True)
+    info = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
+                command=command)
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     return fd
