@@ -3,6 +3,7 @@ coordination service (the real processes: tests/test_multihost.py)."""
 
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -78,6 +79,12 @@ def _beat(peer, client, count):
     client.key_value_set(f"colax/alive/{peer}", str(count), allow_overwrite=True)
 
 
+def _beats(peer, client, counts, period):
+    for count in counts:
+        _beat(peer, client, count)
+        time.sleep(period)
+
+
 def test_a_peer_without_heartbeats_is_lost_after_the_timeout(exits, capsys, tmp_path):
     client = FakeClient()
     dog = distributed.Watchdog(client, 0, 3, timeout=1.5, period=0.1)
@@ -106,15 +113,20 @@ def test_a_peer_without_heartbeats_is_lost_after_the_timeout(exits, capsys, tmp_
     assert client.store["colax/exit/0"].startswith("lost: process 1 of 3 sent no heartbeat")  # for the others
 
 
-def test_a_peer_that_stopped_on_an_error_stops_the_others_with_its_error(exits, capsys):
-    client = FakeClient()
-    dog = distributed.Watchdog(client, 1, 2, timeout=30, period=0.1)
-    client.key_value_set("colax/exit/0", "CheckpointError: checkpoint 6 could not be saved: disk full")
+def _watch(client, process_id, timeout, seconds):
+    """A Watchdog of process `process_id` of 2 over `client`, running for `seconds`."""
+    dog = distributed.Watchdog(client, process_id, 2, timeout=timeout, period=0.1)
     dog.start()
     try:
-        time.sleep(0.5)
+        time.sleep(seconds)
     finally:
         dog.closed.set()
+
+
+def test_a_peer_that_stopped_on_an_error_stops_the_others_with_its_error(exits, capsys):
+    client = FakeClient()
+    client.key_value_set("colax/exit/0", "CheckpointError: checkpoint 6 could not be saved: disk full")
+    _watch(client, 1, timeout=30, seconds=0.5)
     assert exits == [1]
     assert capsys.readouterr().err.strip() == (
         "error: process 0 of 2 stopped on an error (CheckpointError: checkpoint 6 could not be saved: disk full); "
@@ -123,25 +135,15 @@ def test_a_peer_that_stopped_on_an_error_stops_the_others_with_its_error(exits, 
 
 def test_a_peer_that_ended_normally_is_not_lost(exits):
     client = FakeClient()
-    dog = distributed.Watchdog(client, 0, 2, timeout=0.3, period=0.1)
     client.key_value_set("colax/exit/1", "ok")
-    dog.start()
-    try:
-        time.sleep(0.8)
-    finally:
-        dog.closed.set()
+    _watch(client, 0, timeout=0.3, seconds=0.8)
     assert not exits
 
 
 def test_the_coordinator_that_stops_answering_is_lost(exits, capsys):
     client = FakeClient()
     client.down = True
-    dog = distributed.Watchdog(client, 1, 2, timeout=0.4, period=0.1)
-    dog.start()
-    try:
-        time.sleep(1.0)
-    finally:
-        dog.closed.set()
+    _watch(client, 1, timeout=0.4, seconds=1.0)
     assert exits == [distributed.LOST_HOST_EXIT_CODE]
     assert "error: lost host: process 0 of 2 (the coordinator) has not answered for " in capsys.readouterr().err
 
@@ -159,12 +161,11 @@ def test_an_error_waits_for_the_peers_verdict(exits):
             _beat(1, client, count)
             time.sleep(0.1)
         start = time.monotonic()
-        threading_beat = __import__("threading").Thread(
-            target=lambda: [(_beat(1, client, c), time.sleep(0.05)) for c in range(4, 20)], daemon=True)
-        threading_beat.start()
+        beats = threading.Thread(target=_beats, args=(1, client, range(4, 20), 0.05), daemon=True)
+        beats.start()
         dog.verdict(5)
         assert time.monotonic() - start < 1 and not exits
-        threading_beat.join()
+        beats.join()
         with pytest.raises(Stopped):  # no more heartbeats: the peer is lost
             dog.verdict(5)
     finally:
