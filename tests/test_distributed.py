@@ -152,7 +152,7 @@ def test_an_error_waits_for_the_peers_verdict(exits):
     """`verdict` returns once every peer beat twice more (the error is this process's own), and
     stops the process when a peer sends no more heartbeats (the error came from losing it)."""
     client = FakeClient()
-    dog = distributed.Watchdog(client, 0, 2, timeout=0.5, period=0.05)
+    dog = distributed.Watchdog(client, 0, 2, timeout=2.0, period=0.05)
     dog.start()
     try:
         _beat(1, client, 0)
@@ -164,13 +164,13 @@ def test_an_error_waits_for_the_peers_verdict(exits):
         beats = threading.Thread(target=_beats, args=(1, client, range(4, 20), 0.05), daemon=True)
         beats.start()
         dog.verdict(5)
-        assert time.monotonic() - start < 1 and not exits
+        assert time.monotonic() - start < 1.5 and not exits
         beats.join()
         with pytest.raises(Stopped):  # no more heartbeats: the peer is lost
             dog.verdict(5)
     finally:
         dog.closed.set()
-    assert exits == [distributed.LOST_HOST_EXIT_CODE]
+    assert set(exits) == {distributed.LOST_HOST_EXIT_CODE}  # this thread's verdict, or the watchdog's own check
 
 
 @pytest.mark.parametrize("argv, multi", [

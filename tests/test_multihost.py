@@ -111,7 +111,8 @@ def test_two_hosts_equal_one_and_the_run_moves_between_host_counts(setup, tmp_pa
     """2 processes x 2 devices (data across the processes, fsdp inside each) -> 1 process x 2 devices
     -> 2 x 2, against 1 process x 4 devices uninterrupted on the same mesh: the same loss at every
     step, the same final evaluation and unigram baseline (global, not process 0's share)."""
-    mesh = ["--config.mesh.data=-1", "--config.mesh.fsdp=2", "--config.train.micro_batch_size=2"]
+    mesh = ["--config.mesh.data=-1", "--config.mesh.fsdp=2", "--config.train.micro_batch_size=2",
+            "--config.train.sample_tokens=0"]
     reference = Launch(setup, str(tmp_path / "one"), 1, 4, *mesh)
     (_, ref_out, _), = reference.check()
 
@@ -139,6 +140,7 @@ def test_two_hosts_equal_one_and_the_run_moves_between_host_counts(setup, tmp_pa
     assert "validation" not in last[1][1]  # the final report comes from process 0 only
     assert sorted(os.listdir(os.path.join(moved, "checkpoints"))) == ["4", "6", "8"]
     assert sorted(os.listdir(moved)) == ["checkpoints", "config.json", "metrics.jsonl", "tensorboard"]
+    assert len(os.listdir(os.path.join(moved, "tensorboard"))) == 3  # an event file per launch: process 0's
 
 
 def _wait_for(path, launch, timeout=TIMEOUT):
