@@ -237,6 +237,9 @@ def validate(cfg):
     if cfg.optim.full_rank_steps and not hasattr(kind, "full_rank_frozen"):
         raise ConfigError(f"optim.full_rank_steps needs a projection kind with a full-rank warm start (lora), "
                           f"got model.projection={spec.projection!r}")
+    if spec.relora_a_init == "zeros" and cfg.optim.schedule != "jagged_cosine":
+        raise ConfigError(f"model.relora_a_init 'zeros' needs optim.schedule='jagged_cosine' (without ReLoRA's "
+                          f"merges, which re-draw A, A and B stay 0), got {cfg.optim.schedule!r}")
     return spec
 
 
