@@ -48,6 +48,19 @@ def test_parameter_counts_of_the_presets(size):
     assert counts["lowrank"] == (layers - 1) * sum(r * (i + o) + 1 for i, o in [(d, d)] * 4 + [(d, f)] * 2 + [(f, d)])
 
 
+@pytest.mark.parametrize("size", ["60m", "130m", "350m"])
+def test_ranks_align_the_count_with_colas(size):
+    """Parameter-aligned with CoLA (as the paper states its comparisons): at each size without a
+    CR-Net count from the paper, the rank is the integer whose total is closest to CoLA's total at
+    that size (rank +- 1 are farther), within 0.05 % (60M 100: 42.77M vs 42.77M; 130M 235: 93.97M vs
+    94.00M; 350M 239: 185.22M vs 185.22M)."""
+    cola = model.count_params(config.validate(config.preset("cola", size)))["total"]
+    d, f, _, layers, *_ = config.SIZES[size]
+    r = config.preset("crnet", size).model.rank
+    off = lambda rank: abs(by_hand(d, f, 32000, layers, rank) - cola)
+    assert off(r) < min(off(r - 1), off(r + 1)) and off(r) <= 5e-4 * cola
+
+
 def test_1b_count_is_the_papers():
     """583M: CR-Net 1B in the paper's main table (arXiv 2509.18993; quoted, with full-rank 1339M and
     CoLA 609M, by the papernotes.org summary of the paper), to 0.5 %; the same table's full-rank and
