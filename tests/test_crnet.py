@@ -87,6 +87,22 @@ def test_scale_is_signed_and_never_zero():
     np.testing.assert_allclose(proj.invert(y, proj.bottleneck(x)), prev, rtol=1e-5)
 
 
+def test_a_fresh_block_adds_the_previous_output_at_scale_one():
+    """As documented (beta starts at 1, s(1) = 1 + 1e-6): a freshly built CR-Net projection, and every
+    beta of a fresh model, computes prev + (x A) B, against numpy in float64 (rtol 1e-5). With beta
+    initialised to 0 it would compute 1e-6 prev + (x A) B (every other test overwrites beta)."""
+    proj = crnet.CRNet(16, 24, 4, small_spec(projection="crnet"), rngs=nnx.Rngs(0))
+    prev = jax.random.normal(jax.random.key(1), (2, 5, 24))
+    x = jax.random.normal(jax.random.key(2), (2, 5, 16))
+    a, b = (np.asarray(p[...], np.float64) for p in (proj.A, proj.B))
+    want = np.asarray(prev, np.float64) + np.asarray(x, np.float64) @ a @ b
+    np.testing.assert_allclose(np.asarray(proj(x, prev), np.float64), want, rtol=1e-5, atol=1e-6)
+    params = nnx.to_pure_dict(nnx.state(model.Transformer(small_spec(projection="crnet", num_layers=3),
+                                                          rngs=nnx.Rngs(0))))
+    betas = [np.asarray(p["beta"]) for p in params["blocks"].values() if "beta" in p]
+    assert len(betas) == 7 and all(np.array_equal(beta, np.ones(2)) for beta in betas)
+
+
 def test_block_one_is_full_rank_and_later_blocks_have_no_full_rank_weight():
     params = nnx.to_pure_dict(nnx.state(model.abstract_model(small_spec(projection="crnet", num_layers=3))))
     assert set(params["first_block"]["q"]) == {"w"} and params["first_block"]["q"]["w"].shape == (32, 32)
