@@ -180,7 +180,7 @@ def test_crnet_policy_keeps_block_input_and_bottlenecks_per_block():
     cfg = config.preset("crnet", "60m")
     spec = config.validate(cfg).replace(remat="crnet")
     saved = plan.saved_per_block(spec, 2, 16)
-    assert plan.per_token(spec, saved, 2, 16) == (512 + 7 * 128 + (5 * 512 + 2 * 1376) / 8, "d+7r+(5d+2f)/8")
+    assert plan.per_token(spec, saved, 2, 16) == (512 + 7 * crnet.RANK["60m"] + (5 * 512 + 2 * 1376) / 8, "d+7r+(5d+2f)/8")
 
 
 @pytest.mark.parametrize("overrides,field", [
