@@ -18,7 +18,9 @@ recipe (peak lr: CoLA's per size (also CR-Net's), full-rank `FULL_RANK_LR` (also
 `projections.sltrain.LR`, GaLore/Fira 0.01; warmup and ReLoRA's step counts scaled to `--steps` in the
 preset's proportion) unless `--lr` (CoLA,
 CoLA-M) / `--full_rank_lr` say otherwise; `--config.a.b=v` overrides are applied to all configs
-last (`optim.*` of GaLore/Fira are ignored by AdamW runs).
+last (`optim.*` of GaLore/Fira are ignored by AdamW runs). CR-Net's rank is its preset's
+(`projections.crnet.RANK`: parameter-aligned with CoLA's count at 60M-350M, the paper's count at
+1B; CoLA's rank at tiny, where block 1 alone exceeds CoLA's count); `--config.model.rank` sets both.
 
 Writes OUT/compare.md (settings and table), OUT/compare.json (everything, with each run's
 metrics.jsonl lines) and OUT/compare.png (loss curves). Columns: parameters; analytic training

@@ -91,9 +91,12 @@ def defaults():
 PAPER_DATA = dict(source="hf", hf_name="allenai/c4", hf_config="en", tokenizer=tokenizer.T5_URL)
 
 
-def preset(kind, size):
+def preset(kind, size, pure_bf16=False):
     """The paper's config for `kind` at `size`: model, optimizer, steps and (PAPER_DATA) data; "tiny"
-    keeps the demo data of `colax.data.defaults()`.
+    keeps the demo data of `colax.data.defaults()`. `pure_bf16`: the authors' pure-bf16 run (their
+    scripts' `--dtype bfloat16`, e.g. SwitchLoRA's llama/main.py:109,426-427): parameters, and with
+    them SwitchLoRA's candidate pools, in bfloat16 (`model.param_dtype`; Adam's moments stay float32,
+    `colax.row_adam`).
 
     `kind` is a projection kind but "dense" (`projections.PROJECTIONS`) or a `VARIANTS` name. Every
     preset starts from the size's model and rank with the full-rank lr (`FULL_RANK_LR`) and the size's
@@ -126,6 +129,8 @@ def preset(kind, size):
         cfg.optim.update(schedule="jagged_cosine", full_rank_steps=steps // 4, restart_every=steps // 4,
                          restart_warmup_steps=min(100, steps // 16), warmup_steps=steps // 40,
                          full_rank_lr=RELORA_WARM_START_LR, full_rank_warmup_steps=steps // 20)
+    if pure_bf16:
+        cfg.model.update(dtype="bfloat16", param_dtype="bfloat16")
     return cfg
 
 
@@ -237,6 +242,9 @@ def validate(cfg):
     if cfg.optim.full_rank_steps and not hasattr(kind, "full_rank_frozen"):
         raise ConfigError(f"optim.full_rank_steps needs a projection kind with a full-rank warm start (lora), "
                           f"got model.projection={spec.projection!r}")
+    if spec.relora_a_init == "zeros" and cfg.optim.schedule != "jagged_cosine":
+        raise ConfigError(f"model.relora_a_init 'zeros' needs optim.schedule='jagged_cosine' (without ReLoRA's "
+                          f"merges, which re-draw A, A and B stay 0), got {cfg.optim.schedule!r}")
     return spec
 
 

@@ -1,9 +1,10 @@
 """Between-steps hooks: how a method changes the training state outside the optimizer step.
 
 A projection kind may define a classmethod `hook(cfg) -> Hook | None` (cfg: the whole config).
-After optimizer step s (s = 1, 2, ...: the state after s steps), the loop asks `hook.due(s)` on
-the host and, where due, runs `hook.apply(step, params, opt_state, key) -> (params, opt_state)`,
-jitted once with the state's shardings, params and opt_state donated (`colax.state.Trainer`).
+After optimizer step s (s = 1, 2, ...: the state after s steps), and at s = 0 before step 1, the
+trainer asks `hook.due(s)` on the host and, where due, runs
+`hook.apply(step, params, opt_state, key) -> (params, opt_state)`, jitted once with the state's
+shardings, params and opt_state donated (`colax.trainer.Trainer`).
 `step` is s as an int32 scalar, `key` is `fold_in(key(train.seed + 1), s)`. `due` must depend on
 s and the config only, and whatever the hook keeps (counters, pools, sampled indices) must live in
 params (frozen or integer leaves, `model.trainable_mask`) or in the optimizer state: then a run

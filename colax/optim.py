@@ -151,24 +151,43 @@ def vector_axis(keys):
     return table.get(keys[-1]) if in_block else None
 
 
+def scale_by_learning_rate_then_decay(lr_schedule, weight_decay, mask=None):
+    """`optax.scale_by_learning_rate(lr_schedule)` (its state), then the GaLore/Fira reference AdamW's
+    decoupled weight decay of the already stepped weight (galore_torch/adamw.py:129-140): the update
+    u = -lr d becomes (p + u)(1 - lr wd) - p, for the leaves where `mask(params)` is True (all if None)."""
+    inner = optax.scale_by_learning_rate(lr_schedule)
+
+    def update(updates, state, params):
+        lr = lr_schedule(state.count)
+        updates, state = inner.update(updates, state, params)
+        on = jax.tree.map(lambda _: True, params) if mask is None else mask(params)
+        decay = lambda u, p, m: (u - lr * weight_decay * (p + u)).astype(u.dtype) if m else u
+        return jax.tree.map(decay, updates, params, on), state
+
+    return optax.GradientTransformation(inner.init, update)
+
+
 def make(o, total_steps, full_rank=False):
     """optax transformation: clip_by_global_norm (if grad_clip > 0), then AdamW (Adam with a step count
     per vector where a projection kind names one, `vector_axis`), or GaLore/Fira on the `projected`
-    weights and the reference's Adam on the rest, with decoupled weight decay
-    (`optax.adamw`'s: -lr · wd · p before the step, where the reference decays the stepped p,
-    a factor 1 - lr · wd on the step apart), on the schedule;
-    over the trainable parameters only (`model.trainable_mask(params, full_rank)`): frozen ones get
-    no optimizer state and a zero update. `full_rank`: the optimizer of the full-rank warm start
-    (`optim.full_rank_steps`)."""
+    weights and the reference's Adam on the rest, with decoupled weight decay on the schedule:
+    AdamW's `optax.adamw`'s (-lr · wd · p of the p before the step, as torch's AdamW), GaLore/Fira's
+    their reference's (of the stepped p, `scale_by_learning_rate_then_decay`); over the trainable
+    parameters only (`model.trainable_mask(params, full_rank)`): frozen ones get no optimizer state
+    and a zero update. `full_rank`: the optimizer of the full-rank warm start (`optim.full_rank_steps`)."""
     adam = row_adam.scale_by_row_adam(o.b1, o.b2, o.eps, vector_axis)
+    mask = None if o.decay_norms else decay_mask
+    lr = schedule(o, total_steps, full_rank)
+    # optax.adamw is this chain with scale_by_adam (the same update without per-vector counts) first.
+    tail = (optax.add_decayed_weights(o.weight_decay, mask), optax.scale_by_learning_rate(lr))
     if o.name != "adamw":  # the reference AdamW's two parameter groups: projected, and the rest
         low_rank = galore.scale_by_galore(o.rank, o.update_proj_gap, o.scale, o.b1, o.b2, o.eps, fira=o.name == "fira")
         is_projected = lambda params: projected(params, o.rank)
         adam = optax.chain(optax.masked(low_rank, is_projected),
                            optax.masked(galore.scale_by_reference_adam(o.b1, o.b2, o.eps),
                                         lambda params: jax.tree.map(lambda x: not x, is_projected(params))))
-    # optax.adamw is this chain with scale_by_adam (the same update without per-vector counts) first.
-    tx = optax.chain(adam, optax.add_decayed_weights(o.weight_decay, None if o.decay_norms else decay_mask),
-                     optax.scale_by_learning_rate(schedule(o, total_steps, full_rank)))
+        # identity() holds add_decayed_weights' (empty) state: the state's structure, and checkpoints, stay
+        tail = (optax.identity(), scale_by_learning_rate_then_decay(lr, o.weight_decay, mask))
+    tx = optax.chain(adam, *tail)
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx) if o.grad_clip > 0 else tx
     return optax.masked(tx, functools.partial(model_lib.trainable_mask, full_rank=full_rank))

@@ -103,7 +103,16 @@ def reset(opt_state, mask: Callable, hold=0):
     return jax.tree.map(reset_state, opt_state, is_leaf=lambda x: isinstance(x, ScaleByRowAdamState))
 
 
+def holds(opt_state):
+    """{parameter dict-key path: its holds (int32, `count_shape`)} of the first `ScaleByRowAdamState` in
+    `opt_state`; {} if it has none."""
+    state = find_state(opt_state)
+    if state is None:
+        return {}
+    return {param_keys(path): h for (path, _), h in zip(jax.tree_util.tree_leaves_with_path(state.mu), state.holds)}
+
+
 def find_state(opt_state):
-    """The first `ScaleByRowAdamState` inside `opt_state` (an optax state of any nesting)."""
+    """The first `ScaleByRowAdamState` inside `opt_state` (an optax state of any nesting), or None."""
     is_row_adam = lambda x: isinstance(x, ScaleByRowAdamState)
-    return next(s for s in jax.tree.leaves(opt_state, is_leaf=is_row_adam) if is_row_adam(s))
+    return next((s for s in jax.tree.leaves(opt_state, is_leaf=is_row_adam) if is_row_adam(s)), None)

@@ -1,7 +1,8 @@
 """One optimizer step after another: training phases and the method's between-steps hook.
 
 `Trainer(cfg, graphdef, mesh)(s, params, opt_state, batches)` runs optimizer step s (1, 2, ...) of
-the phase it belongs to, then the projection kind's hook where due (`colax.hooks`), then, after
+the phase it belongs to (before step 1 the hook at s = 0, where due), then the projection kind's
+hook where due (`colax.hooks`), then, after
 the last step of the full-rank warm start (`optim.full_rank_steps`), the switch to the low-rank
 phase. The trainable mask is static within a phase (`model.trainable_mask(params, full_rank)`), so
 each phase has its own optimizer (`optim.make(..., full_rank)`) and jitted step, compiled once when
@@ -58,14 +59,21 @@ class Trainer:
             step.make_train_step(self.graphdef, self.tx(s - 1), self.cfg.train.on_nonfinite == "skip",
                                  full_rank=full_rank), params, opt_state, self.mesh, rng=self.rng))
         key = (dropout_key(self.cfg.train.seed, s),) if self.rng else ()
+        if s == 1:
+            params, opt_state = self._hook(0, full_rank, params, opt_state)
         params, opt_state, metrics = train_step(params, opt_state, batches, *key)
-        if self.hook is not None and self.hook.due(s):
-            apply = self._compiled(("hook", full_rank), lambda: state.jit_hook(self.hook.apply, params, opt_state,
-                                                                                self.mesh))
-            params, opt_state = apply(jnp.int32(s), params, opt_state, hooks.hook_key(self.cfg.train.seed, s))
+        params, opt_state = self._hook(s, full_rank, params, opt_state)
         if s == self.cfg.optim.full_rank_steps:
             opt_state = self._switch(params, opt_state)
         return params, opt_state, metrics
+
+    def _hook(self, s, full_rank, params, opt_state):
+        """(params, opt_state) after the hook at s (s optimizer steps done), where due."""
+        if self.hook is None or not self.hook.due(s):
+            return params, opt_state
+        apply = self._compiled(("hook", full_rank), lambda: state.jit_hook(self.hook.apply, params, opt_state,
+                                                                            self.mesh))
+        return apply(jnp.int32(s), params, opt_state, hooks.hook_key(self.cfg.train.seed, s))
 
     def _switch(self, params, opt_state):
         """The low-rank phase's fresh optimizer state (the warm start's, `opt_state`, is dropped)."""

@@ -1,5 +1,5 @@
 """CR-Net (Kong et al., ICLR 2026, arXiv 2509.18993) at the paper's 350M LLaMA size:
-CoLA's rank (no CR-Net count at this size was available).
+rank 239 (colax.projections.crnet.RANK: the integer rank whose count, 185.22M, is closest to CoLA's 185.22M at this size).
 
 Recipe source: none available (KongBoao/CR-Net could not be read here): CoLA's, from
 alvin-zyl/CoLA@91ff0d1 scripts/cola_scripts/cola350m.sh (lr, warmup, steps, weight decay 0.01, clip 0.5),

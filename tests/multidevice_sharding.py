@@ -269,7 +269,8 @@ def test_switchlora_switch_on_meshes_matches_one_device_and_keeps_the_shardings(
     graphdef, params, opt_state = state.init_state(spec, tx, mesh, seed=0)
     train = state.jit_train_step(step.make_train_step(graphdef, tx), params, opt_state, mesh)
     trained = jax.device_get(train(params, opt_state, sharding.global_batch(batches(1), mesh))[:2])
-    apply = functools.partial(switchlora.switchlora_switch, 1.0, 5, {16: jnp.asarray([0, 2, 2], jnp.int32)})
+    counts = {name: jnp.full((spec.num_layers,), 2, jnp.int32) for name in switchlora.PROJECTION_NAMES}
+    apply = lambda step, params, opt_state, key: switchlora.switch_layers(1.0, 5, counts, params, opt_state)
     results = hook_on_meshes(apply, trained, [(1, 1, 1), (1, 2, 2), (2, 2, 2)])
     assert not np.array_equal(results[0][0]["blocks"]["q"]["pool_a"], trained[0]["blocks"]["q"]["pool_a"])
     for other in results[1:]:

@@ -173,7 +173,7 @@ def test_kinds_that_share_a_key_share_its_default():
     defaults = model.defaults()
     declared = [(key, value) for kind in projections.PROJECTIONS.values()
                 for key, value in getattr(kind, "config", {}).items()]
-    assert {key for key, _ in declared} == {"lora_alpha", "lora_dropout", "sparse_density", "switch_interval",
+    assert {key for key, _ in declared} == {"lora_alpha", "lora_dropout", "relora_a_init", "sparse_density", "switch_interval",
                                             "switch_descent", "switch_hold_steps", "sst_round_iterations"}
     assert [(key, defaults[key]) for key, _ in declared] == declared
 

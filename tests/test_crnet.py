@@ -48,6 +48,19 @@ def test_parameter_counts_of_the_presets(size):
     assert counts["lowrank"] == (layers - 1) * sum(r * (i + o) + 1 for i, o in [(d, d)] * 4 + [(d, f)] * 2 + [(f, d)])
 
 
+@pytest.mark.parametrize("size", ["60m", "130m", "350m"])
+def test_ranks_align_the_count_with_colas(size):
+    """Parameter-aligned with CoLA (as the paper states its comparisons): at each size without a
+    CR-Net count from the paper, the rank is the integer whose total is closest to CoLA's total at
+    that size (rank +- 1 are farther), within 0.05 % (60M 100: 42.77M vs 42.77M; 130M 235: 93.97M vs
+    94.00M; 350M 239: 185.22M vs 185.22M)."""
+    cola = model.count_params(config.validate(config.preset("cola", size)))["total"]
+    d, f, _, layers, *_ = config.SIZES[size]
+    r = config.preset("crnet", size).model.rank
+    off = lambda rank: abs(by_hand(d, f, 32000, layers, rank) - cola)
+    assert off(r) < min(off(r - 1), off(r + 1)) and off(r) <= 5e-4 * cola
+
+
 def test_1b_count_is_the_papers():
     """583M: CR-Net 1B in the paper's main table (arXiv 2509.18993; quoted, with full-rank 1339M and
     CoLA 609M, by the papernotes.org summary of the paper), to 0.5 %; the same table's full-rank and
@@ -72,6 +85,22 @@ def test_scale_is_signed_and_never_zero():
     y = proj(x, prev)
     np.testing.assert_allclose(y, 1e-6 * prev, rtol=1e-6)
     np.testing.assert_allclose(proj.invert(y, proj.bottleneck(x)), prev, rtol=1e-5)
+
+
+def test_a_fresh_block_adds_the_previous_output_at_scale_one():
+    """As documented (beta starts at 1, s(1) = 1 + 1e-6): a freshly built CR-Net projection, and every
+    beta of a fresh model, computes prev + (x A) B, against numpy in float64 (rtol 1e-5). With beta
+    initialised to 0 it would compute 1e-6 prev + (x A) B (every other test overwrites beta)."""
+    proj = crnet.CRNet(16, 24, 4, small_spec(projection="crnet"), rngs=nnx.Rngs(0))
+    prev = jax.random.normal(jax.random.key(1), (2, 5, 24))
+    x = jax.random.normal(jax.random.key(2), (2, 5, 16))
+    a, b = (np.asarray(p[...], np.float64) for p in (proj.A, proj.B))
+    want = np.asarray(prev, np.float64) + np.asarray(x, np.float64) @ a @ b
+    np.testing.assert_allclose(np.asarray(proj(x, prev), np.float64), want, rtol=1e-5, atol=1e-6)
+    params = nnx.to_pure_dict(nnx.state(model.Transformer(small_spec(projection="crnet", num_layers=3),
+                                                          rngs=nnx.Rngs(0))))
+    betas = [np.asarray(p["beta"]) for p in params["blocks"].values() if "beta" in p]
+    assert len(betas) == 7 and all(np.array_equal(beta, np.ones(2)) for beta in betas)
 
 
 def test_block_one_is_full_rank_and_later_blocks_have_no_full_rank_weight():
@@ -151,7 +180,7 @@ def test_crnet_policy_keeps_block_input_and_bottlenecks_per_block():
     cfg = config.preset("crnet", "60m")
     spec = config.validate(cfg).replace(remat="crnet")
     saved = plan.saved_per_block(spec, 2, 16)
-    assert plan.per_token(spec, saved, 2, 16) == (512 + 7 * 128 + (5 * 512 + 2 * 1376) / 8, "d+7r+(5d+2f)/8")
+    assert plan.per_token(spec, saved, 2, 16) == (512 + 7 * crnet.RANK["60m"] + (5 * 512 + 2 * 1376) / 8, "d+7r+(5d+2f)/8")
 
 
 @pytest.mark.parametrize("overrides,field", [

@@ -163,11 +163,13 @@ def test_only_projection_weights_wider_than_the_rank_are_projected_the_rest_get_
         updates, st = update(grads, st, p)
         mu = jax.tree.map(lambda m, g: B1 * m + (1 - B1) * g, mu, grads)
         nu = jax.tree.map(lambda v, g: B2 * v + (1 - B2) * g * g, nu, grads)
-        # the reference's Adam (eps added to sqrt(v) before the bias correction), decoupled decay, -lr
+        # the reference's Adam (eps added to sqrt(v) before the bias correction), -lr, then its decoupled
+        # decay of the stepped p: (p - lr d)(1 - lr wd) - p, written without fp32's cancellation
+        decayed = lambda d, x: -float(lr(t - 1)) * (d + 0.1 * (x - float(lr(t - 1)) * d))
         direction = lambda m, v: np.multiply(*adam_direction(m, v, t))
-        adamw = jax.tree.map(lambda m, v, x: -float(lr(t - 1)) * (direction(m, v) + 0.1 * x), mu, nu, p)
+        adamw = jax.tree.map(lambda m, v, x: decayed(direction(m, v), x), mu, nu, p)
         direction, low_rank_state = low_rank_update(grads["blocks"]["q"], low_rank_state)
-        adamw["blocks"]["q"]["w"] = -float(lr(t - 1)) * (direction["w"] + 0.1 * p["blocks"]["q"]["w"])
+        adamw["blocks"]["q"]["w"] = decayed(direction["w"], p["blocks"]["q"]["w"])
         for path, u in jax.tree_util.tree_leaves_with_path(updates):
             expected = adamw
             for k in path:

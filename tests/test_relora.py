@@ -115,6 +115,17 @@ def trainer_states(cfg):
     return states
 
 
+def tiny_relora(**model):
+    """A tiny ReLoRA: 12 steps, a warm start of 3, restarts every 3 low-rank steps (merges after 7, 10)."""
+    cfg = config.preset("relora", "tiny")
+    cfg.model.update(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4, num_layers=2, rank=8,
+                     dtype="float32", **model)
+    cfg.optim.update(lr=0.01, full_rank_lr=0.005, warmup_steps=1, full_rank_warmup_steps=1, full_rank_steps=3,
+                     restart_every=3, restart_warmup_steps=1)
+    cfg.train.update(steps=12, batch_size=4, micro_batch_size=4)
+    return cfg
+
+
 def test_trainer_merges_after_the_lr0_update_with_fresh_optimizer_state_after_the_warm_start():
     """A tiny ReLoRA (warm start 3, restarts every 3 of the 9 low-rank steps, dropout 0.1) through
     `trainer.Trainer`: W changes in the low-rank phase exactly after the official merge updates
@@ -122,12 +133,7 @@ def test_trainer_merges_after_the_lr0_update_with_fresh_optimizer_state_after_th
     the numpy merge of the state before (W + (alpha/r) B A, B = 0, a new A: the lr-0 update changed
     nothing) with the moments of A and B reset to 0 after it; after the warm start the optimizer
     state is entirely fresh (every leaf 0, as a new AdamW's), as the official `--warmed_up_model` run."""
-    cfg = config.preset("relora", "tiny")
-    cfg.model.update(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4, num_layers=2, rank=8,
-                     dtype="float32")
-    cfg.optim.update(lr=0.01, full_rank_lr=0.005, warmup_steps=1, full_rank_warmup_steps=1, full_rank_steps=3,
-                     restart_every=3, restart_warmup_steps=1)
-    cfg.train.update(steps=12, batch_size=4, micro_batch_size=4)
+    cfg = tiny_relora()
     _, events = official.run(num_training_steps=12, warm_start_steps=3, warm_start_lr=0.005, warm_start_warmup=1,
                              lr=0.01, warmup_steps=1, relora=3, restart_warmup_steps=1, min_lr_ratio=0.1)
     merges = [u for u, what in events if what == "merge"]
@@ -150,6 +156,61 @@ def test_trainer_merges_after_the_lr0_update_with_fresh_optimizer_state_after_th
     after_switch = jax.tree.leaves(states[3][1])
     assert len(after_switch) > 4 and all(not np.any(x) for x in after_switch)  # moments and step counts
     assert any(np.any(x) for x in jax.tree.leaves(states[2][1]))
+
+
+def test_relora_a_init_zeros_trains_as_the_authors_wrapped_model():
+    """`model.relora_a_init="zeros"` through `trainer.Trainer` (the tiny ReLoRA above) against the
+    transcription of the authors' `ReLoRaLinear` as torchrun_main.py wraps the warmed-up model
+    (tests/official/relora.py), every projection of every layer: after the warm start (step 3) A and
+    B are the transcription's (both 0) and W is unchanged by the wrap; the transcription's gradients
+    of A and B are then exactly 0, so neither moves (nor W) until the merge after update 7, which
+    equals the transcription's `merge_and_reinit`: W unchanged, B = 0, a new Kaiming A (U(±1/√in),
+    not 0); then B trains from update 8, A from 9 (after B's first step), and the merge after update
+    10 is the transcription's merge of the state before (1e-6)."""
+    torch = pytest.importorskip("torch")
+    states = trainer_states(tiny_relora(relora_a_init="zeros"))
+    blocks = lambda s: states[s][0]["blocks"]
+    moved = lambda s, leaf: any(not np.array_equal(blocks(s - 1)[n][leaf], blocks(s)[n][leaf])
+                                for n in common.PROJECTION_NAMES)
+    assert [s for s in range(4, 13) if moved(s, "base")] == [10]  # the merge after 7 adds B A = 0
+    assert [s for s in range(4, 13) if moved(s, "lora_b")] == [8, 9, 10, 11, 12]
+    assert [s for s in range(4, 13) if moved(s, "lora_a")] == [7, 9, 10, 12]  # 8, 11: B was 0
+    for name in common.PROJECTION_NAMES:
+        for layer in range(2):
+            p = lambda s, leaf: blocks(s)[name][leaf][layer]
+            w = torch.tensor(p(3, "base"))
+            wrapped = official.ReLoRaLinear(torch, w, 8, ALPHA)
+            np.testing.assert_array_equal(p(3, "lora_a"), wrapped.lora_A.weight.detach().numpy())
+            np.testing.assert_array_equal(p(3, "lora_b"), wrapped.lora_B.weight.detach().numpy())
+            np.testing.assert_array_equal(p(3, "base"), wrapped.weight.numpy())
+            wrapped.forward(torch.randn(5, w.shape[1])).square().sum().backward()
+            assert not wrapped.lora_A.weight.grad.any() and not wrapped.lora_B.weight.grad.any()
+            assert all(not np.any(p(s, "lora_a")) and not np.any(p(s, "lora_b")) for s in (4, 5, 6))
+            wrapped.merge_and_reinit()
+            np.testing.assert_array_equal(p(7, "base"), wrapped.weight.numpy())
+            assert not np.any(p(7, "lora_b")) and 0 < np.abs(p(7, "lora_a")).max() <= 1 / math.sqrt(w.shape[1])
+            with torch.no_grad():
+                for leaf, x in ((wrapped.lora_A.weight, p(9, "lora_a")), (wrapped.lora_B.weight, p(9, "lora_b"))):
+                    leaf.copy_(torch.tensor(x))
+                wrapped.weight.copy_(torch.tensor(p(9, "base")))
+            wrapped.merge_and_reinit()
+            np.testing.assert_allclose(p(10, "base"), wrapped.weight.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_relora_a_init_is_checked():
+    """model.relora_a_init: "kaiming" or "zeros"; "zeros" only for the lora kind under ReLoRA's jagged
+    cosine (without merges A and B would stay 0)."""
+    for fix, message in ((dict(relora_a_init="normal"), "model.relora_a_init must be 'kaiming' or 'zeros'"),
+                         (dict(relora_a_init="zeros", projection="cola", lora_dropout=0.0),
+                          "model.relora_a_init needs model.projection='lora', not 'cola'")):
+        cfg = tiny_relora(**fix)
+        with pytest.raises(config.ConfigError, match=message):
+            config.validate(cfg)
+    cfg = tiny_relora(relora_a_init="zeros")
+    assert config.validate(cfg).relora_a_init == "zeros"
+    cfg.optim.update(schedule="cosine", full_rank_steps=0)
+    with pytest.raises(config.ConfigError, match="model.relora_a_init 'zeros' needs optim.schedule='jagged_cosine'"):
+        config.validate(cfg)
 
 
 def lora_state(seed=0):

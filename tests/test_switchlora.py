@@ -18,7 +18,7 @@ from colax import checkpoint, config, errors, hooks, loop, model, optim, row_ada
 from colax.projections import common, lora, switchlora
 from conftest import authors_package, small_spec
 from official import switchlora as official
-from test_relora import compilation_cache, losses_and_lrs, micro_relora  # noqa: F401 (a fixture)
+from test_relora import compilation_cache, losses_and_lrs, micro_relora, trainer_states  # noqa: F401 (a fixture)
 
 ALPHA, R, HOLD = 1.0, 8, 5
 
@@ -48,9 +48,10 @@ def test_model_starts_as_its_dense_init():
     assert float(jnp.abs(logits(params) - logits(dict(params, blocks=blocks))).max()) <= 1e-5
 
 
-# Cumulative switches of the parity run (rank 8): 2 vectors of A and B after step 1, 1 after step 3,
-# 2 after step 9 (B's wrap around from column 7 to 0), 1 after step 11.
-PARITY_TABLE = np.array([0, 2, 2, 3, 3, 3, 3, 3, 3, 5, 5, 6, 6], np.int32)
+# Switches of the parity run (rank 8) per layer before update u + 1 (u = 0: before the first): layer 1
+# asks for 3 before update 2 with 2 B columns still held (4 - 2 available: capped to 2), B's cursor
+# wraps around (from column 7 to 0) before update 10 in both layers.
+PARITY_COUNTS = {0: [1, 2], 1: [2, 3], 3: [1, 1], 9: [2, 2], 11: [1, 0]}
 
 
 def projection_params(spec):
@@ -78,17 +79,18 @@ def lora_grads(params, data):
 
 
 def test_updates_and_switches_equal_the_authors_code():
-    """12 updates with switches after steps 1, 3, 9 and 11 (PARITY_TABLE; B wraps around at 9), lr 0.01
-    with 2 warmup steps and cosine, weight decay 0.01, 7 projections x 2 layers, fp32: after every
-    update W, A, B, the pools and picks, and at the end Adam's moments and per-row steps equal the
-    transcription of the authors' switch step and StepAdamW (tests/official/switchlora.py), which
-    switches between the backward pass and the step of the next update (<= 1e-5)."""
+    """12 updates with switches before updates 1, 2, 4, 10 and 12 (PARITY_COUNTS: a count per layer,
+    one capped by `available_num`, B wrapping around), lr 0.01 with 2 warmup steps and cosine, weight
+    decay 0.01, 7 projections x 2 layers, fp32: after every update W, A, B, the pools and picks, and
+    at the end Adam's moments and per-row steps equal the transcription of the authors' switch step
+    and StepAdamW (tests/official/switchlora.py), which switches between the backward pass and the
+    step of the next update (<= 1e-5)."""
     torch = authors_package("torch")
     spec = small_spec(projection="switchlora", lora_alpha=ALPHA)
     params = projection_params(spec)
     o = optim.defaults()
     o.update(lr=0.01, warmup_steps=2, weight_decay=0.01, grad_clip=0.0, min_lr_ratio=0.0)
-    steps = len(PARITY_TABLE) - 1
+    steps = 12
     tx, lr = optim.make(o, steps), optim.schedule(o, steps)
     opt_state = tx.init(params)
     rng = np.random.default_rng(0)
@@ -104,13 +106,14 @@ def test_updates_and_switches_equal_the_authors_code():
         w0 = p["base"].astype(np.float64) + ALPHA / R * p["lora_b"].astype(np.float64) @ p["lora_a"]
         layers[name] = [official.Layer(torch, t(w0[l]), t(p["pool_a"][l]), t(p["pool_b"][l]), R, ALPHA)
                         for l in range(spec.num_layers)]
-    switch = jax.jit(switchlora.switchlora_switch, static_argnums=(0, 1))
+    switch = jax.jit(switchlora.switch_layers, static_argnums=(0, 1))
     update = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(lora_grads(p, data), s, p)))
     worst = 0.0
     for u in range(steps):
-        if u and PARITY_TABLE[u] > PARITY_TABLE[u - 1]:  # colax: the hook after step u
-            params, opt_state = switch(ALPHA, HOLD, {R: jnp.asarray(PARITY_TABLE)}, jnp.int32(u), params, opt_state,
-                                       jax.random.key(0))
+        counts = PARITY_COUNTS.get(u, [0] * spec.num_layers)
+        if u in PARITY_COUNTS:  # colax: the hook after step u (u = 0: before step 1)
+            params, opt_state = switch(ALPHA, HOLD, {n: jnp.asarray(counts, jnp.int32) for n in common.PROJECTION_NAMES},
+                                       params, opt_state)
         params, opt_state = update(params, opt_state)
         grads = []  # the authors': backward, then (switch, zero states, hold) and step
         for name in common.PROJECTION_NAMES:
@@ -121,8 +124,7 @@ def test_updates_and_switches_equal_the_authors_code():
                 (0.5 * ((y - target) ** 2).sum() / x.shape[0]).backward()
                 grads.append((a.grad, b.grad))
         official.update(torch, [layer for name in common.PROJECTION_NAMES for layer in layers[name]], grads,
-                        int(PARITY_TABLE[u] - PARITY_TABLE[u - 1]) if u else 0, float(lr(u)), o.b1, o.b2, o.eps,
-                        o.weight_decay, 0.0)
+                        counts * len(common.PROJECTION_NAMES), float(lr(u)), o.b1, o.b2, o.eps, o.weight_decay, 0.0)
         for name in common.PROJECTION_NAMES:
             p = jax.tree.map(np.asarray, params["blocks"][name])
             for l, layer in enumerate(layers[name]):
@@ -160,9 +162,9 @@ def tiny():
     return spec, graphdef, params, tx, jax.tree.map(random, jax.eval_shape(tx.init, params))
 
 
-SWITCH = jax.jit(switchlora.switchlora_switch, static_argnums=(0, 1))  # one compilation for both tests below
-# The hand-made switch table of both (cumulative switches after each step): 3 vectors after step 1.
-TABLE = {R: jnp.asarray([0, 3] + [3] * 10, jnp.int32)}
+SWITCH = jax.jit(switchlora.switch_layers, static_argnums=(0, 1))  # one compilation for both tests below
+# The switch of both: 3 vectors of A and of B in every layer of every projection.
+THREE = {name: jnp.full((2,), 3, jnp.int32) for name in common.PROJECTION_NAMES}
 
 
 def layer_output(p, layer, x):
@@ -172,7 +174,7 @@ def layer_output(p, layer, x):
 
 
 def test_switch_keeps_every_layer_output_and_writes_the_trained_vectors_back(tiny):
-    """After step 1 (TABLE) A rows 0-2 and B columns 4-6 (half a turn ahead) switch to the pool entries
+    """A switch (THREE): A rows 0-2 and B columns 4-6 (half a turn ahead) switch to the pool entries
     after the last one held (0-2: the init holds C - 8..C - 1), their trained values go back into the
     entries they held, every layer's output is unchanged (float64, rtol 1e-5); only the
     counterparts' (B columns 0-2, A rows 4-6) Adam moments and step counts are zeroed and held."""
@@ -182,7 +184,7 @@ def test_switch_keeps_every_layer_output_and_writes_the_trained_vectors_back(tin
         p = params["blocks"][name]
         params["blocks"][name] = dict(p, lora_a=p["lora_a"] + 0.01, lora_b=p["lora_b"] - 0.01)
     old_p, old_o = jax.tree.map(np.asarray, (params, opt_state))
-    new_p, new_o = SWITCH(ALPHA, HOLD, TABLE, jnp.int32(1), params, opt_state, jax.random.key(7))
+    new_p, new_o = SWITCH(ALPHA, HOLD, THREE, params, opt_state)
     new_p, new_o = jax.tree.map(np.asarray, (new_p, new_o))
     rows_a, rows_b = np.isin(np.arange(R), [0, 1, 2]), np.isin(np.arange(R), [4, 5, 6])
     rng = np.random.default_rng(0)
@@ -237,28 +239,79 @@ def test_counterparts_get_no_update_for_exactly_5_steps(tiny):
         assert frozen_a == frozen_b
         held[s] = frozen_a
         assert not np.array_equal(after["lora_b"][:, :, 3:], before["lora_b"][:, :, 3:])  # the rest trains
-        params, opt_state = SWITCH(ALPHA, HOLD, TABLE, jnp.int32(s), params, opt_state, jax.random.key(s))
+        if s == 1:
+            params, opt_state = SWITCH(ALPHA, HOLD, THREE, params, opt_state)
     assert held == {1: False, 2: True, 3: True, 4: True, 5: True, 6: True, 7: False, 8: False, 9: False}
 
 
-def test_switch_schedule_by_hand():
-    """Rank 64, interval 40, 100 steps, descent 0.1: step t switches 1.6 * 0.3^((t + 1) / 10) vectors
-    in expectation; the running sum is floored. By hand: 1.257, 2.373, 3.361, 4.238, 5.014 after steps 1-5."""
-    table = switchlora.switch_schedule(64, 40, 0.1, 100)
-    assert list(table[:6]) == [0, 1, 2, 3, 4, 5]
-    total, want = 0.0, [0]
-    for t in range(1, 101):
-        total += 64 / (40 / 0.3 ** ((t + 1) / (0.1 * 100)))
-        want.append(math.floor(total))
-    assert list(table) == want
-    # closed form 1.6 q^2 (1 - q^s) / (1 - q), q = 0.3^0.1 = 0.88657: 10.089 (s = 20), 10.997 (40), 11.087 (100)
-    assert (table[20], table[40], table[100]) == (10, 10, 11)
+def test_switch_rates_by_hand_and_the_hook_before_every_update():
+    """Rank 64, interval 40, 100 steps, descent 0.1: before update u + 1 each layer switches 1.6 *
+    0.3^((u + 1) / 10) vectors in expectation (1.4185, 1.2576, ... from u = 0), equal to the transcription
+    of `_get_switch_replace_num`'s r / interval (1e-12); the hook is due before every update, the
+    first included (s = 0), and not after the last."""
+    rates = switchlora.switch_rates(64, 40, 0.1, 100)
+    want = [64 / (40 / 0.3 ** ((u + 1) / 10)) for u in range(100)]
+    np.testing.assert_allclose(rates, want, rtol=1e-12)
+    np.testing.assert_allclose(rates, [64 / (40 / official.get_switch_rate(u, 0.1 * 100)) for u in range(100)],
+                               rtol=1e-12)
+    assert rates[0] == pytest.approx(1.4185, abs=1e-4) and rates[1] == pytest.approx(1.2576, abs=1e-4)
     cfg = config.preset("switchlora", "tiny")
     cfg.model.update(rank=64, hidden_size=128, intermediate_size=256, num_heads=4)
     cfg.train.steps = 100
     hook = switchlora.SwitchLoRA.hook(cfg)
-    # due after each step that switches, never otherwise (the holds count down in the optimizer)
-    assert [s for s in range(1, 101) if hook.due(s)] == [s for s in range(1, 101) if table[s] > table[s - 1]]
+    assert [s for s in range(-1, 102) if hook.due(s)] == list(range(100))
+
+
+@pytest.mark.parametrize("rate", [0.37, 2.3])
+def test_switch_counts_are_the_authors_stochastic_rounding(rate):
+    """Per layer, floor(rate) or floor(rate) + 1, the latter with probability rate - floor(rate), as the
+    transcription of `_get_switch_replace_num` (seeded numpy draws, 20k layers each): both give only
+    those two values, each share of the larger (so the mean) within 4.5 sigma of the fraction, the
+    two within 4.5 sigma of each other; layers draw independently."""
+    n, frac, whole = 20_000, rate - math.floor(rate), math.floor(rate)
+    ours = np.asarray(jax.jit(switchlora.draw_counts, static_argnums=2)(jax.random.key(0), jnp.float32(rate), n))
+    interval = 64 / rate  # r = 64: r / interval = rate
+    random = np.random.RandomState(0)
+    theirs = np.array([official.get_switch_replace_num(random, 64, 0, interval * 0.3 ** (1 / 10), 10)
+                       for _ in range(n)])  # global_step 0, descent step 10: rate_0 = 0.3^0.1 cancels
+    sigma = math.sqrt(frac * (1 - frac) / n)
+    for counts in (ours, theirs):
+        assert set(np.unique(counts)) == {whole, whole + 1}
+        assert abs(np.mean(counts == whole + 1) - frac) <= 4.5 * sigma
+    assert abs(np.mean(ours == whole + 1) - np.mean(theirs == whole + 1)) <= 4.5 * math.sqrt(2) * sigma
+    assert len(set(ours[:8].tolist())) > 1  # independent per layer
+
+
+@pytest.mark.parametrize("n_in, n_out, rank", [(32, 48, 8), (48, 32, 8), (512, 512, 128), (512, 1376, 128),
+                                               (1376, 512, 128), (2048, 5461, 512)])
+def test_switch_bounds_equal_the_authors_formula(n_in, n_out, rank):
+    """`switch_bounds` against the transcription of `lora_utils.get_init_lora_bound` (its torch gain), 1e-12."""
+    torch = authors_package("torch")
+    np.testing.assert_allclose(switchlora.switch_bounds(n_in, n_out, rank),
+                               official.get_init_lora_bound(torch, n_in, n_out, rank), rtol=1e-12)
+
+
+def test_trainer_switches_before_the_first_update():
+    """Through `trainer.Trainer` (rank 8, interval 10, descent 10: about 0.8 vectors a layer a step):
+    after step s every layer's cursor (read off its picks) has moved by the counts that layer drew
+    at the hooks 0, 1, ..., s (`draw_counts` with the hook's key folded with the projection's index):
+    the switch before step 1 included, the layers' counts their own."""
+    cfg = config.preset("switchlora", "tiny")
+    cfg.model.update(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4, num_layers=2, rank=8,
+                     dtype="float32", switch_interval=10, switch_descent=10.0)
+    cfg.train.update(steps=4, batch_size=4, micro_batch_size=4)
+    cfg.optim.warmup_steps = 1
+    states = trainer_states(cfg)
+    rates = switchlora.switch_rates(8, 10, 10.0, 4)
+    drawn = np.array([[switchlora.draw_counts(jax.random.fold_in(hooks.hook_key(cfg.train.seed, s), i),
+                                              jnp.float32(rates[s]), 2) for i in range(7)] for s in range(4)])
+    assert drawn[0].any() and not np.all(drawn[0] == drawn[0, 0, 0])  # a switch before step 1, per layer
+    for s in range(1, 5):
+        for i, name in enumerate(common.PROJECTION_NAMES):
+            p = states[s][0]["blocks"][name]
+            cursor = np.asarray(switchlora.cursor(jnp.asarray(p["pick_a"]), p["pool_a"].shape[1]))
+            # after step 4 the hooks 0-3: none after the last step
+            np.testing.assert_array_equal(cursor, drawn[:s + 1, i].sum(0) % 8, err_msg=f"{name} after step {s}")
 
 
 def test_more_switches_a_step_than_free_candidates_is_a_config_error():
@@ -292,10 +345,24 @@ def test_switchlora_recipe_counts_and_pool_bytes_by_hand():
     assert counts["state"] == n_layers * sum(min(i, o) * (i + o) for i, o in shapes)  # 2 pools of min(i, o)
 
 
+def test_pure_bf16_preset_keeps_the_pools_in_bf16():
+    """`config.preset(..., pure_bf16=True)`: the authors' `--dtype bfloat16` run, the recipe otherwise
+    the same; W, A, B and the pools in bfloat16."""
+    cfg, plain = config.preset("switchlora", "tiny", pure_bf16=True), config.preset("switchlora", "tiny")
+    assert (cfg.model.dtype, cfg.model.param_dtype, plain.model.param_dtype) == ("bfloat16", "bfloat16", "float32")
+    plain.model.param_dtype = "bfloat16"
+    assert cfg == plain
+    spec = config.validate(cfg)
+    leaves = nnx.to_pure_dict(nnx.state(model.abstract_model(spec)))["blocks"]["q"]
+    assert {k: leaves[k].dtype for k in ("base", "lora_a", "lora_b", "pool_a", "pool_b")} == dict.fromkeys(
+        ("base", "lora_a", "lora_b", "pool_a", "pool_b"), jnp.bfloat16)
+
+
 def test_switchlora_run_switches_and_resumes_with_identical_losses(compilation_cache, tmp_path_factory):  # noqa: F811
-    """Rank 8, interval 10, descent 10 (rate about 1): 0.8 switches a step (switches after steps 2, 3,
-    5, 6 and, by the checkpoints, at no other step); stopped after step 3 and resumed, the losses
-    equal the uninterrupted run's (the holds and per-row counts live in the checkpointed optimizer state)."""
+    """Rank 8, interval 10, descent 10 (rate about 1): about 0.8 switches a layer a step, drawn per
+    layer from the hook's key (the picks change at some steps, by the checkpoints); stopped after
+    step 3 and resumed, the losses equal the uninterrupted run's (the holds and per-row counts live in
+    the checkpointed optimizer state, the cursors in the picks, the draws in the step's key)."""
     cfg = micro_relora(tmp_path_factory)
     cfg.model.update(projection="switchlora", lora_alpha=ALPHA, switch_interval=10, switch_descent=10.0,
                      lora_dropout=0.0)
@@ -304,10 +371,8 @@ def test_switchlora_run_switches_and_resumes_with_identical_losses(compilation_c
     full, parts = str(tmp_path_factory.mktemp("full")), str(tmp_path_factory.mktemp("parts"))
     loop.run(cfg, full)
     steps, losses, _ = losses_and_lrs(full)
-    table = switchlora.switch_schedule(8, 10, 10.0, 6)
     picks = [np.asarray(checkpoint.load_params(cfg, full, s)[1]["blocks"]["up"]["pick_a"]) for s in steps]
-    changed = [s for s in steps[1:] if not np.array_equal(picks[s - 1], picks[s - 2])]
-    assert changed == [s for s in steps[1:] if table[s] > table[s - 1]] == [2, 3, 5, 6]  # cumulative 0.77, 1.52, 2.26, 2.98, 3.69, 4.39
+    assert [s for s in steps[1:] if not np.array_equal(picks[s - 1], picks[s - 2])]
     assert loop.run(cfg, parts, stop_after=3) is None
     loop.run(cfg, parts)
     assert losses_and_lrs(parts)[0] == steps

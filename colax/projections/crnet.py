@@ -8,12 +8,15 @@ from colax import sharding
 from colax.projections.common import normal
 from colax.projections.dense import Dense
 
-# Ranks that differ from the size's CoLA rank. 1B: 448, the only multiple of 8 whose count (582.4M)
-# is within 0.5 % of the 583M the paper's main table gives CR-Net at 1B (arXiv 2509.18993, as quoted
-# with its 1339M full-rank and 609M CoLA counts by the papernotes.org summary; the paper's text and
-# KongBoao/CR-Net were not readable here, so its per-layer ranks may differ: it reports higher ranks
-# in the middle blocks working best). No CR-Net count was available at the other sizes: CoLA's ranks.
-RANK = {"1b": 448}
+# Ranks that differ from the size's CoLA rank: the paper compares parameter-aligned models. 1B: 448,
+# the only multiple of 8 whose count (582.4M) is within 0.5 % of the 583M the paper's main table
+# gives CR-Net at 1B (arXiv 2509.18993, as quoted with its 1339M full-rank and 609M CoLA counts by the
+# papernotes.org summary; the paper's text and KongBoao/CR-Net were not readable here, so its
+# per-layer ranks may differ: it reports higher ranks in the middle blocks working best). 60M-350M,
+# with no CR-Net count available: the integer rank whose total is closest to CoLA's at that size
+# (42.77M, 93.97M, 185.22M against CoLA's 42.77M, 94.00M, 185.22M; docs/methods.md#cr-net). tiny
+# (2 blocks, the full-rank first one alone past CoLA's count) keeps CoLA's rank.
+RANK = {"60m": 100, "130m": 235, "350m": 239, "1b": 448}
 
 
 def signed_scale(beta):
@@ -66,6 +69,6 @@ class CRNet(nnx.Module):
 
     @staticmethod
     def preset(cfg, size, paper):
-        """CoLA's model size, lr and schedule; CoLA's rank but at the sizes in `RANK`."""
+        """CoLA's model size, lr and schedule; the rank of `RANK` (CoLA's at tiny)."""
         cfg.optim.lr = paper["lr"]
         cfg.model.rank = RANK.get(size, cfg.model.rank)

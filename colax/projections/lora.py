@@ -40,7 +40,9 @@ class LoRA(nnx.Module):
     only by the full-rank warm start, `optim.full_rank_steps`); `lora_a` A [r, in] Kaiming-uniform
     (a = √5: U(±1/√in)); `lora_b` B [out, r] = 0, so the layer starts as x Wᵀ. α is
     `cfg.lora_alpha`. In training the low-rank term's input x goes through dropout at rate
-    `cfg.lora_dropout` (torch's `nn.Dropout`, as ReLoRA's `ReLoRaLinear`). ReLoRA's merge
+    `cfg.lora_dropout` (torch's `nn.Dropout`, as ReLoRA's `ReLoRaLinear`). With
+    `cfg.relora_a_init` "zeros" A starts at 0 too, as the authors' code wraps the (warmed-up) model
+    (`keep_original_weights`): neither factor gets a gradient until a merge re-draws A. ReLoRA's merge
     `W += (α / r) · B A` and re-initialisation are its hook (`relora_merge`, after the lr-0 update
     at each restart of the jagged lr schedule).
     """
@@ -50,11 +52,13 @@ class LoRA(nnx.Module):
     config = dict(
         ALPHA_CONFIG,
         lora_dropout=0.0,  # LoRA: dropout rate on the low-rank term's input in training (projection "lora")
+        relora_a_init="kaiming",  # LoRA: A's init, "kaiming" (the paper's) or "zeros" (the authors' code)
     )
 
     def __init__(self, in_features, out_features, rank, cfg, *, rngs):
         self.base = nnx.Param(normal(cfg.init_std)(rngs.params(), (out_features, in_features), cfg.param_dtype))
-        self.lora_a = nnx.Param(kaiming_uniform(rngs.params(), (rank, in_features), cfg.param_dtype))
+        a = kaiming_uniform(rngs.params(), (rank, in_features), cfg.param_dtype)
+        self.lora_a = nnx.Param(a if cfg.relora_a_init == "kaiming" else jnp.zeros_like(a))
         self.lora_b = nnx.Param(jnp.zeros((out_features, rank), cfg.param_dtype))
         self.scale = cfg.lora_alpha / rank
         self.dropout = cfg.lora_dropout
@@ -80,12 +84,17 @@ class LoRA(nnx.Module):
 
     @staticmethod
     def check_config(m, require, selected):
-        """model.lora_alpha > 0; model.lora_dropout in [0, 1), and 0 unless the projection is "lora"."""
+        """model.lora_alpha > 0; model.lora_dropout in [0, 1), and 0 unless the projection is "lora";
+        model.relora_a_init "kaiming" or "zeros", and "kaiming" unless the projection is "lora"."""
         del selected
         check_alpha(m, require)
         require(0 <= m.lora_dropout < 1, "lora_dropout", "must be in [0, 1)", m.lora_dropout)
         require(m.projection == "lora" or not m.lora_dropout, "lora_dropout",
                 f"needs model.projection='lora', not {m.projection!r}", m.lora_dropout)
+        require(m.relora_a_init in ("kaiming", "zeros"), "relora_a_init", "must be 'kaiming' or 'zeros'",
+                m.relora_a_init)
+        require(m.projection == "lora" or m.relora_a_init == "kaiming", "relora_a_init",
+                f"needs model.projection='lora', not {m.projection!r}", m.relora_a_init)
 
     @staticmethod
     def preset(cfg, size, paper):

@@ -167,7 +167,7 @@ class SST(nnx.Module):
         """`sst_step` after every optimizer step, with iterations of `optim.restart_every` steps and
         rounds of `model.sst_round_iterations` iterations."""
         every = cfg.optim.restart_every
-        return hooks.Hook(due=lambda s: True,
+        return hooks.Hook(due=lambda s: s > 0,
                           apply=functools.partial(sst_step, every, every * cfg.model.sst_round_iterations))
 
 

@@ -106,83 +106,118 @@ class SwitchLoRA(LoRA):
 
     @classmethod
     def hook(cls, cfg):
-        """The vector switches of `switch_schedule`, after every step that has one."""
+        """The vector switches before every update, the first included (`due(0)`: before step 1), at
+        the per-layer stochastic counts of `switch_rates` (`switchlora_switch`)."""
         m, steps = cfg.model, cfg.train.steps
         ranks = {m.ranks[n] or m.rank for n in PROJECTION_NAMES}
-        tables = {r: switch_schedule(r, m.switch_interval, m.switch_descent, steps) for r in ranks}
+        rates = {r: switch_rates(r, m.switch_interval, m.switch_descent, steps) for r in ranks}
         for name, (n_in, n_out) in projection_shapes(m.hidden_size, m.intermediate_size).items():
             rank = m.ranks[name] or m.rank
-            most, free = int(np.diff(tables[rank]).max(initial=0)), min(n_in, n_out) - rank
+            most, free = int(np.ceil(rates[rank].max(initial=0))), min(n_in, n_out) - rank
             if most > free:
                 raise ConfigError(f"model.switch_interval={m.switch_interval}: up to {most} vectors of the {name} "
                                   f"projection switch in one step, more than its {free} free candidates "
                                   "(min(in, out) - rank)")
-        due = lambda s: 0 < s <= steps and any(t[s] > t[s - 1] for t in tables.values())
-        return hooks.Hook(due=due, apply=functools.partial(
-            switchlora_switch, m.lora_alpha, m.switch_hold_steps, {r: jnp.asarray(t) for r, t in tables.items()}))
+        return hooks.Hook(due=lambda s: 0 <= s < steps, apply=functools.partial(
+            switchlora_switch, m.lora_alpha, m.switch_hold_steps,
+            {r: jnp.asarray(t, jnp.float32) for r, t in rates.items()}))
 
 
-def switch_schedule(rank, interval, descent, total_steps):
-    """int32 [total_steps + 1]: entry s = the number of vectors of A (and of B) switched by the hooks
-    after steps 1..s, floor(Σ_{t ≤ s} rank / interval_t), interval_t = interval / rate_t,
-    rate_t = 0.3^((t + 1) / (descent · total_steps)): the reference code's `_get_switch_replace_num`
-    at update_step t (switch_lora.py:239-266, the switch made before update t + 1, as colax's hook
-    after step t), its stochastic rounding of each step's rank / interval_t per layer replaced by the
-    floor of the running sum, the same for every layer."""
-    t = np.arange(1, total_steps + 1, dtype=np.float64)
-    per_step = rank / interval * 0.3 ** ((t + 1) / (descent * total_steps))
-    return np.floor(np.concatenate([[0.0], np.cumsum(per_step)]) + 1e-9).astype(np.int32)
+def switch_rates(rank, interval, descent, total_steps):
+    """float64 [total_steps]: entry u = rank / interval_u, the expected number of vectors of A (and
+    of B) each layer switches before update u + 1 (u = 0: before the first), interval_u = interval /
+    rate_u, rate_u = max((0.3^(1 / (descent · total_steps)))^(u + 1), 1e-8): the reference code's
+    `_get_switch_rate` and `_get_switch_replace_num` at update_step u (switch_lora.py:239-266, called
+    with global_step = update_step before every optimizer.step, llama/main.py:628-636)."""
+    u = np.arange(total_steps, dtype=np.float64)
+    return rank / (interval / np.maximum((0.3 ** (1 / (descent * total_steps))) ** (u + 1), 1e-8))
+
+
+def draw_counts(key, rate, n_layers):
+    """int32 [n_layers]: each layer's stochastic rounding of `rate` (float32 scalar), floor(rate) + 1
+    with probability rate - floor(rate), else floor(rate) (switch_lora.py:263-265, one draw per layer)."""
+    whole = jnp.floor(rate)
+    return (whole + (jax.random.uniform(key, (n_layers,)) < rate - whole)).astype(jnp.int32)
+
+
+def cursor(pick, pool_size):
+    """int32 [L]: where the next switch starts (the reference's `candidate_A_index` /
+    `candidate_B_index`, switch_lora.py:766-771), read off pick int32 [L, r]: the one row whose pool
+    entry does not follow its predecessor's (mod pool_size). Switches take the entries after the last
+    one taken, row after row, so every other row's does (the init's C - r + i: row 0; B's: row r / 2)."""
+    follows = pick == (jnp.roll(pick, 1, axis=-1) + 1) % pool_size
+    return jnp.argmin(follows, axis=-1).astype(jnp.int32)
 
 
 def switch_vectors(vectors, pick, pool, first, count):
-    """The reference code's continuous switch of `count` vectors (int32 scalar) from row `first` on
+    """The reference code's continuous switch of count[l] vectors of layer l from row first[l] on
     (mod r) (`_select_indices` and `switch_rows`, switch_lora.py:388-425,471-475): row first + i takes
     pool entry (pick[first - 1] + 1 + i) mod C, the entries after the last one taken, and its trained
     value is written back into the entry it held ("save mat1 value to candidates").
-    vectors [L, r, n], pick int32 [L, r], pool [L, C, n]. Returns (vectors, pick, pool, rows bool [r])."""
+    vectors [L, r, n], pick int32 [L, r], pool [L, C, n], first, count int32 [L].
+    Returns (vectors, pick, pool, rows bool [L, r])."""
     n_layers, rank = pick.shape
-    nth = (jnp.arange(rank) - first) % rank                                          # row's place after first
-    rows = nth < count
-    new_pick = jnp.where(rows, (pick[:, (first - 1) % rank][:, None] + 1 + nth) % pool.shape[1], pick)
+    nth = (jnp.arange(rank)[None, :] - first[:, None]) % rank                      # row's place after first
+    rows = nth < count[:, None]
+    last = jnp.take_along_axis(pick, ((first - 1) % rank)[:, None], axis=1)
+    new_pick = jnp.where(rows, (last + 1 + nth) % pool.shape[1], pick)
     new = jnp.take_along_axis(pool, new_pick[:, :, None], axis=1).astype(vectors.dtype)
     back = jnp.where(rows, pick, pool.shape[1])                                      # out of range: dropped
     pool = pool.at[jnp.arange(n_layers)[:, None], back].set(vectors.astype(pool.dtype), mode="drop")
-    return jnp.where(rows[:, None], new, vectors), new_pick, pool, rows
+    return jnp.where(rows[:, :, None], new, vectors), new_pick, pool, rows
 
 
-def switchlora_switch(alpha, hold_steps, tables, step, params, opt_state, key):
-    """SwitchLoRA's step-s hook over every projection (params: the model's pure dict, stacked [L]):
-    the reference code's `switch_lora` (switch_lora.py:279-288), which it calls between the backward
-    pass and `optimizer.step` of update s + 1, made here after step s, before that step's forward.
+def switchlora_switch(alpha, hold_steps, rates, step, params, opt_state, key):
+    """SwitchLoRA's hook at step s: each layer of each projection of rank r draws its count from
+    rates[r][s] (`draw_counts`, key folded with the projection's index), then `switch_layers`. The
+    reference code's `switch_lora` (switch_lora.py:279-288) at update_step s, which it calls between
+    the backward pass and `optimizer.step` of update s + 1, made here before that update's forward
+    (s = 0: before the first). Returns (params, opt_state)."""
+    counts = {}
+    for i, name in enumerate(PROJECTION_NAMES):
+        pick = params["blocks"][name]["pick_a"]
+        table = rates[pick.shape[-1]]
+        counts[name] = draw_counts(jax.random.fold_in(key, i), table[jnp.clip(step, 0, table.shape[0] - 1)],
+                                   pick.shape[0])
+    return switch_layers(alpha, hold_steps, counts, params, opt_state)
 
-    Each projection of rank r switches n = tables[r][s] - tables[r][s - 1] A rows from the cursor
-    tables[r][s - 1] mod r and n B columns from r/2 further (`switch_vectors`; the reference's cursors
-    `candidate_A_index`, `candidate_B_index` = r/2, switch_lora.py:696-699,766-771). W absorbs the
-    change exactly, A first then B with the new A (switch_lora.py:390-394):
+
+def switch_layers(alpha, hold_steps, counts, params, opt_state):
+    """Switches counts[projection] (int32 [L]) vectors of A and of B in each layer (params: the
+    model's pure dict, stacked [L]), capped as the reference's `available_num` (switch_lora.py:
+    753-758): min((c_A - held A rows - c_B) mod r, (c_B - held B columns - c_A) mod r), c_A, c_B the
+    cursors (`cursor`), held: with a hold left in the optimizer state (`row_adam.holds`).
+
+    A rows switch from c_A, B columns from c_B = c_A + r/2 (`switch_vectors`; the reference's
+    cursors `candidate_A_index`, `candidate_B_index` = r/2, switch_lora.py:696-699,766-771). W absorbs
+    the change exactly, A first then B with the new A (switch_lora.py:390-394):
     `W += (α / r) · (B (A - A') + (B - B') A')`, in float32. The counterparts of the switched vectors
     (B column i for A row i, and the converse) get their Adam moments and step counts zeroed and their
     gradients held at zero for the next `hold_steps` updates (`row_adam.reset`; `zero_lora_states` and
     `correct_switched_lora`, switch_lora.py:386,798-867); the switched vectors keep their Adam state.
     The reference computes the gradient before the switch: the same, for every vector it trains
     (a switched vector's gradient depends on its counterpart, which the switch leaves alone or holds).
-    `key` is unused (the switch has no random choice). Returns (params, opt_state).
+    Returns (params, opt_state).
     """
-    del key
-    blocks, masks = dict(params["blocks"]), {}
+    blocks, masks, holds = dict(params["blocks"]), {}, row_adam.holds(opt_state)
     f32 = lambda x: x.astype(jnp.float32)
+    held = lambda leaf, like: (jnp.sum(holds[leaf] > 0, axis=(1, 2)) if leaf in holds
+                               else jnp.zeros(like.shape[0], jnp.int32))
     for name in PROJECTION_NAMES:
         p = blocks[name]
-        rank = p["lora_a"].shape[-2]
-        table = tables[rank]
-        lo, hi = table[jnp.clip(step - 1, 0, table.shape[0] - 1)], table[jnp.clip(step, 0, table.shape[0] - 1)]
-        a, pick_a, pool_a, rows_a = switch_vectors(p["lora_a"], p["pick_a"], p["pool_a"], lo % rank, hi - lo)
+        rank, pool_size = p["lora_a"].shape[-2], p["pool_a"].shape[1]
+        first_a, first_b = cursor(p["pick_a"], pool_size), cursor(p["pick_b"], pool_size)
+        room = jnp.minimum((first_a - held(("blocks", name, "lora_a"), first_a) - first_b) % rank,
+                           (first_b - held(("blocks", name, "lora_b"), first_b) - first_a) % rank)
+        count = jnp.minimum(counts[name], room)
+        a, pick_a, pool_a, rows_a = switch_vectors(p["lora_a"], p["pick_a"], p["pool_a"], first_a, count)
         b_t, pick_b, pool_b, rows_b = switch_vectors(jnp.swapaxes(p["lora_b"], 1, 2), p["pick_b"], p["pool_b"],
-                                                     (lo + rank // 2) % rank, hi - lo)
+                                                     first_b, count)
         old_a, old_b, b = f32(p["lora_a"]), f32(p["lora_b"]), jnp.swapaxes(b_t, 1, 2)
         delta = (alpha / rank) * (jnp.einsum("lor,lri->loi", old_b, old_a - f32(a))
                                   + jnp.einsum("lor,lri->loi", old_b - f32(b), f32(a)))
         blocks[name] = dict(p, base=(f32(p["base"]) + delta).astype(p["base"].dtype), lora_a=a, lora_b=b,
                             pick_a=pick_a, pick_b=pick_b, pool_a=pool_a, pool_b=pool_b)
-        masks[name, "lora_a"], masks[name, "lora_b"] = rows_b[None, :, None], rows_a[None, None, :]
+        masks[name, "lora_a"], masks[name, "lora_b"] = rows_b[:, :, None], rows_a[:, None, :]
     opt_state = row_adam.reset(opt_state, lambda keys: masks.get(keys[-2:]), hold_steps)
     return dict(params, blocks=blocks), opt_state

@@ -1,12 +1,14 @@
 """ReLoRA's lr schedule and the order of its updates, merges and optimizer resets, transcribed from
 the authors' code: Guitaricet/relora@176f37633fe02019835387258ddabcf6d91e328d (`REPO`), files
-peft_pretraining/training_utils.py (`TU`), torchrun_main.py (`MAIN`) and README.md.
+peft_pretraining/training_utils.py (`TU`), torchrun_main.py (`MAIN`) and README.md; and its
+`ReLoRaLinear` as torchrun_main.py wraps the model (peft_pretraining/relora.py, `RELORA`), in torch
+(the `parity` extra).
 
 A ReLoRA run is two runs of torchrun_main.py (README.md:47-89): a full-rank warm start (`--scheduler
 cosine`, the default, over the full `--num_training_steps`, stopped after the warm start's updates,
 README.md:65) and a `--warmed_up_model` run, which restores no optimizer or scheduler state
 (MAIN:63) and starts a fresh `cosine_restarts` scheduler over the remaining steps (MAIN:679-691).
-Plain Python floats; nothing here imports colax.
+The schedule in plain Python floats; nothing here imports colax.
 """
 
 import math
@@ -14,6 +16,7 @@ import math
 REPO = "Guitaricet/relora@176f37633fe02019835387258ddabcf6d91e328d"
 TU = f"{REPO}:peft_pretraining/training_utils.py"
 MAIN = f"{REPO}:torchrun_main.py"
+RELORA = f"{REPO}:peft_pretraining/relora.py"
 
 
 def cyclical_cosine_lambda(current_step, *, num_warmup_steps, cycle_length, min_lr_ratio):
@@ -94,3 +97,33 @@ def run(*, num_training_steps, warm_start_steps, warm_start_lr, warm_start_warmu
         if can_reset_optimizer and (update_step - scheduler_start_step) % relora == 1:  # MAIN:900
             events.append((update_step, "optimizer reset"))              # MAIN:905-912 (A and B only, MAIN:907)
     return lrs, events
+
+
+class ReLoRaLinear:
+    """One `ReLoRaLinear` (RELORA:181-323) as torchrun_main.py wraps a projection of the (warmed-up)
+    model: `ReLoRaModel(..., keep_original_weights=True)` (MAIN:542-553, True in every run), with
+    --relora (lora_only False, MAIN:533-536), no quantization, no trainable scaling, no bias (LLaMA's
+    projections have none). W [out, in] is the wrapped weight; A [r, in] and B [out, r] the factors."""
+
+    def __init__(self, torch, weight, r, lora_alpha):
+        out_features, in_features = weight.shape
+        self.torch = torch
+        self.weight = weight.clone()                                        # RELORA:101, 116, 223 (frozen)
+        self.lora_A = torch.nn.Linear(in_features, r, bias=False)           # RELORA:250
+        torch.nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # RELORA:251
+        self.lora_B = torch.nn.Linear(r, out_features, bias=False)          # RELORA:252
+        torch.nn.init.zeros_(self.lora_B.weight)                            # RELORA:253
+        self.scaling = lora_alpha / r                                       # RELORA:257
+        torch.nn.init.zeros_(self.lora_A.weight)                            # keep_original_weights, RELORA:120-122
+
+    def forward(self, x):
+        """RELORA:319-323, without dropout."""
+        result = self.torch.nn.functional.linear(x, self.weight)           # RELORA:319
+        return result + self.lora_B(self.lora_A(x)) * self.scaling          # RELORA:322
+
+    def merge_and_reinit(self):
+        """RELORA:269-307 (not quantized, no trainable scaling)."""
+        with self.torch.no_grad():
+            self.weight += self.lora_B.weight @ self.lora_A.weight * self.scaling  # RELORA:276
+            self.torch.nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # RELORA:303
+            self.torch.nn.init.zeros_(self.lora_B.weight)                     # RELORA:305

@@ -6,9 +6,12 @@ its 350M script: `_CONTINUOUS_SWITCH = True`, `_ZERO_SWITCH_STATE = _ZERO_SWITCH
 `_ADAM_WARM_STEP = 5`, `_CANDIDATES_DROP_RATE = 0`, `_ZERO_INIT_B = False`, `_ZERO_ALL_STATE = False`
 (SL@f9a174e:switchlora/switch_lora.py:22-38), fan_in_fan_out False, no quantization. One `Layer` is
 one SwitchLoraLinear: W [out, in], A [r, in], B [out, r], the candidate lists and the AdamW state of
-A and B (`StepAdamW`). The number of vectors to switch (`_get_switch_replace_num`'s stochastic
-rounding, switch_lora.py:256-266) is injected; the cap `available_num` is transcribed.
+A and B (`StepAdamW`). The number of vectors each layer switches is injected (`update`) or drawn by
+the transcription of `_get_switch_replace_num` (`get_switch_replace_num`, with a seeded numpy
+RandomState for their global `numpy.random`); the cap `available_num` is transcribed.
 """
+
+import math
 
 ADAM_WARM_STEP = 5  # SL@f9a174e:switchlora/switch_lora.py:22
 
@@ -39,7 +42,8 @@ class Layer:
         fixed_b_num = sum(1 for s in self.fixed_b if s > 0)  # :754
         available_num = min((self.candidate_a_index - fixed_a_num - self.candidate_b_index) % self.r,
                             (self.candidate_b_index - fixed_b_num - self.candidate_a_index) % self.r)  # :755-756
-        assert replace_num <= available_num, "the injected count would be capped (:757-758)"
+        if replace_num > available_num:  # :757-758
+            replace_num = available_num
         if replace_num == 0:  # :760-761
             return
         to_replace_a = [i % self.r for i in range(self.candidate_a_index, self.candidate_a_index + replace_num)]  # :766-767
@@ -138,13 +142,43 @@ def clip_grad_norm(torch, grads, max_norm):
 def update(torch, layers, grads, replace_num, lr, beta1, beta2, eps, weight_decay, max_norm):
     """One update of llama/main.py's loop (SL@f9a174e:llama/main.py:617-637) over `layers`, given the
     gradients [(grad_a, grad_b)] computed before it: clip, `switch_lora.switch_lora` (switch,
-    zero_lora_states, correct_switched_lora per layer, switch_lora.py:279-288), `optimizer.step`."""
+    zero_lora_states, correct_switched_lora per layer, switch_lora.py:279-288), `optimizer.step`.
+    replace_num: each layer's `_get_switch_replace_num` (one per layer, in `layers`' order)."""
     if max_norm > 0:
         clip_grad_norm(torch, [g for pair in grads for g in pair], max_norm)  # main.py:617-618
-    for layer, (grad_a, grad_b) in zip(layers, grads):
-        layer.switch(replace_num)  # switch_lora.py:286
+    for layer, (grad_a, grad_b), n in zip(layers, grads, replace_num, strict=True):
+        layer.switch(n)  # switch_lora.py:286
         layer.zero_lora_states()  # :287
         layer.correct_switched_lora(grad_a, grad_b)  # :288
     for layer, (grad_a, grad_b) in zip(layers, grads):  # main.py:636
         adamw_step(torch, layer.a, grad_a, layer.opt["a"], lr, beta1, beta2, eps, weight_decay)
         adamw_step(torch, layer.b, grad_b, layer.opt["b"], lr, beta1, beta2, eps, weight_decay)
+
+
+def get_switch_rate(global_step, expect_switch_descend_step):
+    """_get_switch_rate with _SWITCH_DESCEND_TYPE "exponential" (SL@f9a174e:switchlora/switch_lora.py:239-253)."""
+    x = 0.3 ** (1 / expect_switch_descend_step)  # :248
+    value = x ** (global_step + 1)  # :249
+    return max(value, 1e-8)  # :253
+
+
+def get_switch_replace_num(random, select_num, global_step, base_switch_interval, expect_switch_descend_step):
+    """_get_switch_replace_num (SL@f9a174e:switchlora/switch_lora.py:256-266), _FIX_SWITCH_LORA_INTERVAL
+    False; `random` stands for their `numpy.random` (:7). Called per layer with select_num = r (:752),
+    global_step = update_step and expect_switch_descend_step = descent * num_training_steps
+    (llama/main.py:629-634), before every update (the first: update_step 0)."""
+    interval = base_switch_interval / get_switch_rate(global_step, expect_switch_descend_step)  # :260
+    if interval < ADAM_WARM_STEP * 2:  # :261
+        raise RuntimeError("Switch interval can not be less than adam warm up steps.")  # :262
+    replace_num = select_num / interval  # :263
+    replace_num_decimal = replace_num - int(replace_num)  # :264
+    return int(replace_num) + (1 if random.random() < replace_num_decimal else 0)  # :265
+
+
+def get_init_lora_bound(torch, in_features, out_features, rank):
+    """lora_utils.get_init_lora_bound, default init type (SL@f9a174e:switchlora/lora_utils.py:375-394)."""
+    m, n, r = out_features, in_features, rank  # :381-383
+    gain = torch.nn.init.calculate_gain("leaky_relu", param=math.sqrt(5))  # :384
+    std_a = ((m ** 0.5 * r) / (n ** (3. / 2))) ** (1. / 4) * gain ** 0.5  # :390
+    std_b = (r / (m * n) ** 0.5) ** (1. / 4) * gain ** 0.5  # :391
+    return math.sqrt(3.0) * std_a, math.sqrt(3.0) * std_b  # :392-394
