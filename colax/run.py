@@ -68,15 +68,23 @@ def run_config(workdir):
     return saved
 
 
+def with_new_keys(saved):
+    """A run's config dict `saved` with each key colax added after the run was written at its
+    default (as `load_config` reads a run): a run resumes under a newer colax."""
+    flat = traverse_util.flatten_dict(json.loads(config_lib.defaults().to_json_best_effort()), sep=".")
+    return traverse_util.unflatten_dict({**flat, **traverse_util.flatten_dict(saved, sep=".")}, sep=".")
+
+
 def check_workdir(workdir, cfg: ml_collections.ConfigDict, overwrite=False):
     """Checks that `cfg` may run in `workdir`, writing nothing. Returns (old, replace): the config dict
     of the run that will be resumed (None: none), and whether `overwrite` replaces another run.
 
     A workdir whose run has a config that differs from `cfg` outside FREE_KEYS and RECOVERY_KEYS
-    raises ConfigError, unless `overwrite` or the workdir holds no checkpoint (a start that was
+    (keys added to colax since the run was written count at their defaults, `with_new_keys`) raises ConfigError, unless `overwrite` or the workdir holds no checkpoint (a start that was
     interrupted before its first save left nothing to resume: its files are replaced, with a note).
     """
     old = run_config(workdir)
+    old = None if old is None else with_new_keys(old)
     new = json.loads(cfg.to_json_best_effort())
     key = None if old is None else config_diff(old, new)
     if key and not overwrite and not checkpoint.has_checkpoints(workdir):

@@ -397,6 +397,15 @@ def test_changing_recovery_settings_is_allowed_and_the_model_is_not(tok_path, re
     cfg.model.rank = 4
     with pytest.raises(ConfigError, match=r"model.rank: 8 -> 4\); pass --overwrite"):
         run_lib.check_workdir(tmp_path / "run", cfg)
+    # A run written before a key was added to colax resumes: the key counts at its default.
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    del saved["model"]["relora_a_init"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    cfg.model.rank = 8
+    assert run_lib.check_workdir(tmp_path / "run", cfg)[1] is False
+    cfg.model.relora_a_init = "zeros"
+    with pytest.raises(ConfigError, match=r"model.relora_a_init: 'kaiming' -> 'zeros'\); pass --overwrite"):
+        run_lib.check_workdir(tmp_path / "run", cfg)
 
 
 def test_a_failed_start_writes_nothing_and_a_workdir_without_checkpoints_takes_a_new_config(tok_path, tmp_path,
