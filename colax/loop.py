@@ -216,7 +216,7 @@ def _train(cfg, spec, mesh, tok, train_it, workdir, resume_step, stop_after, sto
         graphdef = trainer.graphdef  # each checkpoint restores into the state of its step's phase:
         target = lambda step: state.abstract_state(spec, trainer.tx(step), mesh)
         start, params, opt_state = checkpoint.restore(mngr, target, train_it, resume_step)
-        guard.saved(start)
+        guard.resumed(start, mngr.all_steps())
     else:
         graphdef, params, opt_state = state.init_state(spec, trainer.tx(0), mesh, t.seed)
         params, opt_state = init_from(cfg, workdir, mngr, trainer.tx(0), params, opt_state)
@@ -260,6 +260,8 @@ def _train(cfg, spec, mesh, tok, train_it, workdir, resume_step, stop_after, sto
             log.progress.close()
             log.writer.close()
             _wait_quietly(mngr)
+            if guard.diverged is not None:  # saved from the parameters that gave the loss the run stopped on
+                checkpoint.set_aside(mngr, guard.diverged, "diverged")
     newest = "no checkpoint saved" if guard.last_saved is None else (
         f"checkpoint {checkpoint.step_dir(workdir, guard.last_saved)} saved")
     stop.message = f"interrupted after step {s}, {newest}"

@@ -175,6 +175,36 @@ def test_a_spike_right_after_a_resume_is_caught(tok_path, reference, tmp_path):
     assert one_line(e).startswith("step 4: loss ") and "of the previous 2 steps (train.spike_nats)" in str(e.value)
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_an_early_blow_up_stops_at_once_and_following_the_advice_recovers(tok_path, tmp_path, capsys, every):
+    # Issue 33, item 5: at lr 10 the loss goes 6.2 -> 210 at step 3, before the 20-step spike window
+    # is full (main trained on to step 21 and advised resuming from checkpoint 20, saved from the
+    # diverged model: that resume failed again at once). The window is checked from step 2 on.
+    # Checkpoint 2, whose parameters gave step 3's loss, is set aside and never advised; checkpoint
+    # 1 (every=1) is healthy, pinned and named; with no healthy checkpoint (every=2) the advice is
+    # to start over. Following the advice with a sane lr trains a healthy run.
+    cfg = fault_config(tok_path, steps=10, checkpoint_every=every, keep_checkpoints=2)
+    cfg.optim.lr = 10.0
+    with pytest.raises(DivergenceError) as e:
+        loop.run(cfg, str(tmp_path))
+    assert one_line(e).startswith("step 3: loss ") and "above the median" in str(e.value)
+    assert "of the previous 2 steps (train.spike_nats)" in str(e.value)
+    assert "checkpoint 2 set aside as checkpoints/2.diverged" in capsys.readouterr().out
+    if every == 1:
+        assert str(e.value).endswith("; the last healthy checkpoint is 1: resume from it with "
+                                     "--config.train.resume_step=1 (and e.g. a lower optim.lr)")
+        assert checkpoints(tmp_path) == ["1", "2.diverged"] and run_lib.read_pinned(tmp_path) == {1}
+        cfg.train.resume_step = 1
+    else:
+        assert str(e.value).endswith("; no healthy checkpoint was saved before it: start over with "
+                                     "--overwrite (and e.g. a lower optim.lr)")
+        assert checkpoints(tmp_path) == ["2.diverged"] and not run_lib.read_pinned(tmp_path)
+    cfg.optim.lr = 0.01
+    loop.run(cfg, str(tmp_path), overwrite=every == 2)
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    assert len(losses) == 10 and max(losses) < losses[0] + 0.1 and np.mean(losses[-2:]) < losses[0] - 0.5
+
+
 def test_failed_save_stops_at_once(tok_path, reference, tmp_path, monkeypatch, caplog):
     # Item 4: the disk is full while checkpoint 4 is written (in orbax's background thread).
     real = etils.epath.gpath.PosixGPath.write_text
