@@ -1,9 +1,13 @@
 """One-line errors for bad configs and bad data (the CLI prints them without a traceback), and the
 CLI's one-line exit on Ctrl-C."""
 
+import functools
 import os
+import re
 import signal
 import sys
+
+from absl import app, flags
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
@@ -77,18 +81,18 @@ def exit_on_signal(message):
 
 
 def exit_on_error(main):
-    """Wraps a CLI `main`: a ConfigError or DataError prints one line and exits with 2, a
+    """Wraps a CLI `main`: a ConfigError, DataError or usage error (absl's app.UsageError, e.g. a
+    positional argument: not absl's page of usage text) prints one line and exits with 2, a
     DivergenceError or CheckpointError (the run stopped) prints one line and exits with 1, a
     KeyboardInterrupt prints its message (one line) and exits at once with 130 (`exit_now`)."""
-    import functools
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except (ConfigError, DataError, DivergenceError, CheckpointError) as e:
+        except (ConfigError, DataError, app.UsageError, DivergenceError, CheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2 if isinstance(e, (ConfigError, DataError)) else 1)
+            sys.exit(1 if isinstance(e, (DivergenceError, CheckpointError)) else 2)
         except KeyboardInterrupt as e:
             exit_now(str(e) or "interrupted")
 
@@ -101,10 +105,6 @@ _HELP_FLAGS = ("help", "h", "?", "helpshort", "helpfull", "helpxml")
 def parse_flags(argv):
     """A flags parser for `absl.app.run(main, flags_parser=parse_flags)`: a bad flag, e.g. an
     override of a config key that does not exist, prints one line and exits with 2; --help exits 0."""
-    import re
-
-    from absl import flags
-
     try:
         return flags.FLAGS(argv)
     except SystemExit:  # absl's --help/-h/--helpfull print the usage, then exit 1: asked-for help is success
