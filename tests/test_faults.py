@@ -11,6 +11,7 @@ the middle of a save, a second process holding the workdir.
 
 import errno
 import gzip
+import hashlib
 import json
 import logging
 import math
@@ -491,13 +492,19 @@ def test_config_file_errors_are_one_line(tmp_path, capsys, text, message):
 
 
 def test_bad_gzip_and_unwritable_workdir_are_one_line(tmp_path):
-    # Item 9: a truncated and a corrupt .gz input; a workdir that cannot be written.
+    # Item 9: a truncated and a corrupt .gz input; a workdir that cannot be written. Issue 33, item 7:
+    # flipped bytes in the middle of a jsonl.gz decompress into garbage that main reported as
+    # "invalid JSON" (a .txt.gz reads on to the CRC check at the end).
     good = gzip.compress(b"some text\n\nmore text\n" * 100)
     (tmp_path / "a.txt.gz").write_bytes(good[:len(good) // 2])
     (tmp_path / "b.txt.gz").write_bytes(b"\x1f\x8b" + b"not gzip" * 10)
+    records = "".join(json.dumps({"text": hashlib.sha256(bytes(i)).hexdigest()}) + "\n" for i in range(2000))
+    flipped = bytearray(gzip.compress(records.encode(), mtime=0))
+    flipped[len(flipped) // 2:len(flipped) // 2 + 8] = bytes(b ^ 0xFF for b in flipped[len(flipped) // 2:][:8])
+    (tmp_path / "c.jsonl.gz").write_bytes(flipped)
     cfg = micro_config().data
-    for name, why in (("a.txt.gz", "truncated"), ("b.txt.gz", "")):
-        cfg.update(source="text", path=str(tmp_path / name))
+    for name, why in (("a.txt.gz", "truncated"), ("b.txt.gz", ""), ("c.jsonl.gz", "CRC check failed")):
+        cfg.update(source="jsonl" if "jsonl" in name else "text", path=str(tmp_path / name))
         with pytest.raises(DataError) as e:
             sources.read_documents(cfg)
         assert one_line(e).startswith(f"{tmp_path / name}: cannot be read ({why}")
