@@ -83,6 +83,8 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 def _from_proto(proto: bytes, path) -> Tokenizer:
     """The Tokenizer of a serialized SentencePiece model; `path` names it in messages."""
+    if not proto:  # SentencePiece takes b"" as a model without pieces (and logs "Model is not initialized")
+        raise DataError(f"tokenizer {path}: cannot load (the file is empty)")
     try:
         sp = spm.SentencePieceProcessor(model_proto=proto)
     except (OSError, RuntimeError) as e:

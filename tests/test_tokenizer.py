@@ -103,12 +103,17 @@ def test_check_vocab(trained):
         tk.check_vocab(trained, 32000)
 
 
-def test_load_errors(tmp_path):
+def test_load_errors(tmp_path, capfd):
     with pytest.raises(DataError, match=r"tokenizer .*nope.model: cannot load"):
         tk.load_tokenizer(str(tmp_path / "nope.model"))
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(DataError, match=r"tokenizer .*junk.model: cannot load"):
         tk.load_tokenizer(str(tmp_path / "junk.model"))
+    # Issue 33, item 7: a 0-byte file was "has no eos id", after SentencePiece's "Model is not initialized".
+    (tmp_path / "empty.model").write_bytes(b"")
+    with pytest.raises(DataError, match=r"^tokenizer .*empty.model: cannot load \(the file is empty\)$"):
+        tk.load_tokenizer(str(tmp_path / "empty.model"))
+    assert "not initialized" not in capfd.readouterr().err
 
 
 def test_cli(tmp_path, capsys):
