@@ -173,7 +173,7 @@ def prepare(cfg, spec, workdir, overwrite):
     tokenizer.check_vocab(tok, spec.vocab_size)
     if t.sample_prompt and t.sample_tokens:
         try:
-            generate.check_prompts([tok.encode(t.sample_prompt)], cfg.data.seq_len)
+            generate.check_prompts([tok.encode(t.sample_prompt)], cfg.data.seq_len, "data.seq_len")
         except DataError as e:
             raise ConfigError(f"train.sample_prompt: {e}") from None
     train_it = data.make_pipeline(cfg.data, tok, split="train", global_batch_size=t.batch_size)
