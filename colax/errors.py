@@ -8,6 +8,7 @@ import signal
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
@@ -97,6 +98,13 @@ def exit_on_error(main):
             exit_now(str(e) or "interrupted")
 
     return wrapped
+
+
+def quiet_library_logs():
+    """Unless the command line set -v/--verbosity: library logs (absl, jax's backend probing, orbax)
+    at ERROR only, so a CLI prints colax's own lines. Call it in a CLI's main, after flag parsing."""
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.ERROR)
 
 
 _HELP_FLAGS = ("help", "h", "?", "helpshort", "helpfull", "helpxml")

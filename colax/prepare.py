@@ -330,6 +330,7 @@ def cli() -> None:
         if argv[1:2] != ["prepare"] or (argv[2:] and not runner.value):
             raise app.UsageError("usage: python -m colax.data prepare --config C --out DIR [--config.data.x=y] "
                                  "[--runner=R [-- BEAM_OPTIONS]]")
+        errors.quiet_library_logs()
         write = None
         if runner.value:
             from colax import prepare_beam  # pylint: disable=g-import-not-at-top

@@ -1,6 +1,9 @@
 """Tokenizer tests: train/load round trip, T5 id layout, workdir cache, CLI, errors."""
 
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -125,3 +128,20 @@ def test_cli(tmp_path, capsys):
     assert os.path.exists(out + ".model") and "300 pieces" in capsys.readouterr().out
     assert tk.main(["train", "--source", "text", "--path", str(tmp_path / "none*"), "--out", out]) == 2
     assert "data.path: no file matches" in capsys.readouterr().err
+
+
+def test_prepare_training_a_tokenizer_prints_no_library_log(tmp_path):
+    # Issue 33, item 6: `prepare` printed absl's "I1206 22:45:04.428561 ... tokenizer.py:185] data:
+    # training a 2048-piece bpe tokenizer for ..." on stderr; it is colax's own line on stdout now.
+    (tmp_path / "c.txt").write_text("\n".join(f"row {i} with some words w{i % 17}" for i in range(300)))
+    (tmp_path / "config.py").write_text(
+        "from colax import config\n\n\ndef get_config():\n    cfg = config.defaults()\n"
+        f"    cfg.data.update(source='text', path={str(tmp_path / 'c.txt')!r}, doc_split='line', seq_len=16,\n"
+        "                    packing=True, tokenizer_vocab_size=300, val_docs=5)\n    return cfg\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "colax.data", "prepare", "--config", str(tmp_path / "config.py"),
+                           "--out", str(tmp_path / "out"), "--workers=1"], capture_output=True, text=True, cwd=root,
+                          env=dict(os.environ, PYTHONPATH=root))
+    assert done.returncode == 0, done.stderr
+    assert f"data: training a 300-piece bpe tokenizer for {tmp_path / 'out'}" in done.stdout
+    assert not re.search(r"^[IWE]\d{4} ", done.stderr, re.MULTILINE), done.stderr
