@@ -16,7 +16,7 @@ supervisor.supervise()  # a multi-process launch runs as a supervised child (col
 errors.exit_on_signal("interrupted before step 0, nothing saved")  # Ctrl-C while jax is imported
 host.reuse_freed_memory()  # on a CPU backend, before JAX starts its threads (colax.host)
 
-from absl import app, flags, logging  # noqa: E402 (after the signal handler)
+from absl import app, flags  # noqa: E402 (after the signal handler)
 from ml_collections import config_flags  # noqa: E402
 
 from colax import config, distributed, loop  # noqa: E402
@@ -45,8 +45,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:  # library logs (orbax: INFO per save, WARNINGs per read-only look
-        logging.set_verbosity(logging.ERROR)    # at checkpoints) hidden; colax prints its own lines. -v 0 shows them
+    errors.quiet_library_logs()  # orbax: INFO per save, WARNINGs per read-only look at checkpoints; -v 0 shows them
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value,
                            heartbeat_timeout=_HEARTBEAT.value)
     cfg = config.from_flag(_CONFIG)

@@ -155,8 +155,11 @@ def check_saves(mngr, wait=False):
                               "the previous checkpoints are intact") from None
 
 
-def _set_aside(mngr, step, why):
-    """Renames checkpoints/<step> to checkpoints/<step>.<why> (orbax then ignores it)."""
+def set_aside(mngr, step, why):
+    """Renames checkpoints/<step> to checkpoints/<step>.<why> (orbax then ignores it), with a note; a
+    step the manager does not hold (its save failed) is left alone."""
+    if step not in mngr.all_steps():
+        return
     root = epath.Path(mngr.directory)
     target = root / f"{step}.{why}"
     n = 1
@@ -165,7 +168,7 @@ def _set_aside(mngr, step, why):
         target = root / f"{step}.{why}.{n}"
     if jax.process_index() == 0:
         (root / str(step)).rename(target)
-    return target.name
+    workdir_lib.note(f"checkpoint {step} set aside as checkpoints/{target.name}")
 
 
 def _trained_steps(mngr, resume_step=0):
@@ -246,7 +249,7 @@ def restore(mngr, target, data_iter=None, step=0):
             continue
         for newer in (n for n in steps if n > s):
             why = "abandoned" if step else "corrupt"
-            workdir_lib.note(f"checkpoint {newer} set aside as checkpoints/{_set_aside(mngr, newer, why)}")
+            set_aside(mngr, newer, why)
         mngr.reload()
         return s, restored.state["params"], restored.state["opt_state"], topo
     raise CheckpointError(f"no checkpoint in {mngr.directory} restores: {'; '.join(failed)}")

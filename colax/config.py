@@ -70,7 +70,7 @@ def train_defaults():
         on_nonfinite="stop",    # non-finite loss/gradients/parameters: "stop" the run or "skip" the update
         max_skipped_steps=10,   # "skip": stop after more non-finite steps than this in a row
         spike_nats=1.0,         # stop when the loss exceeds its running median by more than this (0: off)
-        spike_window=20,        # steps in that running median (checked once it is full; refilled on resume)
+        spike_window=20,        # steps in that running median (fewer until it is full; refilled on resume)
         resume_step=0,          # resume from this kept checkpoint instead of the newest (0: newest)
         sample_prompt="def ",   # generated from at the end of training ("" : no sample)
         sample_tokens=64,       # tokens generated (prompt + sample at most data.seq_len)

@@ -33,7 +33,7 @@ import shutil  # noqa: E402
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for safetensors)
 import numpy as np  # noqa: E402
@@ -46,7 +46,7 @@ from colax import checkpoint, model, sharding, tokenizer  # noqa: E402
 from colax import config as config_lib  # noqa: E402
 from colax import run as run_lib  # noqa: E402
 from colax import workdir as workdir_lib  # noqa: E402
-from colax.errors import ConfigError, DataError, exit_on_error, parse_flags  # noqa: E402
+from colax.errors import ConfigError, DataError, exit_on_error, parse_flags, quiet_library_logs  # noqa: E402
 from colax.projections.common import PROJECTION_NAMES  # noqa: E402
 
 CONFIG_NAME = "config.json"
@@ -458,8 +458,7 @@ def main(argv):
     if len(argv) < 2 or argv[1] not in ("import", "export") or len(argv) != 2 + (argv[1] == "import"):
         raise app.UsageError("usage: python -m colax.convert export --workdir RUN --out DIR | "
                              "import SRC --workdir DIR [--config FILE]")
-    if not f["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    quiet_library_logs()
     if f.workdir is None:
         raise app.UsageError("--workdir is required")
     if argv[1] == "export":

@@ -1,9 +1,14 @@
 """One-line errors for bad configs and bad data (the CLI prints them without a traceback), and the
 CLI's one-line exit on Ctrl-C."""
 
+import functools
 import os
+import re
 import signal
 import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
@@ -77,22 +82,29 @@ def exit_on_signal(message):
 
 
 def exit_on_error(main):
-    """Wraps a CLI `main`: a ConfigError or DataError prints one line and exits with 2, a
+    """Wraps a CLI `main`: a ConfigError, DataError or usage error (absl's app.UsageError, e.g. a
+    positional argument: not absl's page of usage text) prints one line and exits with 2, a
     DivergenceError or CheckpointError (the run stopped) prints one line and exits with 1, a
     KeyboardInterrupt prints its message (one line) and exits at once with 130 (`exit_now`)."""
-    import functools
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except (ConfigError, DataError, DivergenceError, CheckpointError) as e:
+        except (ConfigError, DataError, app.UsageError, DivergenceError, CheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2 if isinstance(e, (ConfigError, DataError)) else 1)
+            sys.exit(1 if isinstance(e, (DivergenceError, CheckpointError)) else 2)
         except KeyboardInterrupt as e:
             exit_now(str(e) or "interrupted")
 
     return wrapped
+
+
+def quiet_library_logs():
+    """Unless the command line set -v/--verbosity: library logs (absl, jax's backend probing, orbax)
+    at ERROR only, so a CLI prints colax's own lines. Call it in a CLI's main, after flag parsing."""
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.ERROR)
 
 
 _HELP_FLAGS = ("help", "h", "?", "helpshort", "helpfull", "helpxml")
@@ -101,10 +113,6 @@ _HELP_FLAGS = ("help", "h", "?", "helpshort", "helpfull", "helpxml")
 def parse_flags(argv):
     """A flags parser for `absl.app.run(main, flags_parser=parse_flags)`: a bad flag, e.g. an
     override of a config key that does not exist, prints one line and exits with 2; --help exits 0."""
-    import re
-
-    from absl import flags
-
     try:
         return flags.FLAGS(argv)
     except SystemExit:  # absl's --help/-h/--helpfull print the usage, then exit 1: asked-for help is success

@@ -1,7 +1,7 @@
 """Generation with a KV cache: `python -m colax.generate --workdir DIR --prompt "..." [--prompt-file F]`.
 
 A batch of prompts (token ids, any lengths) is right-padded to a bucket length T (a power of two,
-at least BUCKET_MIN, at most the model's maximum length S). Prefill runs the blocks once over
+at least BUCKET_MIN, at most the cache length S = max_len). Prefill runs the blocks once over
 [B, T], writes every token's k and v (after RoPE) into a cache of fixed shape [L, B, S, N, H] at
 slot = position, and samples each row's first new token from its last prompt position. Then one
 jitted decode step per token feeds row b's latest token at its own position (len_b, len_b + 1,
@@ -74,14 +74,15 @@ def _step(params, cache, tokens, positions, at, key, temperature, top_p, *, grap
     return sample(logits, key, temperature, top_k, top_p), logits, cache
 
 
-def check_prompts(prompts, max_len):
-    """DataError naming the first prompt (list of ids) that is empty or leaves no room below max_len."""
+def check_prompts(prompts, max_len, limit="max_len"):
+    """DataError naming the first prompt (list of ids) that is empty or leaves no room below max_len
+    (prompt and new tokens at most, the cache length); `limit` names the setting that gave max_len."""
     for i, p in enumerate(prompts):
         if not p:
             raise DataError(f"prompt {i} is empty (the model needs at least one token to continue)")
         if len(p) >= max_len:
-            raise DataError(f"prompt {i} is {len(p)} tokens long: the model's maximum length is {max_len} "
-                            "tokens (data.seq_len), so it must be shorter")
+            raise DataError(f"prompt {i} is {len(p)} tokens long: prompt and new tokens are limited to {max_len} "
+                            f"tokens ({limit}), so it must be shorter")
 
 
 def generate(params, graphdef, prompts, max_new_tokens, eos_id, max_len, temperature=0.0, top_k=0, top_p=1.0,
@@ -171,8 +172,10 @@ def main(argv):
                         f"{f.top_k}, {f.top_p}")
     texts = read_prompts(f.prompt, f["prompt-file"].value)
     cfg, tok, graphdef, params, _ = run_lib.load_run_from_flags(argv)
-    results, stats = generate(params, graphdef, [tok.encode(t) for t in texts], f.max_new_tokens, tok.eos_id,
-                              f.max_len or cfg.data.seq_len, f.temperature, f.top_k, f.top_p, f.seed)
+    prompts, max_len = [tok.encode(t) for t in texts], f.max_len or cfg.data.seq_len
+    check_prompts(prompts, max_len, f"--max_len={f.max_len}" if f.max_len else "data.seq_len, the default of --max_len")
+    results, stats = generate(params, graphdef, prompts, f.max_new_tokens, tok.eos_id, max_len, f.temperature,
+                              f.top_k, f.top_p, f.seed)
     for text, ids in zip(texts, results):
         print(text + tok.decode([int(i) for i in ids]))
     rate = stats["decode_tokens_per_s"]

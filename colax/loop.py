@@ -183,7 +183,7 @@ def prepare(cfg, spec, workdir, overwrite):
     tokenizer.check_vocab(tok, spec.vocab_size)
     if t.sample_prompt and t.sample_tokens:
         try:
-            generate.check_prompts([tok.encode(t.sample_prompt)], cfg.data.seq_len)
+            generate.check_prompts([tok.encode(t.sample_prompt)], cfg.data.seq_len, "data.seq_len")
         except DataError as e:
             raise ConfigError(f"train.sample_prompt: {e}") from None
     make_train = functools.partial(data.make_pipeline, cfg.data, tok, split="train", global_batch_size=t.batch_size)
@@ -244,7 +244,7 @@ def _train(cfg, spec, mesh, tok, train_data, workdir, resume_step, stop_after, s
         stop.message = f"interrupted before resuming at step {resume_step or mngr.latest_step()}, nothing saved"
         graphdef = trainer.graphdef
         start, params, opt_state, train_it = _restore(cfg, spec, mesh, trainer, mngr, train_data, resume_step)
-        guard.saved(start)
+        guard.resumed(start, mngr.all_steps())
     else:
         graphdef, params, opt_state = state.init_state(spec, trainer.tx(0), mesh, t.seed)
         params, opt_state = init_from(cfg, workdir, mngr, trainer.tx(0), params, opt_state)
@@ -291,6 +291,8 @@ def _train(cfg, spec, mesh, tok, train_data, workdir, resume_step, stop_after, s
             log.progress.close()
             log.writer.close()
             _wait_quietly(mngr)
+            if guard.diverged is not None:  # saved from the parameters that gave the loss the run stopped on
+                checkpoint.set_aside(mngr, guard.diverged, "diverged")
     newest = "no checkpoint saved" if guard.last_saved is None else (
         f"checkpoint {checkpoint.step_dir(workdir, guard.last_saved)} saved")
     stop.message = f"interrupted after step {s}, {newest}"

@@ -338,6 +338,7 @@ def cli() -> None:
                 or not flags.FLAGS[holder.name].present:
             raise app.UsageError("usage: python -m colax.data prepare --config C --out DIR [--config.data.x=y] "
                                  "[--runner=R [-- BEAM_OPTIONS]] | verify DIR")
+        errors.quiet_library_logs()
         write = None
         if runner.value:
             from colax import prepare_beam  # pylint: disable=g-import-not-at-top

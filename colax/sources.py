@@ -70,6 +70,29 @@ class NotUtf8(ValueError):
         self.path, self.offset = path, offset
 
 
+_UNREADABLE = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
+
+
+def _unreadable(path: str, e: Exception) -> DataError:
+    """The DataError naming `path` for `e`, one of _UNREADABLE."""
+    what = "truncated" if isinstance(e, EOFError) else (getattr(e, "strerror", None) or str(e) or type(e).__name__)
+    return DataError(f"{path}: cannot be read ({what})")
+
+
+def _check_intact(path: str) -> None:
+    """DataError naming `path` (`_lines`'s) if it is a `.gz` that does not decompress to its end.
+    Damaged compressed bytes often decompress into garbage, which reads as bad content (not UTF-8,
+    invalid JSON) before the CRC check at the end of the file names the real cause: bad content in
+    a `.gz` is checked with this first."""
+    if path.endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+        except _UNREADABLE as e:
+            raise _unreadable(path, e) from None
+
+
 def _lines(path: str) -> Iterator[str]:
     """The file's lines (decoded, each with its "\n"), read one at a time (`.gz`: decompressed);
     NotUtf8 at the first bad byte, DataError naming the file if it cannot be read or decompressed."""
@@ -81,12 +104,12 @@ def _lines(path: str) -> Iterator[str]:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
+                    _check_intact(path)
                     raise NotUtf8(path, offset + e.start) from None
                 offset += len(raw)
                 yield line
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        what = "truncated" if isinstance(e, EOFError) else (getattr(e, "strerror", None) or str(e) or type(e).__name__)
-        raise DataError(f"{path}: cannot be read ({what})") from None
+    except _UNREADABLE as e:
+        raise _unreadable(path, e) from None
 
 
 def _blocks(lines: Iterator[str]) -> Iterator[str]:
@@ -109,8 +132,10 @@ def _jsonl_docs(path: str, lines: Iterator[str], field: str) -> Iterator[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
+            _check_intact(path)
             raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            _check_intact(path)
             raise DataError(f"{path}:{i}: no string field {field!r} (data.text_field)")
         yield record[field]
 

@@ -17,7 +17,6 @@ import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import io  # noqa: E402
 import itertools  # noqa: E402
-import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import urllib.request  # noqa: E402
@@ -83,6 +82,8 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 def _from_proto(proto: bytes, path) -> Tokenizer:
     """The Tokenizer of a serialized SentencePiece model; `path` names it in messages."""
+    if not proto:  # SentencePiece takes b"" as a model without pieces (and logs "Model is not initialized")
+        raise DataError(f"tokenizer {path}: cannot load (the file is empty)")
     try:
         sp = spm.SentencePieceProcessor(model_proto=proto)
     except (OSError, RuntimeError) as e:
@@ -180,7 +181,7 @@ def find_or_train(cfg_data, workdir: str, vocab_size: int = 0, reuse: bool = Tru
     size = cfg_data.tokenizer_vocab_size or vocab_size
     if not size:
         raise ConfigError("data.tokenizer_vocab_size is 0 (the model's) but no model vocab size was given")
-    logging.info("data: training a %d-piece %s tokenizer for %s", size, cfg_data.tokenizer_model_type, cached)
+    workdir_lib.note(f"data: training a {size}-piece {cfg_data.tokenizer_model_type} tokenizer for {cached}")
     docs = data.train_documents(cfg_data, cfg_data.tokenizer_sample_docs) if sample is None else sample
     proto = _train_proto(docs, str(cached), size, cfg_data.tokenizer_model_type, cfg_data.tokenizer_sample_docs)
     return _from_proto(proto, cached), proto

@@ -96,6 +96,14 @@ def test_cli_unknown_override_is_one_line():
     assert "Traceback" not in out.stderr
 
 
+def test_cli_usage_errors_are_one_line():
+    # Issue 33, item 6: absl printed 31 lines of usage text and exited with 1.
+    out = subprocess.run([sys.executable, "-m", "colax.plan", "--config", "configs/cola_60m.py", "--remat", "bogus"],
+                         capture_output=True, text=True)
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr.startswith("error: --remat: unknown policy 'bogus' (known: ") and out.stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize("kind", ["cola", "llama"])
 def test_paper_presets_train_on_c4_with_the_t5_tokenizer(kind):
     for size in ("60m", "350m", "7b"):

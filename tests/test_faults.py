@@ -11,6 +11,7 @@ the middle of a save, a second process holding the workdir.
 
 import errno
 import gzip
+import hashlib
 import json
 import logging
 import math
@@ -173,6 +174,36 @@ def test_a_spike_right_after_a_resume_is_caught(tok_path, reference, tmp_path):
     with pytest.raises(DivergenceError) as e:
         loop.run(cfg, str(tmp_path / "run"))
     assert one_line(e).startswith("step 4: loss ") and "of the previous 2 steps (train.spike_nats)" in str(e.value)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_an_early_blow_up_stops_at_once_and_following_the_advice_recovers(tok_path, tmp_path, capsys, every):
+    # Issue 33, item 5: at lr 10 the loss goes 6.2 -> 210 at step 3, before the 20-step spike window
+    # is full (main trained on to step 21 and advised resuming from checkpoint 20, saved from the
+    # diverged model: that resume failed again at once). The window is checked from step 2 on.
+    # Checkpoint 2, whose parameters gave step 3's loss, is set aside and never advised; checkpoint
+    # 1 (every=1) is healthy, pinned and named; with no healthy checkpoint (every=2) the advice is
+    # to start over. Following the advice with a sane lr trains a healthy run.
+    cfg = fault_config(tok_path, steps=10, checkpoint_every=every, keep_checkpoints=2)
+    cfg.optim.lr = 10.0
+    with pytest.raises(DivergenceError) as e:
+        loop.run(cfg, str(tmp_path))
+    assert one_line(e).startswith("step 3: loss ") and "above the median" in str(e.value)
+    assert "of the previous 2 steps (train.spike_nats)" in str(e.value)
+    assert "checkpoint 2 set aside as checkpoints/2.diverged" in capsys.readouterr().out
+    if every == 1:
+        assert str(e.value).endswith("; the last healthy checkpoint is 1: resume from it with "
+                                     "--config.train.resume_step=1 (and e.g. a lower optim.lr)")
+        assert checkpoints(tmp_path) == ["1", "2.diverged"] and run_lib.read_pinned(tmp_path) == {1}
+        cfg.train.resume_step = 1
+    else:
+        assert str(e.value).endswith("; no healthy checkpoint was saved before it: start over with "
+                                     "--overwrite (and e.g. a lower optim.lr)")
+        assert checkpoints(tmp_path) == ["2.diverged"] and not run_lib.read_pinned(tmp_path)
+    cfg.optim.lr = 0.01
+    loop.run(cfg, str(tmp_path), overwrite=every == 2)
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    assert len(losses) == 10 and max(losses) < losses[0] + 0.1 and np.mean(losses[-2:]) < losses[0] - 0.5
 
 
 def test_failed_save_stops_at_once(tok_path, reference, tmp_path, monkeypatch, caplog):
@@ -470,13 +501,19 @@ def test_config_file_errors_are_one_line(tmp_path, capsys, text, message):
 
 
 def test_bad_gzip_and_unwritable_workdir_are_one_line(tmp_path):
-    # Item 9: a truncated and a corrupt .gz input; a workdir that cannot be written.
+    # Item 9: a truncated and a corrupt .gz input; a workdir that cannot be written. Issue 33, item 7:
+    # flipped bytes in the middle of a jsonl.gz decompress into garbage that main reported as
+    # "invalid JSON" (a .txt.gz reads on to the CRC check at the end).
     good = gzip.compress(b"some text\n\nmore text\n" * 100)
     (tmp_path / "a.txt.gz").write_bytes(good[:len(good) // 2])
     (tmp_path / "b.txt.gz").write_bytes(b"\x1f\x8b" + b"not gzip" * 10)
+    records = "".join(json.dumps({"text": hashlib.sha256(bytes(i)).hexdigest()}) + "\n" for i in range(2000))
+    flipped = bytearray(gzip.compress(records.encode(), mtime=0))
+    flipped[len(flipped) // 2:len(flipped) // 2 + 8] = bytes(b ^ 0xFF for b in flipped[len(flipped) // 2:][:8])
+    (tmp_path / "c.jsonl.gz").write_bytes(flipped)
     cfg = micro_config().data
-    for name, why in (("a.txt.gz", "truncated"), ("b.txt.gz", "")):
-        cfg.update(source="text", path=str(tmp_path / name))
+    for name, why in (("a.txt.gz", "truncated"), ("b.txt.gz", ""), ("c.jsonl.gz", "CRC check failed")):
+        cfg.update(source="jsonl" if "jsonl" in name else "text", path=str(tmp_path / name))
         with pytest.raises(DataError) as e:
             sources.read_documents(cfg)
         assert one_line(e).startswith(f"{tmp_path / name}: cannot be read ({why}")

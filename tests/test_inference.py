@@ -139,7 +139,8 @@ def test_top_k_and_top_p_never_sample_outside_their_set():
 
 def test_prompt_errors():
     graphdef, params = _model()
-    with pytest.raises(DataError, match=r"prompt 1 is 12 tokens long: the model's maximum length is 12"):
+    with pytest.raises(DataError, match=r"prompt 1 is 12 tokens long: prompt and new tokens are limited to 12 "
+                                        r"tokens \(max_len\), so it must be shorter"):
         generate.generate(params, graphdef, [[1], [2] * 12], 4, eos_id=-1, max_len=12)
     with pytest.raises(DataError, match="prompt 0 is empty"):
         generate.generate(params, graphdef, [[]], 4, eos_id=-1, max_len=12)
@@ -238,8 +239,13 @@ def test_evaluate_and_generate_cli(run, tmp_path):
 
 @pytest.mark.parametrize("module, args, message", [
     ("evaluate", ["--workdir={empty}"], "error: no checkpoint in {empty}/checkpoints"),
+    # Issue 33, item 7: the limit is the cache length, --max_len (default data.seq_len), not the model's.
     ("generate", ["--workdir={workdir}", "--prompt={long}"],
-     "error: prompt 0 is {n} tokens long: the model's maximum length is 16 tokens"),
+     "error: prompt 0 is {n} tokens long: prompt and new tokens are limited to 16 tokens (data.seq_len, the "
+     "default of --max_len), so it must be shorter"),
+    ("generate", ["--workdir={workdir}", "--prompt={long}", "--max_len=20"],
+     "error: prompt 0 is {n} tokens long: prompt and new tokens are limited to 20 tokens (--max_len=20), so it "
+     "must be shorter"),
 ])
 def test_cli_one_line_errors(run, tmp_path, module, args, message):
     tok, workdir = run[1], run[4]

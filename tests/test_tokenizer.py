@@ -1,6 +1,9 @@
 """Tokenizer tests: train/load round trip, T5 id layout, workdir cache, CLI, errors."""
 
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -103,12 +106,17 @@ def test_check_vocab(trained):
         tk.check_vocab(trained, 32000)
 
 
-def test_load_errors(tmp_path):
+def test_load_errors(tmp_path, capfd):
     with pytest.raises(DataError, match=r"tokenizer .*nope.model: cannot load"):
         tk.load_tokenizer(str(tmp_path / "nope.model"))
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(DataError, match=r"tokenizer .*junk.model: cannot load"):
         tk.load_tokenizer(str(tmp_path / "junk.model"))
+    # Issue 33, item 7: a 0-byte file was "has no eos id", after SentencePiece's "Model is not initialized".
+    (tmp_path / "empty.model").write_bytes(b"")
+    with pytest.raises(DataError, match=r"^tokenizer .*empty.model: cannot load \(the file is empty\)$"):
+        tk.load_tokenizer(str(tmp_path / "empty.model"))
+    assert "not initialized" not in capfd.readouterr().err
 
 
 def test_cli(tmp_path, capsys):
@@ -120,3 +128,20 @@ def test_cli(tmp_path, capsys):
     assert os.path.exists(out + ".model") and "300 pieces" in capsys.readouterr().out
     assert tk.main(["train", "--source", "text", "--path", str(tmp_path / "none*"), "--out", out]) == 2
     assert "data.path: no file matches" in capsys.readouterr().err
+
+
+def test_prepare_training_a_tokenizer_prints_no_library_log(tmp_path):
+    # Issue 33, item 6: `prepare` printed absl's "I1206 22:45:04.428561 ... tokenizer.py:185] data:
+    # training a 2048-piece bpe tokenizer for ..." on stderr; it is colax's own line on stdout now.
+    (tmp_path / "c.txt").write_text("\n".join(f"row {i} with some words w{i % 17}" for i in range(300)))
+    (tmp_path / "config.py").write_text(
+        "from colax import config\n\n\ndef get_config():\n    cfg = config.defaults()\n"
+        f"    cfg.data.update(source='text', path={str(tmp_path / 'c.txt')!r}, doc_split='line', seq_len=16,\n"
+        "                    packing=True, tokenizer_vocab_size=300, val_docs=5)\n    return cfg\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "colax.data", "prepare", "--config", str(tmp_path / "config.py"),
+                           "--out", str(tmp_path / "out"), "--workers=1"], capture_output=True, text=True, cwd=root,
+                          env=dict(os.environ, PYTHONPATH=root))
+    assert done.returncode == 0, done.stderr
+    assert f"data: training a 300-piece bpe tokenizer for {tmp_path / 'out'}" in done.stdout
+    assert not re.search(r"^[IWE]\d{4} ", done.stderr, re.MULTILINE), done.stderr

@@ -368,6 +368,7 @@ def test_cli_end_to_end(tmp_path, config_file):
 @pytest.mark.parametrize("override, message", [
     ("--config.train.batch_size=7", "error: train.batch_size=7 must be divisible by"),
     ("--config.train.bogus=1", "error: --config.train.bogus: no such config key"),
+    ("stray", "error: unexpected arguments: stray"),  # issue 33, item 6: was absl's 31 lines of usage, rc 1
 ])
 def test_cli_one_line_errors(tmp_path, config_file, override, message):
     proc = _cli(tmp_path / "run", config_file, override)
