@@ -96,8 +96,9 @@ class Launch:
 
 
 def _lines(text):
-    """The lines of a process's output but gloo's own (its connection banners, several on a line)."""
-    return [line for line in text.splitlines() if line.strip() and "[Gloo]" not in line]
+    """The lines of a process's output but gloo's own connection banners (its threads print them at
+    once: a banner may be cut in two lines)."""
+    return [line for line in text.splitlines() if line.strip() and not re.search(r"\[Gloo\]|peer ranks", line)]
 
 
 def _report(stdout):

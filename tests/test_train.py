@@ -251,13 +251,13 @@ def test_skipped_step_keeps_state(spec):
     jax.tree.map(np.testing.assert_array_equal, (new_params, new_opt_state), (params, opt_state))
 
 
-def test_nonfinite_stop_keeps_last_good_checkpoint(tok_path, tmp_path):
+def test_nonfinite_stop_sets_aside_the_checkpoint_that_gave_it(tok_path, tmp_path):
     cfg = micro_config(checkpoint_every=1)
     cfg.data.tokenizer = tok_path
     cfg.optim.update(lr=1e30, warmup_steps=0)  # step 1 blows the weights up, step 2 is NaN
-    with pytest.raises(NonFiniteError, match="step 2:"):
+    with pytest.raises(NonFiniteError, match="step 2:.*no healthy checkpoint .* start over with --overwrite"):
         loop.run(cfg, str(tmp_path))
-    assert os.listdir(tmp_path / "checkpoints") == ["1"]
+    assert os.listdir(tmp_path / "checkpoints") == ["1.diverged"]  # step 2's NaN came from its weights
 
 
 def test_nonfinite_skip(tok_path, tmp_path):
