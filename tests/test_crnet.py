@@ -89,14 +89,14 @@ def test_scale_is_signed_and_never_zero():
 
 def test_a_fresh_block_adds_the_previous_output_at_scale_one():
     """As documented (beta starts at 1, s(1) = 1 + 1e-6): a freshly built CR-Net projection, and every
-    beta of a fresh model, computes prev + (x A) B, against numpy in float64 (rtol 1e-5). With beta
+    beta of a fresh model, computes prev + (x A) B, against numpy in float64 (rtol 1e-5, atol 1e-5). With beta
     initialised to 0 it would compute 1e-6 prev + (x A) B (every other test overwrites beta)."""
     proj = crnet.CRNet(16, 24, 4, small_spec(projection="crnet"), rngs=nnx.Rngs(0))
     prev = jax.random.normal(jax.random.key(1), (2, 5, 24))
     x = jax.random.normal(jax.random.key(2), (2, 5, 16))
     a, b = (np.asarray(p[...], np.float64) for p in (proj.A, proj.B))
     want = np.asarray(prev, np.float64) + np.asarray(x, np.float64) @ a @ b
-    np.testing.assert_allclose(np.asarray(proj(x, prev), np.float64), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(proj(x, prev), np.float64), want, rtol=1e-5, atol=1e-5)  # float32 dots
     params = nnx.to_pure_dict(nnx.state(model.Transformer(small_spec(projection="crnet", num_layers=3),
                                                           rngs=nnx.Rngs(0))))
     betas = [np.asarray(p["beta"]) for p in params["blocks"].values() if "beta" in p]
