@@ -5,7 +5,8 @@ with one line when one is lost.
 keeps a `Watchdog`: every process sets a heartbeat counter in the coordination service's key-value
 store each `period` seconds and reads its peers'. A peer whose counter has not moved for
 `heartbeat_timeout` seconds (killed, hung, SIGSTOPped, its host gone), or a coordination service
-that has not answered for as long (process 0 lost), stops this process at once: one line naming
+that has not answered for as long (process 0 lost), stops this process at once, from the moment the
+training loop starts (`watch`: start-up, e.g. training a tokenizer, may hold the GIL longer): one line naming
 the lost process and the newest checkpoint on disk, exit code `LOST_HOST_EXIT_CODE`, no teardown
 (`os._exit`: jax's own shutdown would wait for the lost peer). A process that stops on an error
 records it in the store, and its peers stop with the same line instead of waiting in a collective.
@@ -75,15 +76,21 @@ class Watchdog:
         self.answered = now      # the last time the store answered
         self.exits = {}          # peer: what it recorded when it stopped
         self.closed = threading.Event()
+        self.judging = False     # peers are judged from `watch` on (start-up may hold the GIL: tokenizer training)
 
     def start(self):
         threading.Thread(target=self._beat, name="colax-heartbeat", daemon=True).start()
         threading.Thread(target=self._check, name="colax-watchdog", daemon=True).start()
         atexit.register(self.close)  # after jax's own atexit: runs first, before jax's shutdown barrier
 
-    def watch(self, checkpoints):
-        """Names the run's checkpoints folder in the line a lost host prints."""
+    def watch(self, checkpoints=None):
+        """From now on, a lost peer stops this process (before, only an error does: `verdict`);
+        `checkpoints`: the run's checkpoints folder, named in the line a lost host prints."""
         self.checkpoints = checkpoints
+        now = time.monotonic()
+        self.seen = {peer: (count, now) for peer, (count, _) in self.seen.items()}
+        self.answered = max(self.answered, now)
+        self.judging = True
 
     def _beat(self):
         count = 0
@@ -120,7 +127,7 @@ class Watchdog:
 
     def _check(self):
         while not self.closed.wait(self.period / 2):
-            found = self.lost()
+            found = self.judging and self.lost()
             if found:
                 self.stop(*found)
 

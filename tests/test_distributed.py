@@ -116,6 +116,7 @@ def test_a_peer_without_heartbeats_is_lost_after_the_timeout(exits, capsys, tmp_
 def _watch(client, process_id, timeout, seconds):
     """A Watchdog of process `process_id` of 2 over `client`, running for `seconds`."""
     dog = distributed.Watchdog(client, process_id, 2, timeout=timeout, period=0.1)
+    dog.watch()
     dog.start()
     try:
         time.sleep(seconds)
@@ -264,3 +265,19 @@ def test_a_streamed_source_resumes_on_its_own_process_count_only(tmp_path, monke
     with pytest.raises(ConfigError, match=r"checkpoint 4 was written by 2 processes with 2 devices: a streamed "
                                           r"source's position .* resumes on 2 processes only, not 1"):
         checkpoint.restore(Manager(), None, data_iter=object())
+
+
+def test_peers_are_judged_from_watch_on(exits):
+    """Start-up (tokenizer training, packing) may hold every process's GIL for longer than the
+    timeout: a silent peer stops no process before the loop calls `watch`."""
+    client = FakeClient()
+    dog = distributed.Watchdog(client, 0, 2, timeout=0.2, period=0.05)
+    dog.start()
+    try:
+        time.sleep(0.6)
+        assert not exits
+        dog.watch()
+        time.sleep(0.6)
+    finally:
+        dog.closed.set()
+    assert exits and set(exits) == {distributed.LOST_HOST_EXIT_CODE}
