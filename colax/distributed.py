@@ -97,20 +97,22 @@ class Watchdog:
         while not self.closed.is_set():
             try:
                 self.client.key_value_set(f"{_ALIVE}{self.id}", str(count), allow_overwrite=True)
-                alive = dict(self.client.key_value_dir_get(_ALIVE))
-                exits = dict(self.client.key_value_dir_get(_EXIT))
+                alive, exits = (self._by_process(prefix) for prefix in (_ALIVE, _EXIT))
             except Exception:  # pylint: disable=broad-except  # the service is gone: `_check` times it out
                 self.closed.wait(self.period)
                 continue
             now = time.monotonic()
             self.answered = now
-            for key, value in alive.items():
-                peer = int(key.rsplit("/", 1)[-1])
+            for peer, value in alive.items():
                 if peer in self.seen and self.seen[peer][0] != int(value):
                     self.seen[peer] = (int(value), now)
-            self.exits = {int(k.rsplit("/", 1)[-1]): v for k, v in exits.items()}
+            self.exits = exits
             count += 1
             self.closed.wait(self.period)
+
+    def _by_process(self, prefix):
+        """{process index: value} of the store's keys `prefix`<index>."""
+        return {int(key.rsplit("/", 1)[-1]): value for key, value in self.client.key_value_dir_get(prefix)}
 
     def lost(self):
         """(peer, why, lost) of the first peer that is lost (lost=True) or stopped on an error, or None."""

@@ -72,10 +72,12 @@ def _flag(argv, name):
 
 
 def _multi_process(argv):
+    """Whether train.py's `argv` (flags) start one process of several: --num_processes > 1, or
+    without it --distributed or a cluster launch's environment."""
     count = _flag(argv, "num_processes")
-    return (count is not None and count.isdigit() and int(count) > 1) or (
-        _flag(argv, "num_processes") is None and (
-            "--distributed" in argv or "--distributed=true" in argv or cluster_launch()))
+    if count is not None:
+        return count.isdigit() and int(count) > 1
+    return "--distributed" in argv or "--distributed=true" in argv or cluster_launch()
 
 
 def _die_with_parent():
