@@ -14,9 +14,27 @@ import time
 import jax
 import tqdm
 from etils import epath
-from tensorboardX import SummaryWriter
 
 from colax import workdir as workdir_lib
+
+
+def _import_summary_writer():
+    """tensorboardX's SummaryWriter, imported with torch hidden where torch is installed but not yet
+    imported: tensorboardX imports torch only to accept torch tensors (colax logs Python floats),
+    and that import costs every training process ~4 s of CPU at start (the `parity` extra installs
+    torch). A later `import torch` works as usual."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
+SummaryWriter = _import_summary_writer()
 
 # Dense bf16 peak FLOP/s per device, by a substring of `jax.devices()[0].device_kind` (first match).
 PEAK_FLOPS = (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("TPU v4", 275e12),
