@@ -151,8 +151,9 @@ def check_saves(mngr, wait=False):
     try:
         mngr.wait_until_finished() if wait else mngr.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
-        raise CheckpointError(f"checkpoint {mngr.last_save} could not be saved: {errors.cause(e)}; "
-                              "the previous checkpoints are intact") from None
+        earlier = [s for s in mngr.all_steps() if s < mngr.last_save]
+        kept = f"checkpoint {max(earlier)} is the newest intact one" if earlier else "no earlier checkpoint exists"
+        raise CheckpointError(f"checkpoint {mngr.last_save} could not be saved: {errors.cause(e)}; {kept}") from None
 
 
 def set_aside(mngr, step, why):

@@ -2,6 +2,7 @@
 CLI's one-line exit on Ctrl-C."""
 
 import functools
+import logging
 import os
 import re
 import signal
@@ -33,10 +34,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or restored; the message names it and the cause."""
 
 
+class RunFileError(RuntimeError):
+    """A file of the run beside its checkpoints (metrics.jsonl, TensorBoard events) could not be
+    written, e.g. on a full disk; the message names it and the cause."""
+
+
 def cause(e):
-    """"Type: first line" of the innermost cause of exception `e` (at most 200 characters)."""
+    """"Type: first line" of the innermost cause of exception `e` (at most 200 characters); an OS
+    error that tensorstore (orbax's writer) reports inside a long status reads as that OSError."""
     while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
         e = e.__cause__ or e.__context__
+    code = re.search(r"\[os_error_code='(\d+)'\]", str(e))
+    if code:
+        return f"OSError: [Errno {code[1]}] {os.strerror(int(code[1]))}"
     text = str(e).strip().splitlines()
     line = f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
     return line if len(line) <= 200 else line[:197] + "..."
@@ -84,16 +94,16 @@ def exit_on_signal(message):
 def exit_on_error(main):
     """Wraps a CLI `main`: a ConfigError, DataError or usage error (absl's app.UsageError, e.g. a
     positional argument: not absl's page of usage text) prints one line and exits with 2, a
-    DivergenceError or CheckpointError (the run stopped) prints one line and exits with 1, a
+    DivergenceError, CheckpointError or RunFileError (the run stopped) prints one line and exits with 1, a
     KeyboardInterrupt prints its message (one line) and exits at once with 130 (`exit_now`)."""
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except (ConfigError, DataError, app.UsageError, DivergenceError, CheckpointError) as e:
+        except (ConfigError, DataError, app.UsageError, DivergenceError, CheckpointError, RunFileError) as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(1 if isinstance(e, (DivergenceError, CheckpointError)) else 2)
+            sys.exit(1 if isinstance(e, (DivergenceError, CheckpointError, RunFileError)) else 2)
         except KeyboardInterrupt as e:
             exit_now(str(e) or "interrupted")
 
@@ -102,9 +112,29 @@ def exit_on_error(main):
 
 def quiet_library_logs():
     """Unless the command line set -v/--verbosity: library logs (absl, jax's backend probing, orbax)
-    at ERROR only, so a CLI prints colax's own lines. Call it in a CLI's main, after flag parsing."""
+    at ERROR only, so a CLI prints colax's own lines. Call it in a CLI's main, after flag parsing.
+    Always: the "Event loop is closed" and "exception was never retrieved" errors of a failed async
+    save are not printed (`_QuietUnraisable`; asyncio's logger), the save's own error is."""
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.ERROR)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    if not isinstance(sys.unraisablehook, _QuietUnraisable):
+        sys.unraisablehook = _QuietUnraisable(sys.unraisablehook)
+
+
+class _QuietUnraisable:
+    """An unraisable-exception hook that drops RuntimeError("Event loop is closed"): after an async
+    checkpoint save failed (a full disk), tensorstore still completes its futures on orbax's closed
+    event loop, dozens of times, while the save's own error is reported in one line
+    (`checkpoint.check_saves`). Everything else goes to the `previous` hook."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            self.previous(unraisable)
 
 
 _HELP_FLAGS = ("help", "h", "?", "helpshort", "helpfull", "helpxml")

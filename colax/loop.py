@@ -289,7 +289,7 @@ def _train(cfg, spec, mesh, tok, train_data, workdir, resume_step, stop_after, s
             checkpoint.check_saves(mngr, wait=True)
         finally:
             log.progress.close()
-            log.writer.close()
+            log.writer.close(stopping_on_error=sys.exc_info()[1] is not None)
             _wait_quietly(mngr)
             if guard.diverged is not None:  # saved from the parameters that gave the loss the run stopped on
                 checkpoint.set_aside(mngr, guard.diverged, "diverged")

@@ -15,6 +15,7 @@ import jax
 import tqdm
 from etils import epath
 
+from colax import errors
 from colax import workdir as workdir_lib
 
 
@@ -97,18 +98,43 @@ class Writer:
                 workdir_lib.atomic_write(self.path, "".join(line + "\n" for line in _records_up_to(self.path, start)))
 
     def write(self, record):
-        """record: {"step": int, name: number or None, ...}."""
+        """record: {"step": int, name: number or None, ...}. RunFileError if a file cannot be written."""
         if self.active:
             record = {k: _json_value(v) for k, v in record.items()}
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with self.path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise errors.RunFileError(f"{self.path} could not be written: {errors.cause(e)}") from None
             for name, value in record.items():
                 if name != "step" and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(name, value, record["step"])
 
-    def close(self):
-        if self.tensorboard:
+    def close(self, stopping_on_error=False):
+        """Flushes and closes the TensorBoard events: RunFileError if they cannot be written (a full
+        disk), unless the run is `stopping_on_error` already (that error is the one reported). A
+        writer that failed is abandoned quietly: no retry at exit, no error from its thread."""
+        if not self.tensorboard:
+            return
+        try:
             self.tensorboard.close()
+        except OSError as e:
+            _abandon(self.tensorboard)
+            if not stopping_on_error:
+                raise errors.RunFileError(f"TensorBoard events in {self.tensorboard.logdir} could not be written: "
+                                          f"{errors.cause(e)}") from None
+
+
+def _abandon(tensorboard):
+    """Marks tensorboardX's event writers closed (their exit hook then does nothing) and stops their
+    threads without the flush that failed."""
+    for file_writer in (tensorboard.all_writers or {}).values():
+        events = file_writer.event_writer
+        events._closed = True  # pylint: disable=protected-access
+        worker = events._worker  # pylint: disable=protected-access
+        if worker is not None:
+            worker._queue.put(worker._shutdown_signal)  # pylint: disable=protected-access
+            worker.join(timeout=5)
 
 
 class Progress:

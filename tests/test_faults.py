@@ -17,11 +17,14 @@ import logging
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
+from unittest import mock
 
 import etils.epath.gpath
 import jax
@@ -32,12 +35,12 @@ import orbax.checkpoint as ocp
 import pytest
 from ml_collections import config_flags
 
-from colax import checkpoint, config, errors, loop, model, prepare, sources, step, tokenizer
+from colax import checkpoint, config, errors, loop, metrics, model, prepare, sources, step, tokenizer
 from colax import run as run_lib
 from colax.projections import common
 from colax import workdir as workdir_lib
 from colax.errors import CheckpointError, ConfigError, DataError, DivergenceError, NonFiniteError
-from test_train import ROOT, compilation_cache, micro_config, read_metrics, tok_path  # noqa: F401
+from test_train import MICRO_CONFIG, ROOT, compilation_cache, micro_config, read_metrics, tok_path  # noqa: F401
 
 STEPS = 6
 
@@ -589,3 +592,81 @@ def test_a_diverged_perplexity_and_a_stopped_run_print_one_short_line(capsys):
         with pytest.raises(SystemExit) as e:
             errors.exit_on_error(main)()
         assert e.value.code == 1 and capsys.readouterr().err == f"error: {error}\n"
+
+
+def _mount_tmpfs(path, size):
+    """A tmpfs of `size` at `path`: a disk that really fills up. Skips the test in one line where
+    mounting is not allowed (not root)."""
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                       text=True, check=False)
+    if r.returncode:
+        pytest.skip(f"no tmpfs can be mounted here ({(r.stderr.strip() or str(r.returncode)).splitlines()[0]}): "
+                    "a full disk is tested as root")
+
+
+def test_a_full_disk_is_one_line_and_the_same_command_resumes_once_there_is_room(tok_path, tmp_path):
+    """Issue 33, item 6: train.py on a real 600 KB disk fills it during a save. main printed the right
+    line after dozens of "Event loop is closed" tracebacks (tensorstore's futures completing on
+    orbax's closed loop), or a TensorBoard flush's OSError replaced it (rc 1, a traceback). Now:
+    one line naming the checkpoint, the OS error and the newest intact checkpoint, rc 1; with room
+    made, the same command resumes from that checkpoint."""
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "600k")
+    try:
+        config_file = tmp_path / "micro.py"
+        config_file.write_text(MICRO_CONFIG)
+        command = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={config_file}",
+                   f"--workdir={disk / 'run'}", f"--config.data.tokenizer={tok_path}", "--config.train.steps=40",
+                   "--config.train.sample_tokens=0"]
+        full = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False, timeout=600)
+        assert full.returncode == 1 and len(full.stderr.splitlines()) == 1, full.stderr[-3000:]
+        m = re.fullmatch(r"error: checkpoint (\d+) could not be saved: OSError: \[Errno 28\] No space left on "
+                         r"device; (checkpoint (\d+) is the newest intact one|no earlier checkpoint exists)\n",
+                         full.stderr)
+        assert m, full.stderr
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        newest = int(m.group(3) or 0)
+        resumed = subprocess.run(command + [f"--stop_after={newest + 2}"], capture_output=True, text=True, cwd=ROOT,
+                                 check=False, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert (f"resuming at step {newest}/" if newest else "starting step 0/") in resumed.stdout, resumed.stdout
+        assert not [n for n in os.listdir(disk / "run" / "checkpoints") if "tmp" in n]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_the_noise_of_a_failed_async_save_is_dropped_and_its_cause_reads_as_the_os_error(tmp_path, capsys):
+    """The pieces of the full-disk line, each where the real disk may or may not reach it in a run:
+    the unraisable "Event loop is closed" errors are dropped (others still printed); tensorstore's
+    long status reads as its OSError; a TensorBoard flush that fails raises a one-line RunFileError,
+    or nothing while the run already stops on another error, and leaves no retry for the exit."""
+    previous = sys.unraisablehook
+    try:
+        seen = []
+        sys.unraisablehook = seen.append
+        errors.quiet_library_logs()
+        errors.quiet_library_logs()  # a second call does not stack another hook
+        for e in (RuntimeError("Event loop is closed"), RuntimeError("another"), ValueError("Event loop is closed")):
+            sys.unraisablehook(types.SimpleNamespace(exc_value=e))
+        assert [str(u.exc_value) for u in seen] == ["another", "Event loop is closed"]
+    finally:
+        sys.unraisablehook = previous
+    status = ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/x/_sharding\": Failed writing: ... "
+                        "Failed to write 214 bytes to file 12: No space left on device [os_error_code='28'] [tens")
+    assert errors.cause(status) == "OSError: [Errno 28] No space left on device"
+
+    for stopping in (False, True):
+        writer = metrics.Writer(str(tmp_path / str(stopping)), 0)
+        writer.write({"step": 1, "loss": 2.0})
+        file_writer = next(iter(writer.tensorboard.all_writers.values()))
+        flush = mock.Mock(side_effect=OSError(errno.ENOSPC, "No space left on device"))
+        with mock.patch.object(file_writer, "flush", flush):
+            if stopping:
+                writer.close(stopping_on_error=True)
+            else:
+                with pytest.raises(errors.RunFileError, match=r"TensorBoard events in .* could not be written: "
+                                                              r"OSError: \[Errno 28\] No space left on device"):
+                    writer.close()
+        assert file_writer.event_writer._closed and not file_writer.event_writer._worker.is_alive()
+        file_writer.event_writer.close()  # what its exit hook runs: nothing more to flush or raise
