@@ -1,6 +1,7 @@
 # `make demo`: set up .venv if missing, then train the tiny CoLA demo on CPU.
 # `make test`: set up .venv if missing, then run the whole test suite.
-# PYTHON=python3.12 VENV=.venv312 make test runs the suite on another Python.
+# PYTHON=python3.12 VENV=.venv312 make test runs the suite on another Python; PYTEST_ARGS='-m "not slow"'
+# leaves out the multi-process tests (CI does on Python 3.12).
 PYTHON ?= python3
 VENV ?= .venv
 PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
@@ -25,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python train.py --config configs/tiny.py --workdir runs/tiny
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n 2 tests
+	$(VENV)/bin/python -m pytest -n 2 --durations=25 $(PYTEST_ARGS) tests
 
 # Record the versions of the current venv as the verified set for this Python.
 lock: $(STAMP)

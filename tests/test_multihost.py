@@ -23,6 +23,8 @@ import pytest
 from colax import data, tokenizer
 from test_train import MICRO_CONFIG, micro_config, read_metrics
 
+pytestmark = pytest.mark.slow  # several training processes at once: CI runs these on Python 3.11 only
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300  # seconds a launch may take before its processes are killed and the test fails
 
