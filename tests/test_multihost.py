@@ -116,11 +116,10 @@ def test_two_hosts_equal_one_and_the_run_moves_between_host_counts(setup, tmp_pa
     step, the same final evaluation and unigram baseline (global, not process 0's share)."""
     mesh = ["--config.mesh.data=-1", "--config.mesh.fsdp=2", "--config.train.micro_batch_size=2",
             "--config.train.sample_tokens=0"]
-    reference = Launch(setup, str(tmp_path / "one"), 1, 4, *mesh)
-    (_, ref_out, _), = reference.check()
-
     moved = str(tmp_path / "moved")
+    reference = Launch(setup, str(tmp_path / "one"), 1, 4, *mesh)  # beside the first launch: their start-ups overlap
     first = Launch(setup, moved, 2, 2, *mesh, "--stop_after=2").check()
+    (_, ref_out, _), = reference.check()
     assert "stopped after step 2" in first[0][1]
     assert not _lines(first[1][1]) and not _lines(first[1][2]), "process 1 printed the run's lines"
     topology = json.load(open(os.path.join(moved, "checkpoints", "2", "topology", "metadata")))
