@@ -1,8 +1,6 @@
 """Prepared shards: a corpus tokenised once into the row store's array_record shards (`colax.rows`).
 
-  python -m colax.data prepare --config configs/tiny.py --out DIR [--config.data.path=...]
-      [--workers N] [--records_per_shard N] [--overwrite] [--runner=DirectRunner [-- BEAM_OPTIONS]]
-
+`prepare` (its command line: `python -m colax.data prepare`, `colax.prepare_cli`)
 reads the config's source (`config.data`: stdlib, text, jsonl, tfds, hf; local files one at a time,
 line by line), tokenises in `--workers` processes (or, with --runner, in an Apache Beam pipeline:
 `colax.prepare_beam`, the same files) and writes DIR in the format of `colax.rows`, the
@@ -22,9 +20,8 @@ is written last, atomically, with each shard's size and sha256; a folder without
 data, and running again over it starts over (the files of an earlier prepare are deleted first). A
 folder with a manifest is replaced only with --overwrite.
 
-  python -m colax.data verify DIR
-
-reads all of DIR's records and checks each shard's sha256 (`rows.verify`).
+`python -m colax.data verify DIR` reads all of DIR's records and checks each shard's sha256
+(`rows.verify`).
 """
 
 import collections
@@ -39,7 +36,7 @@ from collections.abc import Iterator
 from array_record.python import array_record_module
 import numpy as np
 
-from colax import data, errors, rows, sources, tokenizer
+from colax import data_config, rows, sources, tokenizer
 from colax import workdir as workdir_lib
 from colax.errors import ConfigError, DataError
 
@@ -53,7 +50,7 @@ DATA_KEYS = ("source", "path", "val_path", "val_docs", "doc_split", "text_field"
 class Plan:
     """What the second pass reads: `docs()` yields (split, document) in corpus order; `total` the
     number of documents (None: unknown, hf), `sample(k)` the tokenizer's training documents (None:
-    `data.train_documents`'s random access), and
+    `sources.train_documents`'s random access), and
     `files` the local files read ([{path, bytes}])."""
 
     def __init__(self, docs, total, sample, files):
@@ -90,8 +87,8 @@ def _local_docs(cfg, paths: list[str], split_of) -> Iterator[tuple[str, str]]:
 
 
 def _train_sample(docs, count: int, k: int) -> Iterator[str]:
-    """The tokenizer's training documents of (split, document) pairs: `data.train_documents`' choice."""
-    return itertools.islice((doc for split, doc in docs if split == "train"), 0, None, data.sample_step(count, k))
+    """The tokenizer's training documents of (split, document) pairs: `sources.train_documents`' choice."""
+    return itertools.islice((doc for split, doc in docs if split == "train"), 0, None, sources.sample_step(count, k))
 
 
 def plan(cfg, say=print) -> Plan:
@@ -127,7 +124,7 @@ def _streamed_plan(cfg) -> Plan:
                   for split in ("train", "val")}
         total = None
     docs = lambda: ((split, doc) for split in ("train", "val") for doc in splits[split])
-    return Plan(docs, total, lambda k: None, [])  # find_or_train samples them (data.train_documents)
+    return Plan(docs, total, lambda k: None, [])  # find_or_train samples them (sources.train_documents)
 
 
 _WORKER_TOKENIZER = None
@@ -256,7 +253,7 @@ def prepare(cfg, out: str, workers: int = 0, records_per_shard: int = rows.RECOR
     prepare into it is named and left alone); ConfigError / DataError (one line) before anything is
     written on a bad config, a bad input, or a finished `out` without `overwrite`."""
     c = cfg.data
-    data.validate(c)
+    data_config.validate(c)
     if c.source == "prepared":
         raise ConfigError("data.source must be the corpus to prepare, got 'prepared'")
     if records_per_shard < 1:
@@ -313,50 +310,3 @@ def write_manifest(c, tok, records_per_shard: int, files: list, splits: dict, ou
                     data={k: c[k] for k in DATA_KEYS}, sources=files, splits=splits)
     workdir_lib.atomic_write(os.path.join(out, rows.MANIFEST), rows.manifest_bytes(manifest))
     return manifest
-
-
-def cli() -> None:
-    """`python -m colax.data prepare` (module docstring) and `python -m colax.data verify DIR` (`rows.verify`)."""
-    from absl import app, flags  # pylint: disable=g-import-not-at-top
-    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-    from colax import config as config_lib  # pylint: disable=g-import-not-at-top
-
-    holder = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py): its data section.")
-    out = flags.DEFINE_string("out", None, "The folder to write (manifest.json, tokenizer.model, shards).")
-    workers = flags.DEFINE_integer("workers", 0, "Tokenising processes; 0: one per CPU.")
-    per_shard = flags.DEFINE_integer("records_per_shard", rows.RECORDS_PER_SHARD, "Records per shard file.")
-    overwrite = flags.DEFINE_bool("overwrite", False, "Replace the prepared data in --out.")
-    runner = flags.DEFINE_string("runner", "", "Tokenise in an Apache Beam pipeline on this runner (DirectRunner, "
-                                 "FlinkRunner, ...; the beam extra), its options after --; empty: --workers processes.")
-
-    @errors.exit_on_error
-    def main(argv):
-        if argv[1:2] == ["verify"] and len(argv) == 3:
-            return verify_command(argv[2])
-        if argv[1:2] != ["prepare"] or (argv[2:] and not runner.value) or out.value is None \
-                or not flags.FLAGS[holder.name].present:
-            raise app.UsageError("usage: python -m colax.data prepare --config C --out DIR [--config.data.x=y] "
-                                 "[--runner=R [-- BEAM_OPTIONS]] | verify DIR")
-        errors.quiet_library_logs()
-        write = None
-        if runner.value:
-            from colax import prepare_beam  # pylint: disable=g-import-not-at-top
-            write = prepare_beam.writer(runner.value, argv[2:])
-        manifest = prepare(config_lib.from_flag(holder), out.value, workers.value, per_shard.value, overwrite.value,
-                           write=write)
-        counts = ", ".join(f"{split} {s['documents']:,} documents -> {s['rows']:,} rows in {len(s['shards'])} shard(s)"
-                           for split, s in manifest["splits"].items())
-        print(f"wrote {out.value}: {manifest['rows']} rows of {manifest['seq_len']} tokens, {counts}", flush=True)
-
-    app.run(main, flags_parser=errors.parse_flags)
-
-
-def verify_command(folder: str) -> None:
-    """`python -m colax.data verify DIR`: `rows.verify`, then one line saying what was checked."""
-    found = rows.verify(folder)
-    what = ("sizes, sha256 checksums and records match the manifest" if found["checksums"] else
-            "sizes and records match the manifest; the sha256 checksums were not checked: this manifest, of an "
-            "earlier colax, has none (prepare again to record them)")
-    print(f"verified {folder}: {found['shards']} shards, {found['records']:,} records, {found['tokens']:,} tokens: "
-          f"{what}", flush=True)

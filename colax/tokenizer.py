@@ -26,8 +26,7 @@ import dataclasses  # noqa: E402
 from etils import epath  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 
-from colax import data  # noqa: E402
-from colax import rows  # noqa: E402
+from colax import data_config, rows, sources  # noqa: E402
 from colax import workdir as workdir_lib  # noqa: E402
 from colax.errors import ConfigError, DataError  # noqa: E402
 
@@ -161,7 +160,7 @@ def find_or_train(cfg_data, workdir: str, vocab_size: int = 0, reuse: bool = Tru
     tokenizer.model; else the http(s) URL `cfg_data.tokenizer` downloaded (the paper's
     T5 model, T5_URL); else a tokenizer of `cfg_data.tokenizer_vocab_size` pieces (0: `vocab_size`,
     the model's) trained on the train split (the held-out documents never shape the vocabulary):
-    on `sample`, or if None on `data.train_documents`.
+    on `sample`, or if None on `sources.train_documents`.
     A prepared data's, downloaded or trained tokenizer comes with `proto`, its serialized model, not yet written to
     its path `workdir/tokenizer.model` (the caller writes it once every check has passed); else
     `proto` is None.
@@ -182,7 +181,7 @@ def find_or_train(cfg_data, workdir: str, vocab_size: int = 0, reuse: bool = Tru
     if not size:
         raise ConfigError("data.tokenizer_vocab_size is 0 (the model's) but no model vocab size was given")
     workdir_lib.note(f"data: training a {size}-piece {cfg_data.tokenizer_model_type} tokenizer for {cached}")
-    docs = data.train_documents(cfg_data, cfg_data.tokenizer_sample_docs) if sample is None else sample
+    docs = sources.train_documents(cfg_data, cfg_data.tokenizer_sample_docs) if sample is None else sample
     proto = _train_proto(docs, str(cached), size, cfg_data.tokenizer_model_type, cfg_data.tokenizer_sample_docs)
     return _from_proto(proto, cached), proto
 
@@ -214,7 +213,7 @@ def main(argv=None) -> int:
     t.add_argument("--sample-docs", type=int, default=1000)
     t.add_argument("--out", required=True, help="output prefix; writes OUT.model")
     args = p.parse_args(argv)
-    cfg = data.defaults()
+    cfg = data_config.defaults()
     cfg.update(source=args.source, path=args.path, doc_split=args.doc_split,
                text_field=args.text_field, tfds_name=args.tfds_name,
                tfds_data_dir=args.tfds_data_dir,
@@ -222,8 +221,8 @@ def main(argv=None) -> int:
                tokenizer_model_type=args.model_type,
                tokenizer_sample_docs=args.sample_docs)
     try:
-        data.validate(cfg)
-        tok = train_tokenizer(data.train_documents(cfg, args.sample_docs), args.out, args.vocab_size,
+        data_config.validate(cfg)
+        tok = train_tokenizer(sources.train_documents(cfg, args.sample_docs), args.out, args.vocab_size,
                               args.model_type, args.sample_docs)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
