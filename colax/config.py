@@ -96,7 +96,7 @@ def preset(kind, size, pure_bf16=False):
     keeps the demo data of `colax.data_config.defaults()`. `pure_bf16`: the authors' pure-bf16 run (their
     scripts' `--dtype bfloat16`, e.g. SwitchLoRA's llama/main.py:109,426-427): parameters, and with
     them SwitchLoRA's candidate pools, in bfloat16 (`model.param_dtype`; Adam's moments stay float32,
-    `colax.row_adam`).
+    `optim.scale_by_adam`).
 
     `kind` is a projection kind but "dense" (`projections.PROJECTIONS`) or a `VARIANTS` name. Every
     preset starts from the size's model and rank with the full-rank lr (`FULL_RANK_LR`) and the size's
