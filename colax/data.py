@@ -32,7 +32,6 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: one line, exi
 
 import functools  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
 
 from absl import flags  # noqa: E402
 import grain  # noqa: E402
@@ -40,6 +39,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from colax import progress  # noqa: E402
 from colax import rows as rows_lib  # noqa: E402
 from colax import sources  # noqa: E402
 from colax.data_config import SOURCES, defaults, validate  # noqa: E402,F401  (colax.data's names for the section)
@@ -97,26 +97,20 @@ def _say(process_index: int, message: str) -> None:
 
 def packed_records(docs, tokenizer, seq_len: int, train: bool, say=lambda message: None) -> list:
     """The packed records (int32 [seq_len + 1], `colax.rows.pack`) of `docs` (str, in corpus order),
-    tokenised here; training drops a last, shorter record. `say` gets a progress line every 10 s
-    and a last one."""
-    start = last = time.time()
-    count = tokens = 0
+    tokenised here; training drops a last, shorter record. `say` gets the progress lines
+    (`colax.progress`: every 10 s and a last one)."""
+    counter = progress.Progress("data: packing", say)
 
     def tokenised():
-        nonlocal count, tokens, last
         for doc in docs:
             ids = rows_lib.document_tokens(tokenizer.encode(doc), tokenizer.eos_id)
-            count, tokens = count + 1, tokens + len(ids)
-            if time.time() - last > 10:
-                last = time.time()
-                say(f"data: packing: {count:,} documents, {tokens:,} tokens ({last - start:.0f} s)")
+            counter.add(documents=1, tokens=len(ids))
             yield ids
 
     records = list(rows_lib.pack(tokenised(), seq_len + 1))
     if train and records and len(records[-1]) <= seq_len:
         records.pop()
-    say(f"data: packed {count:,} documents, {tokens:,} tokens into {len(records):,} rows of {seq_len + 1} "
-        f"({time.time() - start:.1f} s)")
+    counter.done(f"{len(records):,} rows of {seq_len + 1}")
     return records
 
 

@@ -30,19 +30,17 @@ import itertools
 import multiprocessing
 import os
 import signal
-import time
 from collections.abc import Iterator
 
 from array_record.python import array_record_module
 import numpy as np
 
-from colax import data_config, rows, sources, tokenizer
+from colax import data_config, progress, rows, sources, tokenizer
 from colax import workdir as workdir_lib
 from colax.errors import ConfigError, DataError
 
 CHUNK_BYTES = 1 << 20  # documents are sent to the workers in chunks of about this much text
 IN_FLIGHT = 4  # chunks in flight per worker
-PROGRESS_EVERY = 10.0  # seconds between progress lines
 DATA_KEYS = ("source", "path", "val_path", "val_docs", "doc_split", "text_field", "on_bad_utf8", "tfds_name",
              "tfds_data_dir", "train_split", "val_split", "hf_name", "hf_config", "seq_len", "packing", "tokenizer")
 
@@ -60,20 +58,20 @@ class Plan:
 def _scan(cfg, paths: list[str], k: int, say) -> tuple[list[str], int, list]:
     """The first pass over local files: (the files to read, skipping non-UTF-8 ones when
     `on_bad_utf8` is "skip", their number of documents, the k smallest (digest, index))."""
-    good, bad, count, smallest, last = [], [], 0, [], time.time()
-    for i, path in enumerate(paths):
+    good, bad, count, smallest = [], [], 0, []
+    checking = progress.Progress("prepare: checking the files", say, total=len(paths))
+    for path in paths:
         try:
             local, n = sources.smallest_digests(sources.file_documents(cfg, path), k, count)
         except sources.NotUtf8 as e:
             if cfg.on_bad_utf8 == "fail":
                 raise DataError(str(e)) from None
             bad.append(path)
+            checking.add(files=1)
             continue
         good.append(path)
         count, smallest = count + n, heapq.nsmallest(k, smallest + local)
-        if time.time() - last > PROGRESS_EVERY:
-            last = time.time()
-            say(f"prepare: checking the files: {i + 1:,}/{len(paths):,}, {count:,} documents")
+        checking.add(files=1, documents=n)
     sources.warn_skipped(bad, len(paths))
     if not count:
         raise sources.no_documents(cfg, paths)
@@ -208,26 +206,6 @@ class _SplitWriter:
         return dict(documents=self.documents, rows=self.records, tokens=self.tokens, shards=self.shards)
 
 
-class _Progress:
-    """A line every PROGRESS_EVERY seconds: documents, docs/s, tokens, tokens/s, ETA."""
-
-    def __init__(self, total: int | None, say):
-        self.total, self.say, self.start, self.last, self.docs, self.tokens = total, say, time.time(), 0.0, 0, 0
-
-    def update(self, docs: int, tokens: int, final: bool = False) -> None:
-        self.docs, self.tokens = self.docs + docs, self.tokens + tokens
-        now = time.time()
-        if not final and now - self.last < PROGRESS_EVERY:
-            return
-        self.last, secs = now, max(now - self.start, 1e-9)
-        line = (f"prepare: {self.docs:,} documents ({self.docs / secs:,.0f}/s), {self.tokens:,} tokens "
-                f"({self.tokens / secs:,.0f}/s)")
-        if self.total and not final:
-            left = (self.total - self.docs) / max(self.docs / secs, 1e-9)
-            line += f", {100 * self.docs / self.total:.1f}%, ETA {time.strftime('%H:%M:%S', time.gmtime(left))}"
-        self.say(line + (f", done in {secs:.1f} s" if final else ""))
-
-
 def _check_out(out: str, overwrite: bool) -> None:
     if os.path.exists(os.path.join(out, rows.MANIFEST)) and not overwrite:
         raise DataError(f"--out {out} holds prepared data (manifest.json): pass --overwrite to replace it")
@@ -278,7 +256,7 @@ def _write(c, p: Plan, tok, out, workers, records_per_shard, say) -> dict:
     """The second pass of `prepare` (the shards, the manifest last); returns the manifest."""
     writers = {split: _SplitWriter(out, split, records_per_shard) for split in ("train", "val")}
     packers = {split: rows.Packer(c.seq_len + 1) for split in writers} if c.packing else None
-    progress = _Progress(p.total, say)
+    counter = progress.Progress("prepare", say, p.total)
     items = ((docs, None if c.packing else c.seq_len) for docs in _chunks(p.docs()))
     encoded = _ordered_map(_encode, items, workers or os.cpu_count() or 1, (os.path.join(out, rows.TOKENIZER),))
     for splits, ids in encoded:
@@ -288,12 +266,12 @@ def _write(c, p: Plan, tok, out, workers, records_per_shard, say) -> dict:
             writers[split].documents += 1
             for r in packers[split].add(record) if packers else [record]:
                 writers[split].write(r)
-        progress.update(len(ids), sum(len(i) + 1 for i in ids))
+        counter.add(documents=len(ids), tokens=sum(len(i) + 1 for i in ids))
     if packers:  # validation keeps the stream's last, shorter row; training drops it
         for r in packers["val"].tail():
             writers["val"].write(r)
     splits = {split: w.close() for split, w in writers.items()}
-    progress.update(0, 0, final=True)
+    counter.done()
     return write_manifest(c, tok, records_per_shard, p.files, splits, out)
 
 

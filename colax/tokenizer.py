@@ -26,7 +26,7 @@ import dataclasses  # noqa: E402
 from etils import epath  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 
-from colax import data_config, rows, sources  # noqa: E402
+from colax import data_config, progress, rows, sources  # noqa: E402
 from colax import workdir as workdir_lib  # noqa: E402
 from colax.errors import ConfigError, DataError  # noqa: E402
 
@@ -103,12 +103,19 @@ def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
 
 
 def _train_proto(docs: Iterable[str], name: str, vocab_size: int, model_type: str,
-                 sample_docs: int) -> bytes:
-    """A serialized SentencePiece model trained on the first `sample_docs` docs (`name`: for errors)."""
-    model = io.BytesIO()
+                 sample_docs: int, say=print) -> bytes:
+    """A serialized SentencePiece model trained on the first `sample_docs` docs (`name`: for errors);
+    `say` gets the progress lines (`colax.progress`: the documents read, then the time taken)."""
+    model, counter = io.BytesIO(), progress.Progress("tokenizer: training", say, total=sample_docs)
+
+    def sample():
+        for doc in itertools.islice(iter(docs), sample_docs):
+            counter.add(documents=1)
+            yield doc
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=itertools.islice(iter(docs), sample_docs),
+            sentence_iterator=sample(),
             model_writer=model, vocab_size=vocab_size, model_type=model_type,
             pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=True,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -118,6 +125,7 @@ def _train_proto(docs: Iterable[str], name: str, vocab_size: int, model_type: st
     except RuntimeError as e:
         raise DataError(f"tokenizer training for {name}: "
                         f"{str(e).strip().splitlines()[-1]}") from None
+    counter.done(f"{vocab_size} pieces")
     return model.getvalue()
 
 
@@ -182,7 +190,8 @@ def find_or_train(cfg_data, workdir: str, vocab_size: int = 0, reuse: bool = Tru
         raise ConfigError("data.tokenizer_vocab_size is 0 (the model's) but no model vocab size was given")
     workdir_lib.note(f"data: training a {size}-piece {cfg_data.tokenizer_model_type} tokenizer for {cached}")
     docs = sources.train_documents(cfg_data, cfg_data.tokenizer_sample_docs) if sample is None else sample
-    proto = _train_proto(docs, str(cached), size, cfg_data.tokenizer_model_type, cfg_data.tokenizer_sample_docs)
+    proto = _train_proto(docs, str(cached), size, cfg_data.tokenizer_model_type, cfg_data.tokenizer_sample_docs,
+                         workdir_lib.note)
     return _from_proto(proto, cached), proto
 
 
