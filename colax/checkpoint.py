@@ -293,7 +293,8 @@ def load_params(cfg, workdir, step=None):
         saved = f" (saved steps: {', '.join(map(str, mngr.all_steps()))})" if mngr.all_steps() else ""
         raise DataError(f"no checkpoint{'' if step is None else f' of step {step}'} in "
                         f"{epath.Path(workdir) / 'checkpoints'}{saved}")
-    params, _ = state.abstract_state(spec, optim.make(cfg.optim, cfg.train.steps), sharding.make_mesh(cfg.mesh))
+    tx = optim.make(cfg.optim, cfg.train.steps, projection=spec.projection)
+    params, _ = state.abstract_state(spec, tx, sharding.make_mesh(cfg.mesh))
     stored = ocp.StandardCheckpointHandler().metadata(mngr.directory / str(step) / "state").tree
     check_shapes(params, stored["params"], f"checkpoint {mngr.directory / str(step)}")
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(

@@ -13,7 +13,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from colax import data, errors, model, optim, projections, sharding, tokenizer
+from colax import data_config, errors, model, optim, projections, sharding, tokenizer
 from colax.errors import ConfigError
 
 # The paper's model sizes: hidden, intermediate, heads, layers, rank, CoLA peak lr, steps, warmup,
@@ -81,7 +81,7 @@ def train_defaults():
 def defaults():
     """The full schema with default values: every key a config may set."""
     return ml_collections.ConfigDict(dict(
-        model=model.defaults(), data=data.defaults(), optim=optim.defaults(), train=train_defaults(),
+        model=model.defaults(), data=data_config.defaults(), optim=optim.defaults(), train=train_defaults(),
         mesh=sharding.defaults()))
 
 
@@ -93,10 +93,10 @@ PAPER_DATA = dict(source="hf", hf_name="allenai/c4", hf_config="en", tokenizer=t
 
 def preset(kind, size, pure_bf16=False):
     """The paper's config for `kind` at `size`: model, optimizer, steps and (PAPER_DATA) data; "tiny"
-    keeps the demo data of `colax.data.defaults()`. `pure_bf16`: the authors' pure-bf16 run (their
+    keeps the demo data of `colax.data_config.defaults()`. `pure_bf16`: the authors' pure-bf16 run (their
     scripts' `--dtype bfloat16`, e.g. SwitchLoRA's llama/main.py:109,426-427): parameters, and with
     them SwitchLoRA's candidate pools, in bfloat16 (`model.param_dtype`; Adam's moments stay float32,
-    `colax.row_adam`).
+    `optim.scale_by_adam`).
 
     `kind` is a projection kind but "dense" (`projections.PROJECTIONS`) or a `VARIANTS` name. Every
     preset starts from the size's model and rank with the full-rank lr (`FULL_RANK_LR`) and the size's
@@ -220,7 +220,7 @@ def validate(cfg):
     check_keys(cfg)
     sharding.mesh_shape(cfg.mesh, jax.device_count())
     spec = model.spec_from_config(cfg.model)
-    data.validate(cfg.data)
+    data_config.validate(cfg.data)
     t = cfg.train
     for field, low in _TRAIN_MINIMUM.items():
         if not (isinstance(t[field], int) and t[field] >= low):

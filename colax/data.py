@@ -1,4 +1,4 @@
-"""The `config.data` section and the grain input pipeline.
+"""The grain input pipeline: one host's batches of a data section (`colax.data_config`).
 
 A batch is one host's share of the global batch: a dict of numpy arrays, all
 of shape [batch, seq_len]:
@@ -31,10 +31,7 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: one line, exi
     errors.exit_on_signal("interrupted")
 
 import functools  # noqa: E402
-import itertools  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
 
 from absl import flags  # noqa: E402
 import grain  # noqa: E402
@@ -42,100 +39,12 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from colax import progress  # noqa: E402
 from colax import rows as rows_lib  # noqa: E402
 from colax import sources  # noqa: E402
+from colax.data_config import SOURCES, defaults, validate  # noqa: E402,F401  (colax.data's names for the section)
 from colax.errors import ConfigError  # noqa: E402
-
-SOURCES = ("stdlib", "text", "jsonl", "tfds", "hf", "prepared")
-
-
-def defaults() -> ml_collections.ConfigDict:
-    """The `config.data` section; every key is described in docs/data.md."""
-    return ml_collections.ConfigDict(dict(
-        source="stdlib",  # stdlib (embedded corpus) | text | jsonl | tfds | hf | prepared
-        path="",  # text/jsonl: file or glob, comma-separated list; .gz ok; prepared: the folder
-        prepared_index="memory",  # prepared: the shards' record index in memory (fast reads) | disk (flat memory)
-        val_path="",  # text/jsonl: validation file(s), read as path; empty: hold out val_docs by hash
-        doc_split="blank_line",  # text: blank_line | line
-        text_field="text",  # jsonl / tfds / hf record field holding the text
-        on_bad_utf8="skip",  # skip (count logged) | fail
-        tfds_name="c4/en:3.1.0",
-        tfds_data_dir="",  # empty: TFDS default (~/tensorflow_datasets)
-        train_split="train",  # tfds / hf split names
-        val_split="validation",
-        hf_name="allenai/c4",
-        hf_config="en",
-        hf_shuffle_buffer=10_000,
-        val_docs=64,  # local sources: documents held out by content hash
-        seq_len=256,
-        packing=False,  # False: the paper's truncate/pad, one doc per row
-        row_shuffle_window=4096,  # packing, train, hf/tfds (streamed) only: rows shuffled in windows of this many
-        seed=0,
-        shuffle=True,
-        worker_count=0,  # grain worker processes; 0 = threads in-process
-        read_threads=4,
-        prefetch=8,  # batches buffered ahead per host
-        tokenizer="",  # .model path or http(s) URL (fetched into the workdir); empty: train once, cache in workdir
-        tokenizer_vocab_size=0,  # a trained tokenizer's pieces; 0: model.vocab_size
-        tokenizer_model_type="bpe",  # bpe | unigram
-        tokenizer_sample_docs=1000,
-    ))
-
-
-def _check(ok: bool, field: str, want: str, got) -> None:
-    if not ok:
-        raise ConfigError(f"data.{field} must be {want}, got {got!r}")
-
-
-def validate(cfg_data, global_batch_size: int | None = None,
-             process_count: int = 1) -> None:
-    """Raises ConfigError naming the first bad field of `cfg_data`."""
-    c = cfg_data
-    _check(c.source in SOURCES, "source", f"one of {SOURCES}", c.source)
-    _check(c.source not in ("text", "jsonl") or bool(c.path.strip()), "path",
-           f"a file or glob for source {c.source!r}", c.path)
-    _check(c.source != "prepared" or bool(c.path.strip()), "path",
-           "the folder of `python -m colax.data prepare` for source 'prepared'", c.path)
-    _check(not c.val_path or c.source in ("text", "jsonl", "prepared"), "val_path",
-           f"empty for source {c.source!r} (it is for text and jsonl)", c.val_path)
-    _check(c.prepared_index in ("memory", "disk"), "prepared_index", "'memory' or 'disk'", c.prepared_index)
-    _check(c.doc_split in ("blank_line", "line"), "doc_split",
-           "'blank_line' or 'line'", c.doc_split)
-    _check(c.on_bad_utf8 in ("skip", "fail"), "on_bad_utf8", "'skip' or 'fail'",
-           c.on_bad_utf8)
-    _check(c.seq_len >= 2, "seq_len", ">= 2", c.seq_len)
-    _check(c.row_shuffle_window >= 0, "row_shuffle_window", ">= 0 (0: no row shuffle)",
-           c.row_shuffle_window)
-    _check(c.val_docs >= 1, "val_docs", ">= 1", c.val_docs)
-    _check(0 <= c.seed < 2**32, "seed", "in [0, 2**32)", c.seed)
-    _check(c.worker_count >= 0, "worker_count", ">= 0", c.worker_count)
-    _check(c.read_threads >= 1, "read_threads", ">= 1", c.read_threads)
-    _check(c.prefetch >= 1, "prefetch", ">= 1", c.prefetch)
-    _check(c.tokenizer_model_type in ("unigram", "bpe"), "tokenizer_model_type",
-           "'unigram' or 'bpe'", c.tokenizer_model_type)
-    _check(c.tokenizer_vocab_size == 0 or c.tokenizer_vocab_size >= 300, "tokenizer_vocab_size",
-           "0 (model.vocab_size) or >= 300", c.tokenizer_vocab_size)
-    if global_batch_size is not None and global_batch_size % process_count:
-        raise ConfigError(f"global batch size {global_batch_size} must be "
-                          f"divisible by the process count {process_count}")
-
-
-def train_documents(cfg_data, max_docs: int) -> Iterator[str]:
-    """Up to `max_docs` training documents, spread evenly over the train split.
-
-    Used to train the tokenizer; the order is fixed (no dependence on the seed).
-    """
-    if cfg_data.source == "hf":
-        docs = sources.hf_documents(cfg_data, "train", 0, 1, shuffle=False)
-        return itertools.islice((ex[cfg_data.text_field] for ex in docs), max_docs)
-    docs = sources.document_dataset(cfg_data, "train")
-    return iter(docs[::sample_step(len(docs), max_docs)])
-
-
-def sample_step(count: int, max_docs: int) -> int:
-    """Every how many of `count` documents one is taken to train the tokenizer on at most `max_docs`."""
-    return max(1, -(-count // max_docs))
-
+from colax.sources import train_documents  # noqa: E402,F401  (colax.data's name for it)
 
 def paper_example(doc: str, tokenizer, seq_len: int) -> dict:
     """One row of the paper's mode: the first seq_len tokens + EOS, padded.
@@ -188,26 +97,20 @@ def _say(process_index: int, message: str) -> None:
 
 def packed_records(docs, tokenizer, seq_len: int, train: bool, say=lambda message: None) -> list:
     """The packed records (int32 [seq_len + 1], `colax.rows.pack`) of `docs` (str, in corpus order),
-    tokenised here; training drops a last, shorter record. `say` gets a progress line every 10 s
-    and a last one."""
-    start = last = time.time()
-    count = tokens = 0
+    tokenised here; training drops a last, shorter record. `say` gets the progress lines
+    (`colax.progress`: every 10 s and a last one)."""
+    counter = progress.Progress("data: packing", say)
 
     def tokenised():
-        nonlocal count, tokens, last
         for doc in docs:
             ids = rows_lib.document_tokens(tokenizer.encode(doc), tokenizer.eos_id)
-            count, tokens = count + 1, tokens + len(ids)
-            if time.time() - last > 10:
-                last = time.time()
-                say(f"data: packing: {count:,} documents, {tokens:,} tokens ({last - start:.0f} s)")
+            counter.add(documents=1, tokens=len(ids))
             yield ids
 
     records = list(rows_lib.pack(tokenised(), seq_len + 1))
     if train and records and len(records[-1]) <= seq_len:
         records.pop()
-    say(f"data: packed {count:,} documents, {tokens:,} tokens into {len(records):,} rows of {seq_len + 1} "
-        f"({time.time() - start:.1f} s)")
+    counter.done(f"{len(records):,} rows of {seq_len + 1}")
     return records
 
 
@@ -400,7 +303,8 @@ class _HFIterator(grain.DatasetIterator):
         self._it = None
 
 
-
-if __name__ == "__main__":  # python -m colax.data prepare ...
-    from colax import prepare  # pylint: disable=g-import-not-at-top
-    prepare.cli()
+if __name__ == "__main__":  # python -m colax.data prepare ... | verify DIR: the command of colax.prepare_cli
+    from colax import prepare_cli  # noqa: E402  (the layer above; run as a program this module is __main__)
+    __doc__ = prepare_cli.__doc__  # --help: the command's usage ...
+    flags.adopt_module_key_flags(prepare_cli)  # ... and its flags
+    prepare_cli.main()

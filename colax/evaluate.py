@@ -20,6 +20,7 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: one line, exi
     errors.exit_on_signal("interrupted")
     host.reuse_freed_memory()  # before JAX starts its threads (colax.host)
 
+import functools  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -28,10 +29,10 @@ import sys  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import tqdm  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from colax import data, sharding, state, step  # noqa: E402
+from colax import progress as progress_lib  # noqa: E402
 from colax import run as run_lib  # noqa: E402
 from colax.errors import ConfigError, DataError, exit_on_error, parse_flags  # noqa: E402
 
@@ -80,18 +81,18 @@ def perplexity(loss):
 def sweep(batch_sums, params, batches, convention="token", max_tokens=0, progress=False):
     """Loss of `params` over `batches` (host batches), read until more than `max_tokens` non-pad
     input tokens (0: all). batch_sums: `make_batch_sums`'s. Returns {"loss", "ppl", "convention",
-    "batches", "targets", "input_tokens"}."""
+    "batches", "targets", "input_tokens"}. `progress`: progress lines on stderr (`colax.progress`)."""
     sums, inputs = [], 0
-    bar = tqdm.tqdm(unit="batch", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    say = functools.partial(print, file=sys.stderr, flush=True) if progress else lambda line: None
+    counter = progress_lib.Progress("evaluate", say, total=max_tokens or None)
     for batch in batches:
         if max_tokens and inputs > max_tokens:
             break
         sums.append(jax.device_get(batch_sums(params, batch)))
         inputs += int(sums[-1][2])  # global: every host stops after the same batch
-        bar.update()
-        bar.set_postfix_str(f"loss {mean_loss(sums, convention):.4f}, {inputs:,} tokens", refresh=False)
-    bar.close()
+        counter.add(tokens=int(sums[-1][2]), batches=1)
     loss = mean_loss(sums, convention)
+    counter.done(f"loss {loss:.4f}")
     return dict(loss=loss, ppl=perplexity(loss), convention=convention, batches=len(sums),
                 targets=int(np.sum(sums, axis=0)[1]) if sums else 0, input_tokens=inputs)
 
@@ -148,4 +149,5 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
+    flags.adopt_module_key_flags(run_lib)  # --help: the run's flags too (--workdir, --step, --config)
     app.run(main, flags_parser=parse_flags)

@@ -186,4 +186,5 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
+    flags.adopt_module_key_flags(run_lib)  # --help: the run's flags too (--workdir, --step, --config)
     app.run(main, flags_parser=parse_flags)

@@ -139,16 +139,28 @@ def check_model(o, spec):
                           f"(largest: {name} {list(shape)})")
 
 
-def vector_axis(keys):
-    """The axis along which the entries of one vector of the parameter at dict-key path `keys` share an
-    Adam step count (`row_adam`): what a projection kind names for that leaf in its `vector_steps`
-    (leaf name -> axis) for a decoder-block parameter; None (one count per parameter) for the rest.
-    Per-vector counts that are never reset equal one count per parameter, so a name shared with a
-    kind that does not reset (LoRA's lora_a, lora_b) changes nothing there."""
-    table = {leaf: axis for kind in projections.PROJECTIONS.values()
-             for leaf, axis in getattr(kind, "vector_steps", {}).items()}
-    in_block = len(keys) == 3 and keys[0] in ("blocks", "first_block")
-    return table.get(keys[-1]) if in_block else None
+def vector_steps(projection) -> dict:
+    """{leaf name: axis} of the decoder-block parameters for which the projection kind `projection` (a
+    `projections.PROJECTIONS` name; None: none) asks for an Adam step count per vector (its
+    `vector_steps`: SwitchLoRA, whose switches reset vectors); {} for every other kind."""
+    return getattr(projections.PROJECTIONS[projection], "vector_steps", {}) if projection else {}
+
+
+def scale_by_adam(b1, b2, eps, vector_steps=None):
+    """Adam's scaling, moments float32 from init (or the parameter's dtype if wider: `step.grads`' gradients
+    are float32, so a pure-bf16 run's moments keep their dtype and the jitted step compiles once).
+    `vector_steps` ({leaf name: axis}, `vector_steps(projection)`) naming some leaf: one step count per
+    vector of those leaves in a decoder block (`row_adam.scale_by_row_adam`, the state a kind's reset
+    needs); else `optax.scale_by_adam`, its state optax's own."""
+    if not vector_steps:
+        adam = optax.scale_by_adam(b1, b2, eps)
+        return optax.GradientTransformation(lambda params: adam.init(row_adam.moment_zeros(params)), adam.update)
+
+    def vector_axis(keys):
+        in_block = len(keys) == 3 and keys[0] in ("blocks", "first_block")
+        return vector_steps.get(keys[-1]) if in_block else None
+
+    return row_adam.scale_by_row_adam(b1, b2, eps, vector_axis)
 
 
 def scale_by_learning_rate_then_decay(lr_schedule, weight_decay, mask=None):
@@ -167,18 +179,19 @@ def scale_by_learning_rate_then_decay(lr_schedule, weight_decay, mask=None):
     return optax.GradientTransformation(inner.init, update)
 
 
-def make(o, total_steps, full_rank=False):
-    """optax transformation: clip_by_global_norm (if grad_clip > 0), then AdamW (Adam with a step count
-    per vector where a projection kind names one, `vector_axis`), or GaLore/Fira on the `projected`
-    weights and the reference's Adam on the rest, with decoupled weight decay on the schedule:
-    AdamW's `optax.adamw`'s (-lr · wd · p of the p before the step, as torch's AdamW), GaLore/Fira's
-    their reference's (of the stepped p, `scale_by_learning_rate_then_decay`); over the trainable
-    parameters only (`model.trainable_mask(params, full_rank)`): frozen ones get no optimizer state
-    and a zero update. `full_rank`: the optimizer of the full-rank warm start (`optim.full_rank_steps`)."""
-    adam = row_adam.scale_by_row_adam(o.b1, o.b2, o.eps, vector_axis)
+def make(o, total_steps, full_rank=False, projection=None):
+    """optax transformation: clip_by_global_norm (if grad_clip > 0), then AdamW (`scale_by_adam`: with a
+    step count per vector where the run's projection kind `projection` asks for one, `vector_steps`;
+    else optax's), or GaLore/Fira on the `projected` weights and the reference's Adam on the rest, with
+    decoupled weight decay on the schedule: AdamW's `optax.adamw`'s (-lr · wd · p of the p before the
+    step, as torch's AdamW), GaLore/Fira's their reference's (of the stepped p,
+    `scale_by_learning_rate_then_decay`); over the trainable parameters only
+    (`model.trainable_mask(params, full_rank)`): frozen ones get no optimizer state and a zero update.
+    `full_rank`: the optimizer of the full-rank warm start (`optim.full_rank_steps`)."""
+    adam = scale_by_adam(o.b1, o.b2, o.eps, vector_steps(projection))
     mask = None if o.decay_norms else decay_mask
     lr = schedule(o, total_steps, full_rank)
-    # optax.adamw is this chain with scale_by_adam (the same update without per-vector counts) first.
+    # optax.adamw is this chain with optax's scale_by_adam first.
     tail = (optax.add_decayed_weights(o.weight_decay, mask), optax.scale_by_learning_rate(lr))
     if o.name != "adamw":  # the reference AdamW's two parameter groups: projected, and the rest
         low_rank = galore.scale_by_galore(o.rank, o.update_proj_gap, o.scale, o.b1, o.b2, o.eps, fira=o.name == "fira")

@@ -1,8 +1,6 @@
 """Prepared shards: a corpus tokenised once into the row store's array_record shards (`colax.rows`).
 
-  python -m colax.data prepare --config configs/tiny.py --out DIR [--config.data.path=...]
-      [--workers N] [--records_per_shard N] [--overwrite] [--runner=DirectRunner [-- BEAM_OPTIONS]]
-
+`prepare` (its command line: `python -m colax.data prepare`, `colax.prepare_cli`)
 reads the config's source (`config.data`: stdlib, text, jsonl, tfds, hf; local files one at a time,
 line by line), tokenises in `--workers` processes (or, with --runner, in an Apache Beam pipeline:
 `colax.prepare_beam`, the same files) and writes DIR in the format of `colax.rows`, the
@@ -22,9 +20,8 @@ is written last, atomically, with each shard's size and sha256; a folder without
 data, and running again over it starts over (the files of an earlier prepare are deleted first). A
 folder with a manifest is replaced only with --overwrite.
 
-  python -m colax.data verify DIR
-
-reads all of DIR's records and checks each shard's sha256 (`rows.verify`).
+`python -m colax.data verify DIR` reads all of DIR's records and checks each shard's sha256
+(`rows.verify`).
 """
 
 import collections
@@ -33,19 +30,17 @@ import itertools
 import multiprocessing
 import os
 import signal
-import time
 from collections.abc import Iterator
 
 from array_record.python import array_record_module
 import numpy as np
 
-from colax import data, errors, rows, sources, tokenizer
+from colax import data_config, progress, rows, sources, tokenizer
 from colax import workdir as workdir_lib
 from colax.errors import ConfigError, DataError
 
 CHUNK_BYTES = 1 << 20  # documents are sent to the workers in chunks of about this much text
 IN_FLIGHT = 4  # chunks in flight per worker
-PROGRESS_EVERY = 10.0  # seconds between progress lines
 DATA_KEYS = ("source", "path", "val_path", "val_docs", "doc_split", "text_field", "on_bad_utf8", "tfds_name",
              "tfds_data_dir", "train_split", "val_split", "hf_name", "hf_config", "seq_len", "packing", "tokenizer")
 
@@ -53,7 +48,7 @@ DATA_KEYS = ("source", "path", "val_path", "val_docs", "doc_split", "text_field"
 class Plan:
     """What the second pass reads: `docs()` yields (split, document) in corpus order; `total` the
     number of documents (None: unknown, hf), `sample(k)` the tokenizer's training documents (None:
-    `data.train_documents`'s random access), and
+    `sources.train_documents`'s random access), and
     `files` the local files read ([{path, bytes}])."""
 
     def __init__(self, docs, total, sample, files):
@@ -63,20 +58,20 @@ class Plan:
 def _scan(cfg, paths: list[str], k: int, say) -> tuple[list[str], int, list]:
     """The first pass over local files: (the files to read, skipping non-UTF-8 ones when
     `on_bad_utf8` is "skip", their number of documents, the k smallest (digest, index))."""
-    good, bad, count, smallest, last = [], [], 0, [], time.time()
-    for i, path in enumerate(paths):
+    good, bad, count, smallest = [], [], 0, []
+    checking = progress.Progress("prepare: checking the files", say, total=len(paths))
+    for path in paths:
         try:
             local, n = sources.smallest_digests(sources.file_documents(cfg, path), k, count)
         except sources.NotUtf8 as e:
             if cfg.on_bad_utf8 == "fail":
                 raise DataError(str(e)) from None
             bad.append(path)
+            checking.add(files=1)
             continue
         good.append(path)
         count, smallest = count + n, heapq.nsmallest(k, smallest + local)
-        if time.time() - last > PROGRESS_EVERY:
-            last = time.time()
-            say(f"prepare: checking the files: {i + 1:,}/{len(paths):,}, {count:,} documents")
+        checking.add(files=1, documents=n)
     sources.warn_skipped(bad, len(paths))
     if not count:
         raise sources.no_documents(cfg, paths)
@@ -90,8 +85,8 @@ def _local_docs(cfg, paths: list[str], split_of) -> Iterator[tuple[str, str]]:
 
 
 def _train_sample(docs, count: int, k: int) -> Iterator[str]:
-    """The tokenizer's training documents of (split, document) pairs: `data.train_documents`' choice."""
-    return itertools.islice((doc for split, doc in docs if split == "train"), 0, None, data.sample_step(count, k))
+    """The tokenizer's training documents of (split, document) pairs: `sources.train_documents`' choice."""
+    return itertools.islice((doc for split, doc in docs if split == "train"), 0, None, sources.sample_step(count, k))
 
 
 def plan(cfg, say=print) -> Plan:
@@ -127,7 +122,7 @@ def _streamed_plan(cfg) -> Plan:
                   for split in ("train", "val")}
         total = None
     docs = lambda: ((split, doc) for split in ("train", "val") for doc in splits[split])
-    return Plan(docs, total, lambda k: None, [])  # find_or_train samples them (data.train_documents)
+    return Plan(docs, total, lambda k: None, [])  # find_or_train samples them (sources.train_documents)
 
 
 _WORKER_TOKENIZER = None
@@ -211,26 +206,6 @@ class _SplitWriter:
         return dict(documents=self.documents, rows=self.records, tokens=self.tokens, shards=self.shards)
 
 
-class _Progress:
-    """A line every PROGRESS_EVERY seconds: documents, docs/s, tokens, tokens/s, ETA."""
-
-    def __init__(self, total: int | None, say):
-        self.total, self.say, self.start, self.last, self.docs, self.tokens = total, say, time.time(), 0.0, 0, 0
-
-    def update(self, docs: int, tokens: int, final: bool = False) -> None:
-        self.docs, self.tokens = self.docs + docs, self.tokens + tokens
-        now = time.time()
-        if not final and now - self.last < PROGRESS_EVERY:
-            return
-        self.last, secs = now, max(now - self.start, 1e-9)
-        line = (f"prepare: {self.docs:,} documents ({self.docs / secs:,.0f}/s), {self.tokens:,} tokens "
-                f"({self.tokens / secs:,.0f}/s)")
-        if self.total and not final:
-            left = (self.total - self.docs) / max(self.docs / secs, 1e-9)
-            line += f", {100 * self.docs / self.total:.1f}%, ETA {time.strftime('%H:%M:%S', time.gmtime(left))}"
-        self.say(line + (f", done in {secs:.1f} s" if final else ""))
-
-
 def _check_out(out: str, overwrite: bool) -> None:
     if os.path.exists(os.path.join(out, rows.MANIFEST)) and not overwrite:
         raise DataError(f"--out {out} holds prepared data (manifest.json): pass --overwrite to replace it")
@@ -256,7 +231,7 @@ def prepare(cfg, out: str, workers: int = 0, records_per_shard: int = rows.RECOR
     prepare into it is named and left alone); ConfigError / DataError (one line) before anything is
     written on a bad config, a bad input, or a finished `out` without `overwrite`."""
     c = cfg.data
-    data.validate(c)
+    data_config.validate(c)
     if c.source == "prepared":
         raise ConfigError("data.source must be the corpus to prepare, got 'prepared'")
     if records_per_shard < 1:
@@ -281,7 +256,7 @@ def _write(c, p: Plan, tok, out, workers, records_per_shard, say) -> dict:
     """The second pass of `prepare` (the shards, the manifest last); returns the manifest."""
     writers = {split: _SplitWriter(out, split, records_per_shard) for split in ("train", "val")}
     packers = {split: rows.Packer(c.seq_len + 1) for split in writers} if c.packing else None
-    progress = _Progress(p.total, say)
+    counter = progress.Progress("prepare", say, p.total)
     items = ((docs, None if c.packing else c.seq_len) for docs in _chunks(p.docs()))
     encoded = _ordered_map(_encode, items, workers or os.cpu_count() or 1, (os.path.join(out, rows.TOKENIZER),))
     for splits, ids in encoded:
@@ -291,12 +266,12 @@ def _write(c, p: Plan, tok, out, workers, records_per_shard, say) -> dict:
             writers[split].documents += 1
             for r in packers[split].add(record) if packers else [record]:
                 writers[split].write(r)
-        progress.update(len(ids), sum(len(i) + 1 for i in ids))
+        counter.add(documents=len(ids), tokens=sum(len(i) + 1 for i in ids))
     if packers:  # validation keeps the stream's last, shorter row; training drops it
         for r in packers["val"].tail():
             writers["val"].write(r)
     splits = {split: w.close() for split, w in writers.items()}
-    progress.update(0, 0, final=True)
+    counter.done()
     return write_manifest(c, tok, records_per_shard, p.files, splits, out)
 
 
@@ -313,50 +288,3 @@ def write_manifest(c, tok, records_per_shard: int, files: list, splits: dict, ou
                     data={k: c[k] for k in DATA_KEYS}, sources=files, splits=splits)
     workdir_lib.atomic_write(os.path.join(out, rows.MANIFEST), rows.manifest_bytes(manifest))
     return manifest
-
-
-def cli() -> None:
-    """`python -m colax.data prepare` (module docstring) and `python -m colax.data verify DIR` (`rows.verify`)."""
-    from absl import app, flags  # pylint: disable=g-import-not-at-top
-    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-    from colax import config as config_lib  # pylint: disable=g-import-not-at-top
-
-    holder = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py): its data section.")
-    out = flags.DEFINE_string("out", None, "The folder to write (manifest.json, tokenizer.model, shards).")
-    workers = flags.DEFINE_integer("workers", 0, "Tokenising processes; 0: one per CPU.")
-    per_shard = flags.DEFINE_integer("records_per_shard", rows.RECORDS_PER_SHARD, "Records per shard file.")
-    overwrite = flags.DEFINE_bool("overwrite", False, "Replace the prepared data in --out.")
-    runner = flags.DEFINE_string("runner", "", "Tokenise in an Apache Beam pipeline on this runner (DirectRunner, "
-                                 "FlinkRunner, ...; the beam extra), its options after --; empty: --workers processes.")
-
-    @errors.exit_on_error
-    def main(argv):
-        if argv[1:2] == ["verify"] and len(argv) == 3:
-            return verify_command(argv[2])
-        if argv[1:2] != ["prepare"] or (argv[2:] and not runner.value) or out.value is None \
-                or not flags.FLAGS[holder.name].present:
-            raise app.UsageError("usage: python -m colax.data prepare --config C --out DIR [--config.data.x=y] "
-                                 "[--runner=R [-- BEAM_OPTIONS]] | verify DIR")
-        errors.quiet_library_logs()
-        write = None
-        if runner.value:
-            from colax import prepare_beam  # pylint: disable=g-import-not-at-top
-            write = prepare_beam.writer(runner.value, argv[2:])
-        manifest = prepare(config_lib.from_flag(holder), out.value, workers.value, per_shard.value, overwrite.value,
-                           write=write)
-        counts = ", ".join(f"{split} {s['documents']:,} documents -> {s['rows']:,} rows in {len(s['shards'])} shard(s)"
-                           for split, s in manifest["splits"].items())
-        print(f"wrote {out.value}: {manifest['rows']} rows of {manifest['seq_len']} tokens, {counts}", flush=True)
-
-    app.run(main, flags_parser=errors.parse_flags)
-
-
-def verify_command(folder: str) -> None:
-    """`python -m colax.data verify DIR`: `rows.verify`, then one line saying what was checked."""
-    found = rows.verify(folder)
-    what = ("sizes, sha256 checksums and records match the manifest" if found["checksums"] else
-            "sizes and records match the manifest; the sha256 checksums were not checked: this manifest, of an "
-            "earlier colax, has none (prepare again to record them)")
-    print(f"verified {folder}: {found['shards']} shards, {found['records']:,} records, {found['tokens']:,} tokens: "
-          f"{what}", flush=True)

@@ -31,12 +31,11 @@ do not depend on the runner or on the number of workers.
 
 import json
 import os
-import time
 
 from array_record.python import array_record_module
 import numpy as np
 
-from colax import prepare, rows, sources, tokenizer
+from colax import prepare, progress, rows, sources, tokenizer
 from colax.errors import ConfigError
 
 try:
@@ -181,17 +180,14 @@ def writer(runner: str, beam_args: list[str]):
     def write(c, plan, tok, out, workers, records_per_shard, say) -> dict:
         if c.source in ("tfds", "hf"):
             raise ConfigError(f"data.source: --runner prepares stdlib, text or jsonl, not {c.source!r}")
-        start = time.time()
+        counter = progress.Progress(f"prepare: {runner}", say)
         with beam.Pipeline(options=PipelineOptions([f"--runner={runner}", *beam_args])) as p:
             build(p, c, _inputs(c, plan), out, records_per_shard)
         path = os.path.join(out, SPLITS)
         with open(path) as f:
             splits = json.load(f)
         os.unlink(path)
-        secs = time.time() - start
-        docs, tokens = (sum(s[k] for s in splits.values()) for k in ("documents", "tokens"))
-        say(f"prepare: {runner}: {docs:,} documents ({docs / secs:,.0f}/s), {tokens:,} tokens stored "
-            f"({tokens / secs:,.0f}/s) in {secs:.1f} s")
+        counter.done(**{k: sum(s[k] for s in splits.values()) for k in ("documents", "tokens")})
         return prepare.write_manifest(c, tok, records_per_shard, plan.files, splits, out)
 
     return write

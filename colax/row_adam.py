@@ -46,6 +46,12 @@ def count_shape(shape, axis):
     return tuple(1 if i == axis else n for i, n in enumerate(shape))
 
 
+def moment_zeros(params):
+    """Zeros for Adam's moments of `params`: float32, or the parameter's dtype if wider (the gradients
+    `colax.step.grads` gives are float32, so bf16 moments would come back float32 from the first update)."""
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
+
+
 def scale_by_row_adam(b1, b2, eps, vector_axis: Callable):
     """optax GradientTransformation: Adam's scaling (as `optax.scale_by_adam(b1, b2, eps)`) with one
     step count per vector.
@@ -58,8 +64,7 @@ def scale_by_row_adam(b1, b2, eps, vector_axis: Callable):
     def init(params):
         counts = tuple(jnp.zeros(count_shape(p.shape, vector_axis(param_keys(path))), jnp.int32)
                        for path, p in jax.tree_util.tree_leaves_with_path(params))
-        moments = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
-                   for _ in "mv")
+        moments = (moment_zeros(params) for _ in "mv")
         return ScaleByRowAdamState(counts, tuple(map(jnp.zeros_like, counts)), *moments)
 
     def update(updates, state, params=None):
@@ -88,6 +93,10 @@ def reset(opt_state, mask: Callable, hold=0):
     reset, broadcastable to its count (`count_shape`: e.g. [L, r, 1] for rows of A [L, r, in],
     [L, 1, r] for columns of B [L, out, r]); None: none of that parameter's.
     """
+
+    if find_state(opt_state) is None:
+        raise ValueError("row_adam.reset: opt_state has no per-vector Adam state (optim.make(..., projection=) of a "
+                         "kind with vector_steps)")
 
     def reset_state(s):
         if not isinstance(s, ScaleByRowAdamState):

@@ -306,3 +306,20 @@ def hf_documents(cfg, split: str, process_index: int, process_count: int,
         ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.hf_shuffle_buffer)
     field = cfg.text_field
     return ds.map(lambda ex: {field: ex[field]}).select_columns([field])
+
+
+def train_documents(cfg_data, max_docs: int) -> Iterator[str]:
+    """Up to `max_docs` training documents, spread evenly over the train split.
+
+    Used to train the tokenizer; the order is fixed (no dependence on the seed).
+    """
+    if cfg_data.source == "hf":
+        docs = hf_documents(cfg_data, "train", 0, 1, shuffle=False)
+        return itertools.islice((ex[cfg_data.text_field] for ex in docs), max_docs)
+    docs = document_dataset(cfg_data, "train")
+    return iter(docs[::sample_step(len(docs), max_docs)])
+
+
+def sample_step(count: int, max_docs: int) -> int:
+    """Every how many of `count` documents one is taken to train the tokenizer on at most `max_docs`."""
+    return max(1, -(-count // max_docs))

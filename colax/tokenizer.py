@@ -26,8 +26,7 @@ import dataclasses  # noqa: E402
 from etils import epath  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 
-from colax import data  # noqa: E402
-from colax import rows  # noqa: E402
+from colax import data_config, progress, rows, sources  # noqa: E402
 from colax import workdir as workdir_lib  # noqa: E402
 from colax.errors import ConfigError, DataError  # noqa: E402
 
@@ -104,12 +103,19 @@ def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
 
 
 def _train_proto(docs: Iterable[str], name: str, vocab_size: int, model_type: str,
-                 sample_docs: int) -> bytes:
-    """A serialized SentencePiece model trained on the first `sample_docs` docs (`name`: for errors)."""
-    model = io.BytesIO()
+                 sample_docs: int, say=print) -> bytes:
+    """A serialized SentencePiece model trained on the first `sample_docs` docs (`name`: for errors);
+    `say` gets the progress lines (`colax.progress`: the documents read, then the time taken)."""
+    model, counter = io.BytesIO(), progress.Progress("tokenizer: training", say, total=sample_docs)
+
+    def sample():
+        for doc in itertools.islice(iter(docs), sample_docs):
+            counter.add(documents=1)
+            yield doc
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=itertools.islice(iter(docs), sample_docs),
+            sentence_iterator=sample(),
             model_writer=model, vocab_size=vocab_size, model_type=model_type,
             pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=True,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -119,6 +125,7 @@ def _train_proto(docs: Iterable[str], name: str, vocab_size: int, model_type: st
     except RuntimeError as e:
         raise DataError(f"tokenizer training for {name}: "
                         f"{str(e).strip().splitlines()[-1]}") from None
+    counter.done(f"{vocab_size} pieces")
     return model.getvalue()
 
 
@@ -161,7 +168,7 @@ def find_or_train(cfg_data, workdir: str, vocab_size: int = 0, reuse: bool = Tru
     tokenizer.model; else the http(s) URL `cfg_data.tokenizer` downloaded (the paper's
     T5 model, T5_URL); else a tokenizer of `cfg_data.tokenizer_vocab_size` pieces (0: `vocab_size`,
     the model's) trained on the train split (the held-out documents never shape the vocabulary):
-    on `sample`, or if None on `data.train_documents`.
+    on `sample`, or if None on `sources.train_documents`.
     A prepared data's, downloaded or trained tokenizer comes with `proto`, its serialized model, not yet written to
     its path `workdir/tokenizer.model` (the caller writes it once every check has passed); else
     `proto` is None.
@@ -182,8 +189,9 @@ def find_or_train(cfg_data, workdir: str, vocab_size: int = 0, reuse: bool = Tru
     if not size:
         raise ConfigError("data.tokenizer_vocab_size is 0 (the model's) but no model vocab size was given")
     workdir_lib.note(f"data: training a {size}-piece {cfg_data.tokenizer_model_type} tokenizer for {cached}")
-    docs = data.train_documents(cfg_data, cfg_data.tokenizer_sample_docs) if sample is None else sample
-    proto = _train_proto(docs, str(cached), size, cfg_data.tokenizer_model_type, cfg_data.tokenizer_sample_docs)
+    docs = sources.train_documents(cfg_data, cfg_data.tokenizer_sample_docs) if sample is None else sample
+    proto = _train_proto(docs, str(cached), size, cfg_data.tokenizer_model_type, cfg_data.tokenizer_sample_docs,
+                         workdir_lib.note)
     return _from_proto(proto, cached), proto
 
 
@@ -214,7 +222,7 @@ def main(argv=None) -> int:
     t.add_argument("--sample-docs", type=int, default=1000)
     t.add_argument("--out", required=True, help="output prefix; writes OUT.model")
     args = p.parse_args(argv)
-    cfg = data.defaults()
+    cfg = data_config.defaults()
     cfg.update(source=args.source, path=args.path, doc_split=args.doc_split,
                text_field=args.text_field, tfds_name=args.tfds_name,
                tfds_data_dir=args.tfds_data_dir,
@@ -222,8 +230,8 @@ def main(argv=None) -> int:
                tokenizer_model_type=args.model_type,
                tokenizer_sample_docs=args.sample_docs)
     try:
-        data.validate(cfg)
-        tok = train_tokenizer(data.train_documents(cfg, args.sample_docs), args.out, args.vocab_size,
+        data_config.validate(cfg)
+        tok = train_tokenizer(sources.train_documents(cfg, args.sample_docs), args.out, args.vocab_size,
                               args.model_type, args.sample_docs)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

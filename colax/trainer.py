@@ -45,7 +45,8 @@ class Trainer:
 
     def tx(self, s):
         """The optimizer of the state after s optimizer steps."""
-        return optim.make(self.cfg.optim, self.cfg.train.steps, full_rank=self.full_rank(s))
+        return optim.make(self.cfg.optim, self.cfg.train.steps, full_rank=self.full_rank(s),
+                          projection=self.cfg.model.projection)
 
     def _compiled(self, name, make):
         if name not in self.compiled:

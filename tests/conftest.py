@@ -1,8 +1,17 @@
 """Shared fixtures: small model specs built through the real config path."""
 
+import jax
+import optax
 import pytest
 
-from colax import model
+from colax import model, row_adam
+
+
+def adam_state(opt_state):
+    """The Adam state inside `opt_state`: optax's `ScaleByAdamState` (AdamW of a kind without
+    `vector_steps`) or `row_adam.ScaleByRowAdamState` (with: SwitchLoRA)."""
+    is_adam = lambda x: isinstance(x, (optax.ScaleByAdamState, row_adam.ScaleByRowAdamState))
+    return next(s for s in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(s))
 
 
 def small_spec(**overrides):

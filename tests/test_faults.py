@@ -82,7 +82,7 @@ def poisoned(at, how):
     def make(graphdef, tx, skip, **kwargs):
         def update(g, state, params):
             updates, new_state = tx.update(g, state, params)
-            count = jnp.max(next(x for x in jax.tree.leaves(state) if x.dtype == jnp.int32))  # a leaf's (row_adam)
+            count = jnp.max(next(x for x in jax.tree.leaves(state) if x.dtype == jnp.int32))  # Adam's step count (optax's, or row_adam's per vector)
             hit = count == at - 1
             bad = (lambda u: u + jnp.where(hit, jnp.nan, 0.0)) if how == "nan" else (
                 lambda u: u * jnp.where(hit, 300.0, 1.0))

@@ -8,7 +8,8 @@ import optax
 import pytest
 from flax import nnx
 
-from colax import config, model, optim, projections, row_adam, step
+from colax import checkpoint, config, model, optim, projections, row_adam, sharding, state, step
+from conftest import adam_state, small_spec
 
 
 class FrozenBase(nnx.Module):
@@ -61,7 +62,8 @@ def test_frozen_and_integer_leaves_are_not_trained(frozen_setup):
 
     tx = optim.make(cfg.optim, 10)
     opt_state = tx.init(params)
-    adam = row_adam.find_state(opt_state)
+    adam = adam_state(opt_state)
+    assert isinstance(adam, optax.ScaleByAdamState)  # optax's own: SLTrain asks for no per-vector counts
     assert isinstance(adam.mu["blocks"]["q"]["base"], optax.MaskedNode)
     assert adam.mu["blocks"]["q"]["delta"].shape == params["blocks"]["q"]["delta"].shape
     train_step = jax.jit(step.make_train_step(graphdef, tx))
@@ -94,3 +96,33 @@ def test_pure_bf16_step_returns_the_state_dtypes_it_was_given():
     assert dtypes(new) == dtypes((params, opt_state))
     assert set(dtypes(params)) == {jnp.dtype(jnp.bfloat16)}
     assert jnp.dtype(jnp.float32) in dtypes(opt_state)
+
+
+@pytest.mark.parametrize("projection, adam_type", [("cola", optax.ScaleByAdamState),
+                                                   ("switchlora", row_adam.ScaleByRowAdamState)])
+def test_adamw_state_is_optax_unless_the_kind_asks_for_vector_counts_and_restores(projection, adam_type, tmp_path):
+    """AdamW keeps `optax.scale_by_adam`'s state where the projection kind asks for no per-vector step
+    counts (CoLA) and `row_adam`'s where it does (SwitchLoRA's `vector_steps`); a checkpoint of either,
+    after two steps, restores (`checkpoint.restore` onto `state.abstract_state`) to the same state, and
+    the step from it equals the uninterrupted run's."""
+    spec = small_spec(projection=projection, lora_alpha=1.0)
+    o = optim.defaults()
+    o.update(lr=1e-2, warmup_steps=0)
+    tx = optim.make(o, 10, projection=projection)
+    mesh = sharding.make_mesh(config.defaults().mesh)
+    graphdef, params, opt_state = state.init_state(spec, tx, mesh, seed=0)
+    assert isinstance(adam_state(opt_state), adam_type)
+    train = jax.jit(step.make_train_step(graphdef, tx))
+    tokens = jax.random.randint(jax.random.key(1), (3, 1, 2, 8), 0, spec.vocab_size)
+    batch = lambda i: dict(inputs=tokens[i], targets=jnp.roll(tokens[i], -1, -1), loss_mask=jnp.ones(tokens[i].shape))
+    for i in range(2):
+        params, opt_state = train(params, opt_state, batch(i))[:2]
+    mngr = checkpoint.manager(tmp_path, config.train_defaults(), owner=True)
+    checkpoint.save(mngr, 2, params, opt_state)
+    checkpoint.check_saves(mngr, wait=True)
+    s, restored_params, restored_state, _ = checkpoint.restore(mngr, lambda s: state.abstract_state(spec, tx, mesh))
+    assert s == 2 and isinstance(adam_state(restored_state), adam_type)
+    assert jax.tree.structure(restored_state) == jax.tree.structure(opt_state)
+    jax.tree.map(np.testing.assert_array_equal, (restored_params, restored_state), (params, opt_state))
+    after = train(restored_params, restored_state, batch(2))[:2]
+    jax.tree.map(np.testing.assert_array_equal, after, train(params, opt_state, batch(2))[:2])

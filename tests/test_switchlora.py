@@ -91,7 +91,7 @@ def test_updates_and_switches_equal_the_authors_code():
     o = optim.defaults()
     o.update(lr=0.01, warmup_steps=2, weight_decay=0.01, grad_clip=0.0, min_lr_ratio=0.0)
     steps = 12
-    tx, lr = optim.make(o, steps), optim.schedule(o, steps)
+    tx, lr = optim.make(o, steps, projection="switchlora"), optim.schedule(o, steps)
     opt_state = tx.init(params)
     rng = np.random.default_rng(0)
     data = {}
@@ -156,7 +156,7 @@ def tiny():
     params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(model.Transformer(spec, rngs=nnx.Rngs(0)))))()
     o = optim.defaults()
     o.update(lr=0.01, warmup_steps=0, weight_decay=0.0)
-    tx = optim.make(o, 100)
+    tx = optim.make(o, 100, projection="switchlora")
     rng = np.random.default_rng(1)
     random = lambda x: rng.standard_normal(x.shape).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else np.full(x.shape, 7, x.dtype)
     return spec, graphdef, params, tx, jax.tree.map(random, jax.eval_shape(tx.init, params))

@@ -6,7 +6,8 @@ its forward FLOPs per token and the logical axes of its parameters (for sharding
 a method needs it declares on that class, each optional (docs/methods.md#adding-the-next-method):
 `frozen` / `full_rank_frozen` / `state_leaves` / `padding` (what the optimizer trains and what
 `model.count_params` counts), `vector_steps` (leaf name -> axis: an Adam step count per vector of that
-leaf, colax.row_adam, for kinds that reset chosen vectors), `frozen_flops_per_token`, `first_layer` (cross-layer kinds), `invert`,
+leaf, colax.row_adam, for kinds that reset chosen vectors; a run of a kind without it keeps
+optax's `scale_by_adam`), `frozen_flops_per_token`, `first_layer` (cross-layer kinds), `invert`,
 `hook` (between-steps changes, colax.hooks), `config` and `check_config` (its own `model.<key>`
 config keys and their checks, collected by `config_defaults` and `model.spec_from_config`) and
 `preset` (its adjustments of the paper's recipe in `colax.config.preset`). Adding a method means
