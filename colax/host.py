@@ -18,10 +18,12 @@ select the CPU, or where the environment variable COLAX_MALLOC is "system".
 import ctypes
 import importlib.metadata
 import os
+import signal
 import sys
 
 ENV = "COLAX_MALLOC"  # "system": leave glibc's malloc as it is
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc <malloc.h>
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
 
 
@@ -54,3 +56,13 @@ def reuse_freed_memory():
     # heap instead of mmap, and free never returns the heap's top to the kernel (-1: no threshold).
     return all(libc.mallopt(param, value) == 1
                for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+
+
+def die_with_parent():
+    """This process gets SIGKILL when its parent dies (Linux; elsewhere nothing): a child that must
+    not outlive the process that reads its results (the supervised trainer, prepare's workers,
+    which would otherwise each print a BrokenPipeError traceback when a killed prepare's pipe closes)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass

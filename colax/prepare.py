@@ -30,12 +30,13 @@ import itertools
 import multiprocessing
 import os
 import signal
+import sys
 from collections.abc import Iterator
 
 from array_record.python import array_record_module
 import numpy as np
 
-from colax import data_config, progress, rows, sources, tokenizer
+from colax import data_config, host, progress, rows, sources, tokenizer
 from colax import workdir as workdir_lib
 from colax.errors import ConfigError, DataError
 
@@ -133,8 +134,12 @@ def _load_tokenizer(path: str) -> None:
     _WORKER_TOKENIZER = tokenizer.load_tokenizer(path)
 
 
+_QUIET_TRACKER = "ignore::UserWarning:multiprocessing.resource_tracker"
+
+
 def _init_worker(path: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops, the pool ends with it
+    host.die_with_parent()  # kill -9 of prepare: the workers end with it, without BrokenPipe tracebacks
     _load_tokenizer(path)
 
 
@@ -166,6 +171,10 @@ def _ordered_map(fn, items, workers: int, initargs) -> Iterator:
         _load_tokenizer(*initargs)
         yield from map(fn, items)
         return
+    # kill -9 of prepare leaves the pool's semaphores to multiprocessing's resource tracker (a process
+    # started with this one's -W options), which unlinks them: without its "leaked semaphore" warning
+    if _QUIET_TRACKER not in sys.warnoptions:
+        sys.warnoptions.append(_QUIET_TRACKER)
     with multiprocessing.get_context("spawn").Pool(workers, _init_worker, initargs) as pool:
         pending = collections.deque()
         for item in items:

@@ -16,7 +16,6 @@ SIGTERM and SIGINT sent to the supervisor are passed to the child once; kill -9 
 kills the child. Imports no jax.
 """
 
-import ctypes
 import os
 import queue
 import re
@@ -28,11 +27,12 @@ import time
 
 from etils import epath
 
+from colax import host
+
 CHILD_ENV = "COLAX_SUPERVISED"  # set in the child: it is not supervised again
 LOST_HOST_EXIT_CODE = 75  # EX_TEMPFAIL: relaunching every process resumes the run
 _RUNTIME_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")  # the C++ runtime's log lines (absl's format)
 _FATAL = re.compile(r"^F\d{4} .*(JAX distributed service|coordination service)")
-_PR_SET_PDEATHSIG = 1
 HOLD_S = 2.0  # the runtime's log lines (and the lines after them) are held this long: a FATAL line may follow
 
 
@@ -78,14 +78,6 @@ def _multi_process(argv):
     if count is not None:
         return count.isdigit() and int(count) > 1
     return "--distributed" in argv or "--distributed=true" in argv or cluster_launch()
-
-
-def _die_with_parent():
-    """In the child, before exec: SIGKILL when the supervisor dies (Linux; elsewhere nothing)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
 
 
 def _read(pipe, lines):
@@ -140,7 +132,7 @@ def supervise(argv=None):
     if os.environ.get(CHILD_ENV) or not _multi_process(argv[1:]):
         return
     child = subprocess.Popen([sys.executable, *argv], env=dict(os.environ, **{CHILD_ENV: "1"}),
-                             stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent)
+                             stderr=subprocess.PIPE, start_new_session=True, preexec_fn=host.die_with_parent)
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda signum, frame: child.send_signal(signum))
     fatal = _relay(child)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import chex
 import numpy as np
@@ -233,3 +234,28 @@ def test_streamed_sources_prepare(corpus, tmp_path):
     manifest = prepare.prepare(cfg, str(tmp_path / "from_hf"), workers=1)
     assert [manifest["splits"][s]["documents"] for s in ("train", "val")] == [8, 8]
     assert len(_batches(_prepared(cfg, tmp_path / "from_hf"), tok, 3)) == 3
+
+
+def test_a_killed_prepare_takes_its_workers_with_it_quietly(tmp_path):
+    """Issue 33, item 6: kill -9 of `prepare --workers 2` as its first shard appears (its workers
+    busy with the chunks in flight). main's workers each printed a BrokenPipeError traceback (their
+    results had nowhere to go) and multiprocessing's resource tracker a "leaked semaphore" warning;
+    now the workers end with it and nothing is printed."""
+    out, err = (open(tmp_path / name, "w+") for name in ("stdout", "stderr"))
+    proc = subprocess.Popen([sys.executable, "-m", "colax.data", "prepare", "--config", "configs/tiny.py", "--out",
+                             str(tmp_path / "out"), "--workers", "2", "--records_per_shard", "20"],
+                            stdout=out, stderr=err, cwd=ROOT)
+    deadline, workers = time.monotonic() + 300, []
+    shards = lambda: [n for _, _, names in os.walk(tmp_path / "out") for n in names if ".array_record" in n]
+    while time.monotonic() < deadline and proc.poll() is None and not shards():
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            workers = [int(pid) for pid in f.read().split()]
+        time.sleep(0.05)
+    assert proc.poll() is None, f"prepare ended before it was killed: {(tmp_path / 'stdout').read_text()}"
+    proc.kill()
+    proc.wait()
+    time.sleep(5)
+    assert len(workers) >= 2 and not [pid for pid in workers if os.path.exists(f"/proc/{pid}") and
+                                      open(f"/proc/{pid}/stat").read().split()[2] != "Z"], workers
+    err.seek(0)
+    assert err.read() == ""
