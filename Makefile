@@ -7,9 +7,10 @@ PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}{sys.ver
 CONSTRAINTS := constraints/py$(PYVER).txt
 STAMP := $(VENV)/.installed-$(PYVER)
 # The parity extra (the authors' PyTorch code) installs as a CPU build on Python 3.11 only; the
-# beam extra (apache-beam 2.77 needs numpy<2.5, 3.12's verified numpy is 2.5) too.
+# beam extra (apache-beam 2.77 needs numpy<2.5, 3.12's verified numpy is 2.5) too. The tpu extra
+# (libtpu, for the TPU-compile tests) installs on both.
 COMMA := ,
-EXTRAS := dev$(if $(filter 311,$(PYVER)),$(COMMA)parity$(COMMA)beam)
+EXTRAS := dev$(COMMA)tpu$(if $(filter 311,$(PYVER)),$(COMMA)parity$(COMMA)beam)
 
 .PHONY: demo test venv lock
 
