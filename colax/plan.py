@@ -432,7 +432,8 @@ def tpu_plan(cfg, topology, num_slices=1, estimate=True):
 
 def step_estimate(cfg, compiled, devices, mesh, accum, peak):
     """The TPU compiler's estimate of one optimizer step: {"flops_per_chip", "seconds", "tokens_per_second",
-    "mfu", "note"}. Its cost analysis counts a loop body once: the scanned blocks are corrected as
+    "mfu", "note", "parts"} ("parts": the {"flops", "optimal_seconds"} of the step as compiled and of
+    what the corrections add, per micro-batch). Its cost analysis counts a loop body once: the scanned blocks are corrected as
     `scan_correction` does (compiling two 4-block copies) and the loss's sequence chunks as
     `step_flops` does; the micro-batch loop is counted A times (so is the optimizer update: exact
     for A = 1). seconds etc. are None, and "note" says why, where the compiler gives no estimate or
@@ -453,7 +454,8 @@ def step_estimate(cfg, compiled, devices, mesh, accum, peak):
             parts.append({k: (chunks - 1) * v for k, v in chunk.items()})
     summed = {k: accum * sum(p[k] for p in parts if p) for k in keys}
     bad = [p["optimal_seconds"] for p in parts if p and not p["optimal_seconds"] > 0]
-    result = dict(flops_per_chip=summed["flops"], seconds=None, tokens_per_second=None, mfu=None, note=None)
+    result = dict(flops_per_chip=summed["flops"], seconds=None, tokens_per_second=None, mfu=None, note=None,
+                  parts=dict(zip(("as_compiled", "blocks_added", "loss_chunks_added"), parts)))
     if bad or not summed["optimal_seconds"] > 0:
         result["note"] = ("the compiler gave no step-time estimate" if any(math.isnan(b) for b in bad)
                           else f"the compiler's step-time estimate is not positive ({bad[0] if bad else summed['optimal_seconds']:.4g} s)")

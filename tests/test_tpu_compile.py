@@ -96,3 +96,25 @@ def test_mosaic_kernel_compiles_for_v5e_and_v5p():
     custom call per chip program (the forward; the backward is XLA's)."""
     out = _run(_KERNEL_AOT)
     assert out.split("\n")[:2] == ["v5e:2x2 1 True", "v5p:2x2x1 1 True"], out
+
+
+_TWO_SLICES = textwrap.dedent("""
+    from colax import config, plan, sharding
+    from colax.errors import ConfigError
+    cfg = config.from_file("configs/tiny.py")
+    cfg.mesh.update(data=-1, fsdp=2)
+    mesh = sharding.make_mesh(cfg.mesh, plan.topology_devices("v5e:2x2", num_slices=2))
+    print(dict(mesh.shape), [[d.slice_index for d in row.flat] for row in mesh.devices])
+    cfg.mesh.update(data=1, fsdp=-1)
+    try:
+        sharding.make_mesh(cfg.mesh, plan.topology_devices("v5e:2x2", num_slices=2))
+    except ConfigError as e:
+        print(e)
+""")
+
+
+def test_two_slices_put_the_data_axis_across_slices():
+    """--num_slices 2: each slice holds half of the data axis whole (fsdp and tensor stay in a slice)."""
+    shape, error = _run(_TWO_SLICES).strip().splitlines()
+    assert shape == "{'data': 4, 'fsdp': 2, 'tensor': 1} [[0, 0], [0, 0], [1, 1], [1, 1]]"
+    assert error == "mesh.data=1 must be a multiple of the 2 slices (data parallelism spans the slices)"
