@@ -11,9 +11,10 @@ CONSTRAINTS := constraints/py$(PYVER).txt
 STAMP := $(VENV)/.installed-$(PYVER)
 DEMO_STAMP := $(VENV)/.installed-$(PYVER)-base
 # The parity extra (the authors' PyTorch code) installs as a CPU build on Python 3.11 only; the
-# beam extra (apache-beam 2.77 needs numpy<2.5, 3.12's verified numpy is 2.5) too.
+# beam extra (apache-beam 2.77 needs numpy<2.5, 3.12's verified numpy is 2.5) too. The tpu extra
+# (libtpu, for the TPU-compile tests) installs on both.
 COMMA := ,
-EXTRAS := dev$(if $(filter 311,$(PYVER)),$(COMMA)parity$(COMMA)beam)
+EXTRAS := dev$(COMMA)tpu$(if $(filter 311,$(PYVER)),$(COMMA)parity$(COMMA)beam)
 
 .PHONY: demo test venv lock
 

@@ -215,10 +215,11 @@ _TRAIN_MINIMUM = dict(steps=1, batch_size=1, micro_batch_size=1, log_every=1, ke
                       max_skipped_steps=0, spike_window=1, resume_step=0)
 
 
-def validate(cfg):
-    """Checks the whole config; returns the ModelSpec. Raises ConfigError naming the bad field."""
+def validate(cfg, num_devices=None):
+    """Checks the whole config for a run on `num_devices` devices (default: this run's,
+    `jax.device_count()`); returns the ModelSpec. Raises ConfigError naming the bad field."""
     check_keys(cfg)
-    sharding.mesh_shape(cfg.mesh, jax.device_count())
+    sharding.mesh_shape(cfg.mesh, num_devices or jax.device_count())
     spec = model.spec_from_config(cfg.model)
     data_config.validate(cfg.data)
     t = cfg.train
@@ -232,7 +233,7 @@ def validate(cfg):
         raise ConfigError(f"train.spike_nats must be a number of nats >= 0 (0: off), got {t.spike_nats!r}")
     if t.sample_temperature < 0:
         raise ConfigError(f"train.sample_temperature must be >= 0, got {t.sample_temperature!r}")
-    accum_steps(cfg)
+    accum_steps(cfg, num_devices)
     optim.validate(cfg.optim, t.steps)
     optim.check_model(cfg.optim, spec)
     kind = projections.PROJECTIONS[spec.projection]
@@ -248,9 +249,10 @@ def validate(cfg):
     return spec
 
 
-def accum_steps(cfg):
-    """Micro-batches per optimizer step: batch_size / (micro_batch_size * data-parallel devices)."""
-    data_size, fsdp, _ = sharding.mesh_shape(cfg.mesh, jax.device_count())
+def accum_steps(cfg, num_devices=None):
+    """Micro-batches per optimizer step: batch_size / (micro_batch_size * data-parallel devices), on
+    `num_devices` devices (default: all of this run's, `jax.device_count()`)."""
+    data_size, fsdp, _ = sharding.mesh_shape(cfg.mesh, num_devices or jax.device_count())
     rows = cfg.train.micro_batch_size * data_size * fsdp
     if cfg.train.batch_size % rows:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by "

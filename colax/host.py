@@ -11,8 +11,9 @@ at its peak (+1.7 GiB, 3.3 -> 5.1 GiB, for that step).
 It must run before the JAX backend starts its threads (a thread that already has its own malloc arena
 keeps it); train.py, `python -m colax.evaluate`, `python -m colax.generate`,
 benchmarks/cpu_step.py and the notebooks' setup cell call it first thing. It does nothing off
-Linux/glibc, where an accelerator plugin (CUDA, ROCm, TPU) is installed and JAX_PLATFORMS does not
-select the CPU, or where the environment variable COLAX_MALLOC is "system".
+Linux/glibc, where an accelerator plugin (CUDA, ROCm; libtpu only where a TPU chip is attached: the
+`tpu` extra installs it on CPU machines to compile for TPU topologies) is installed and JAX_PLATFORMS
+does not select the CPU, or where the environment variable COLAX_MALLOC is "system".
 """
 
 import ctypes
@@ -27,13 +28,22 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
 
 
+def _tpu_attached():
+    """Whether a TPU chip is on this machine's PCI bus (jax's own test, before it loads libtpu)."""
+    from jax._src import hardware_utils  # imports jax, starts no backend
+
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+
+
 def _cpu_backend():
-    """Whether JAX will run on the CPU: JAX_PLATFORMS starts with cpu, or no accelerator plugin is installed."""
+    """Whether JAX will run on the CPU: JAX_PLATFORMS starts with cpu, or no accelerator plugin is
+    installed (libtpu counts only with a TPU chip attached)."""
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
-    names = (dist.metadata["Name"] or "" for dist in importlib.metadata.distributions())
-    return not any(name.lower().startswith(_ACCELERATOR_PLUGINS) for name in names)
+    names = [(dist.metadata["Name"] or "").lower() for dist in importlib.metadata.distributions()]
+    plugins = {p for p in _ACCELERATOR_PLUGINS for name in names if name.startswith(p)}
+    return not plugins - {"libtpu"} and not ("libtpu" in plugins and _tpu_attached())
 
 
 def _glibc():

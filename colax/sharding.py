@@ -12,6 +12,7 @@ import math
 
 import jax
 import ml_collections
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from colax.errors import ConfigError
@@ -72,10 +73,19 @@ def mesh_shape(cfg_mesh, num_devices):
 
 
 def make_mesh(cfg_mesh, devices=None):
-    """A mesh with automatic (GSPMD) axes over `devices` (default: all)."""
+    """A mesh with automatic (GSPMD) axes over `devices` (default: all). Devices of several TPU
+    slices (`slice_index`) are laid out with the data axis across slices (over the data-centre
+    network; `mesh_utils.create_hybrid_device_mesh`), the rest within each slice."""
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(cfg_mesh, len(devices))
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    if shape[0] % slices:
+        raise ConfigError(f"mesh.data={shape[0]} must be a multiple of the {slices} slices (data parallelism "
+                          "spans the slices)")
+    grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices)
+    return jax.sharding.Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
 def logical_spec(logical_axes):

@@ -56,9 +56,7 @@ class Trainer:
     def __call__(self, s, params, opt_state, batches):
         """Optimizer step s on `batches` ([A, B, T] micro-batches) -> (params, opt_state, metrics)."""
         full_rank = self.full_rank(s - 1)
-        train_step = self._compiled(("step", full_rank), lambda: state.jit_train_step(
-            step.make_train_step(self.graphdef, self.tx(s - 1), self.cfg.train.on_nonfinite == "skip",
-                                 full_rank=full_rank), params, opt_state, self.mesh, rng=self.rng))
+        train_step = self.jitted_step(full_rank, params, opt_state)
         key = (dropout_key(self.cfg.train.seed, s),) if self.rng else ()
         if s == 1:
             params, opt_state = self._hook(0, full_rank, params, opt_state)
@@ -67,6 +65,15 @@ class Trainer:
         if s == self.cfg.optim.full_rank_steps:
             opt_state = self._switch(params, opt_state)
         return params, opt_state, metrics
+
+    def jitted_step(self, full_rank, params, opt_state):
+        """The jitted training step of a phase (`state.jit_train_step`), made once when first asked for;
+        `params`, `opt_state`: the state (or its ShapeDtypeStructs) whose tree structure it takes.
+        `colax.plan --topology` lowers this very step for a TPU topology."""
+        s = 0 if full_rank else self.cfg.optim.full_rank_steps  # a step of the phase
+        return self._compiled(("step", full_rank), lambda: state.jit_train_step(
+            step.make_train_step(self.graphdef, self.tx(s), self.cfg.train.on_nonfinite == "skip",
+                                 full_rank=full_rank), params, opt_state, self.mesh, rng=self.rng))
 
     def _hook(self, s, full_rank, params, opt_state):
         """(params, opt_state) after the hook at s (s optimizer steps done), where due."""

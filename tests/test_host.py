@@ -12,6 +12,7 @@ times in twelve runs under a concurrent job), so the test asserts on the median 
 import statistics
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -69,4 +70,17 @@ def test_colax_malloc_system_leaves_malloc():
 @pytest.mark.parametrize("platforms, expected", [("cpu", True), ("cuda", False), ("tpu,cpu", False)])
 def test_only_for_a_cpu_backend(monkeypatch, platforms, expected):
     monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert host._cpu_backend() is expected
+
+
+@pytest.mark.parametrize("plugin, tpu_chips, expected", [("libtpu", 0, True), ("libtpu", 4, False),
+                                                         ("jax-cuda12-plugin", 0, False), ("numpy", 0, True)])
+def test_libtpu_counts_only_with_a_tpu_attached(monkeypatch, plugin, tpu_chips, expected):
+    """The tpu extra (libtpu, for `colax.plan --topology`) on a machine with no TPU leaves the CPU backend."""
+    from jax._src import hardware_utils
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(host.importlib.metadata, "distributions",
+                        lambda: [types.SimpleNamespace(metadata={"Name": plugin})])
+    monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (tpu_chips, None))
     assert host._cpu_backend() is expected

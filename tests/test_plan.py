@@ -86,3 +86,44 @@ def test_cli_json_has_the_documented_keys():
     assert set(p["memory"]) >= {"argument_bytes", "output_bytes", "temp_bytes"}
     # fp32 params and two Adam moments are arguments of the step.
     assert p["memory"]["argument_bytes"] >= 3 * 4 * p["params"] and p["memory"]["temp_bytes"] > 0
+
+
+# --topology (compiled by libtpu: tests/test_tpu_compile.py); what needs no libtpu is tested here.
+_HLO = """
+  %all-reduce.43 = (bf16[32,344]{1,0:T(8,128)(2,1)S(1)}, f32[]{:T(128)}) all-reduce(%fusion.701, %r), channel_id=4
+  %get-tuple-element.5762 = bf16[32,344]{1,0:T(8,128)(2,1)S(1)} get-tuple-element(%all-reduce.43), index=0
+  %all-gather-start = (f32[8,128]{1,0}, f32[32,128]{1,0}) all-gather-start(%p), dimensions={0}
+  %all-gather-done = f32[32,128]{1,0} all-gather-done(%all-gather-start)
+  %reduce-scatter.2 = pred[64]{0} reduce-scatter(%q), dimensions={0}, to_apply=%add
+  %fusion.3 = f32[4]{0} fusion(%all-reduce.43), kind=kLoop, calls=%fused_computation
+"""
+
+
+def test_collective_bytes_by_kind_from_hlo():
+    assert plan.collective_bytes(_HLO) == {"all-reduce": dict(count=1, bytes=32 * 344 * 2 + 4),
+                                           "all-gather": dict(count=1, bytes=32 * 128 * 4),
+                                           "reduce-scatter": dict(count=1, bytes=64)}
+
+
+def test_needed_bytes_from_the_tpu_compilers_message():
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(31.51G) exceeds available HBM (15.75G).")  # libtpu 0.0.42.1, CoLA 1B at 32 x 256 on v5e
+    assert plan.needed_bytes(message) == ("HLO temporaries", 31.51 * 2**30, 15.75 * 2**30)
+    assert plan.needed_bytes("RESOURCE_EXHAUSTED: something else") is None
+
+
+def test_a_step_that_does_not_fit_is_one_line_with_the_change_that_fits():
+    p = dict(topology="v5e:2x2", num_slices=1, chips=4, device_kind="TPU v5 lite", mesh=dict(data=4, fsdp=1, tensor=1),
+             accum_steps=1, tokens_per_step=32768, param_bytes=2**30, optimizer_bytes=2**31, fits=False,
+             error="RESOURCE_EXHAUSTED: ...", needed_for="HLO temporaries", needed_bytes=31.5 * 2**30,
+             compiler_hbm_bytes=15.75 * 2**30, fit_change="--config.train.micro_batch_size=8")
+    last = plan.format_tpu_text(p).splitlines()[-1]
+    assert last == ("HBM               does not fit: the TPU compiler says its HLO temporaries need 31.50 GiB, "
+                    "the chip has 15.75 GiB; fits with --config.train.micro_batch_size=8")
+
+
+def test_unknown_tpu_generation_is_one_line():
+    out = subprocess.run([sys.executable, "-m", "colax.plan", "--config", "configs/tiny.py", "--topology", "v9:2x2"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: --topology=v9:2x2: unknown TPU generation 'v9' (known: v4, v5e, v5p, v6e), e.g. v5e:2x2"], out.stderr

@@ -36,6 +36,10 @@ class Blocks:
     num_warps: int = 4
     num_stages: int = 3
 
+    def forward(self, z, b, interpret=False):
+        """silu(z) @ B by this kernel (`silu_matmul_fwd_kernel`); `silu_matmul` calls it."""
+        return silu_matmul_fwd_kernel(z, b, self, interpret)
+
     def fit(self, n, r, d_out):
         """These blocks shrunk to the problem (no tile much larger than its dimension)."""
         clamp = lambda block, dim: max(16, min(block, pl.next_power_of_2(dim)))
@@ -105,12 +109,15 @@ def silu_matmul_fwd_kernel(z, b, blocks=Blocks(), interpret=False):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def silu_matmul(z, b, blocks=Blocks(), interpret=False):
-    """Differentiable silu(z) @ B: Pallas forward, XLA backward. z: [N, R], B: [R, O] -> [N, O]."""
-    return silu_matmul_fwd_kernel(z, b, blocks, interpret)
+    """Differentiable silu(z) @ B: Pallas forward, XLA backward. z: [N, R], B: [R, O] -> [N, O].
+
+    The forward is `blocks.forward`: this module's Triton kernel for `Blocks`, the Mosaic kernel
+    for `cola_pallas_tpu.TpuBlocks`."""
+    return blocks.forward(z, b, interpret)
 
 
 def _fwd(z, b, blocks, interpret):
-    return silu_matmul_fwd_kernel(z, b, blocks, interpret), (z, b)
+    return blocks.forward(z, b, interpret), (z, b)
 
 
 def _bwd(blocks, interpret, res, dy):
