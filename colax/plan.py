@@ -53,7 +53,7 @@ def compile_step(spec, cfg, batch_size, seq_len):
     dropout's PRNG key where the model takes one (`model.uses_rng`)."""
     graphdef, state = nnx.split(model_lib.abstract_model(spec))
     params = nnx.to_pure_dict(state)
-    tx = optim.make(cfg.optim, cfg.train.steps)
+    tx = optim.make(cfg.optim, cfg.train.steps, projection=cfg.model.projection)
     opt_state = jax.eval_shape(tx.init, params)
     tokens = jax.ShapeDtypeStruct((1, batch_size, seq_len), jnp.int32)
     batch = dict(inputs=tokens, targets=tokens, loss_mask=jax.ShapeDtypeStruct(tokens.shape, jnp.float32))
@@ -166,7 +166,7 @@ def optimizer_state(spec, cfg):
         except ConfigError as e:
             rows.append(dict(name=name, error=str(e), current=name == cfg.optim.name))
             continue
-        state = jax.eval_shape(optim.make(o, cfg.train.steps).init, params)
+        state = jax.eval_shape(optim.make(o, cfg.train.steps, projection=cfg.model.projection).init, params)
         rows.append(dict(name=name, bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)),
                          current=name == cfg.optim.name))
     for row in rows:
