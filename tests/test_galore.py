@@ -220,9 +220,9 @@ def test_plan_reports_the_optimizer_state_the_rank_implies():
     # from the left (P [m, r], moments [r, n]): r * (n + 2m) or r * (m + 2n)
     low_rank = layers * (4 * r * (d + 2 * d) + r * (d + 2 * f) + 2 * r * (d + 2 * f))
     counts = 3 * 4  # int32 step counts: Adam, GaLore, the lr schedule
-    # AdamW (colax.row_adam): a step count and a hold per trained leaf (12), the lr schedule's count
+    # AdamW (optax.scale_by_adam: full rank asks for no per-vector counts): its step count, the lr schedule's
     rows = {row["name"]: row for row in plan.optimizer_state(spec, cfg)}
-    assert rows["adamw"]["bytes"] == 8 * total + 4 * (2 * 12 + 1)
+    assert rows["adamw"]["bytes"] == 8 * total + 4 * 2
     assert rows["galore"]["bytes"] == 8 * (total - projected) + 4 * low_rank + counts
     assert rows["fira"]["bytes"] == rows["galore"]["bytes"] + 7 * layers * 4  # one norm per matrix
     assert rows["galore"]["current"] and rows["galore"]["vs_adamw"] == rows["galore"]["bytes"] / rows["adamw"]["bytes"]
