@@ -28,6 +28,8 @@ MICRO = [f"--steps={STEPS}", f"--batch_size={BATCH}", f"--micro_batch_size={BATC
          "--config.data.tokenizer_sample_docs=20", "--config.data.val_docs=16", "--runs=llama,sltrain,cola,cola_m,galore,relora",
          "--config.optim.rank=4", "--config.optim.update_proj_gap=2"]
 
+pytestmark = pytest.mark.slow  # runs benchmarks/compare.py's trainings: CI runs it on Python 3.11 only
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):

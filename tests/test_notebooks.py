@@ -66,6 +66,7 @@ def test_one_setup_cell_for_colab_and_a_fresh_kernel():
         assert imports <= {"colax", "matplotlib", "numpy", "jax", "os", "json", "importlib", "math"}, imports
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_runs_with_the_small_budget(path, tmp_path):
     (tmp_path / "configs").symlink_to(ROOT / "configs")

@@ -62,6 +62,7 @@ def test_cpu_attention_adds_one_qk_product_per_layer():
     assert ours - jax_attention == pytest.approx(spec.num_layers * 2 * 256 * spec.hidden_size, rel=0.2)
 
 
+@pytest.mark.slow
 def test_cola_over_full_rank_training_flops_at_1b():
     ratios = {}
     for source in ("analytic", "xla"):

@@ -78,6 +78,7 @@ def test_cola_m_on_full_rank_is_a_config_error():
         plan.remat_row(config.preset("llama", "tiny"), "cola_m")
 
 
+@pytest.mark.slow
 def test_cola_m_at_1b_paper_micro_batch_memory_and_flops():
     # configs/cola_1b.py at 32 x 256, bf16 (measured on CPU: temp 0.256x, FLOPs 1.130x of none).
     cfg = config.preset("cola", "1b")

@@ -17,6 +17,7 @@ from conftest import small_spec
 TESTS = Path(__file__).parent
 
 
+@pytest.mark.slow
 def test_multidevice_suite_passes():
     flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
     env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}", "JAX_PLATFORMS": "cpu"}
