@@ -13,7 +13,9 @@ keeps it); train.py, `python -m colax.evaluate`, `python -m colax.generate`,
 benchmarks/cpu_step.py and the notebooks' setup cell call it first thing. It does nothing off
 Linux/glibc, where an accelerator plugin (CUDA, ROCm; libtpu only where a TPU chip is attached: the
 `tpu` extra installs it on CPU machines to compile for TPU topologies) is installed and JAX_PLATFORMS
-does not select the CPU, or where the environment variable COLAX_MALLOC is "system".
+does not select the CPU, or where the environment variable COLAX_MALLOC is "system". Where libtpu is
+installed with no TPU chip (and JAX_PLATFORMS is unset) it sets JAX_PLATFORMS=cpu for the process
+and its children: JAX would run on the CPU anyway, after starting libtpu in vain.
 """
 
 import ctypes
@@ -35,15 +37,30 @@ def _tpu_attached():
     return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
 
 
+def _plugins():
+    """The accelerator plugins installed (names from _ACCELERATOR_PLUGINS)."""
+    names = [(dist.metadata["Name"] or "").lower() for dist in importlib.metadata.distributions()]
+    return {p for p in _ACCELERATOR_PLUGINS for name in names if name.startswith(p)}
+
+
 def _cpu_backend():
     """Whether JAX will run on the CPU: JAX_PLATFORMS starts with cpu, or no accelerator plugin is
     installed (libtpu counts only with a TPU chip attached)."""
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
-    names = [(dist.metadata["Name"] or "").lower() for dist in importlib.metadata.distributions()]
-    plugins = {p for p in _ACCELERATOR_PLUGINS for name in names if name.startswith(p)}
+    plugins = _plugins()
     return not plugins - {"libtpu"} and not ("libtpu" in plugins and _tpu_attached())
+
+
+def _skip_idle_libtpu():
+    """JAX_PLATFORMS=cpu where it is unset, libtpu is the only accelerator plugin and no TPU chip is
+    attached (the `tpu` extra on a CPU machine): JAX would start libtpu in every process in vain (about
+    2 s, and five lines of its warnings on stderr) before running on the CPU. Returns whether it did."""
+    if os.environ.get("JAX_PLATFORMS") or _plugins() != {"libtpu"} or _tpu_attached():
+        return False
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    return True
 
 
 def _glibc():
@@ -56,7 +73,9 @@ def _glibc():
 
 def reuse_freed_memory():
     """Keep freed memory in the process (one malloc arena, no mmap, no trimming) on a CPU backend
-    under glibc; returns whether it did. COLAX_MALLOC=system turns it off."""
+    under glibc; returns whether it did. COLAX_MALLOC=system turns it off. First, on a machine whose
+    only accelerator plugin is a libtpu with no TPU chip, it selects the CPU (`_skip_idle_libtpu`)."""
+    _skip_idle_libtpu()
     if os.environ.get(ENV, "").lower() == "system" or not _cpu_backend():
         return False
     libc = _glibc()

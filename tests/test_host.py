@@ -10,6 +10,7 @@ times in twelve runs under a concurrent job), so the test asserts on the median 
 """
 
 import statistics
+import os
 import subprocess
 import sys
 import types
@@ -84,3 +85,21 @@ def test_libtpu_counts_only_with_a_tpu_attached(monkeypatch, plugin, tpu_chips, 
                         lambda: [types.SimpleNamespace(metadata={"Name": plugin})])
     monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (tpu_chips, None))
     assert host._cpu_backend() is expected
+
+
+@pytest.mark.parametrize("plugins, tpu_chips, platforms, expected", [
+    (["libtpu"], 0, None, "cpu"), (["libtpu"], 4, None, None), (["libtpu", "jax-cuda12-plugin"], 0, None, None),
+    (["numpy"], 0, None, None), (["libtpu"], 0, "tpu", "tpu")])
+def test_an_idle_libtpu_is_not_started(monkeypatch, plugins, tpu_chips, platforms, expected):
+    """The tpu extra on a machine with no TPU: JAX_PLATFORMS=cpu (JAX would start libtpu in vain and print
+    its warnings); a TPU chip, another plugin or the user's JAX_PLATFORMS leaves the platforms alone."""
+    from jax._src import hardware_utils
+
+    monkeypatch.setenv("JAX_PLATFORMS", platforms or "")  # restored after the test, also where it was unset
+    if platforms is None:
+        monkeypatch.delenv("JAX_PLATFORMS")
+    monkeypatch.setattr(host.importlib.metadata, "distributions",
+                        lambda: [types.SimpleNamespace(metadata={"Name": p}) for p in plugins])
+    monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (tpu_chips, None))
+    assert host._skip_idle_libtpu() is (expected == "cpu" and platforms is None)
+    assert os.environ.get("JAX_PLATFORMS") == expected
