@@ -294,8 +294,9 @@ def print_table(table, tokens_per_step):
         full = table.get(("llama", dtype))
         rec["colax_over_torch"] = torch["median"] / colax["median"] if torch else None
         rec["over_full_rank"] = full["colax"]["median"] / colax["median"] if full and name != "llama" else None
+        torch_tps = torch and tokens_per_step / torch["median"]
         print(f"{name:<8} {dtype:<9} {colax['median']:>8.3f} {fmt(torch and torch['median'], '>8.3f')} "
-              f"{tokens_per_step / colax['median']:>11.0f} {fmt(torch and tokens_per_step / torch['median'], '>11.0f')} "
+              f"{tokens_per_step / colax['median']:>11.0f} {fmt(torch_tps, '>11.0f')} "
               f"{fmt(rec['colax_over_torch'], '>11.2f')} {fmt(rec['over_full_rank'], '>11.2f')} "
               f"{colax['spread']:>5.2f}/{fmt(torch and torch['spread'], '<5.2f')} "
               f"{rec['load_before'][0]:>8.2f}/{rec['load_after'][0]:<8.2f}", flush=True)

@@ -226,8 +226,9 @@ def parse(argv):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
-    p.add_argument("--attention", choices=step_common.ATTENTION, help="the attention kernel (default: the model's: sdpa)")
-    p.add_argument("--malloc", default="system", choices=["system", "colax"], help="glibc malloc: untouched, or colax.host's")
+    p.add_argument("--attention", choices=step_common.ATTENTION, help="the attention kernel (default: the model's, sdpa)")
+    p.add_argument("--malloc", default="system", choices=["system", "colax"],
+                   help="glibc malloc: untouched, or colax.host's")
     p.add_argument("--cola_repo", help="a clone of alvin-zyl/CoLA: time the authors' own model classes")
     p.add_argument("--weights", help=".npz of initial weights (the authors' / HF names), else random init")
     p.add_argument("--spec", help="the JSON of cpu_step.spec (else read from colax's preset)")
