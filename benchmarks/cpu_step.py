@@ -14,7 +14,7 @@ on the same model at the same sizes, in a process that imports no jax and leaves
 transformers' LlamaForCausalLM (llama), the authors' CoLA forward transcribed in tests/official/cola.py
 (cola) and cut into their CoLA-M checkpoint segments (cola_m), both with the sdpa attention the
 authors' models get by default; with --cola_repo, the authors' own model classes. Both start from
-colax's initial weights (the authors' models from their own init), take the same uniform random
+colax's initial weights (the authors' CoLA-M from its own init), take the same uniform random
 tokens, the summed-then-averaged token cross-entropy, global-norm clipping at the preset's
 `optim.grad_clip` and AdamW at the preset's lr, betas, eps and weight decay. float32: parameters and
 compute in fp32; bfloat16: pure bf16 (colax param_dtype and dtype bfloat16, torch
@@ -196,7 +196,7 @@ def child_commands(args, name, dtype, cfg, weights):
              "--threads", str(args.torch_threads), "--malloc", args.torch_malloc, "--spec", json.dumps(spec(cfg))]
     torch += ["--attention", args.torch_attention] if args.torch_attention else []
     torch += ["--cola_repo", args.cola_repo] if args.cola_repo else []
-    if name == "llama" or not args.cola_repo:  # the authors' models take their own init
+    if not (args.cola_repo and name == "cola_m"):  # the authors' CoLA-M takes its own init
         colax += ["--weights_out", weights]
         torch += ["--weights", weights]
     return {"colax": colax, "torch": torch}

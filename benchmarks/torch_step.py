@@ -20,8 +20,9 @@ jax and this process does not):
 
 Weights: --weights (an .npz of the authors' / Hugging Face state dict names, as
 `colax.convert.to_tensors` writes them: cpu_step.py passes colax's initial weights), else the
-model's own random init (transformers'; the transcription draws ColaLayer's). The authors' models
-take their own init. Uniform random tokens (seed 0), the summed-then-averaged token cross-entropy,
+model's own random init (transformers'; the transcription draws ColaLayer's). The authors' CoLA-M
+takes its own init (its module names are its own); their CoLA loads the weights, and then starts from
+colax's first loss. Uniform random tokens (seed 0), the summed-then-averaged token cross-entropy,
 global-norm clipping at the preset's grad_clip, torch.optim.AdamW at its lr, betas, eps and weight
 decay. `torch.set_num_threads(--threads)` (default: the cores); glibc's malloc is left as it is
 unless --malloc colax (colax.host's setting, a diagnostic). jax is never imported.
@@ -115,7 +116,8 @@ def random_cola_tensors(spec, seed=0):
 
 def model(row, spec, tensors=None, attention=None, cola_repo=None):
     """(forward: int64 [B, T] -> logits [B, T, V], parameters, the attention kernel's name) of row
-    `row` in `spec`'s dtype, from float32 `tensors` (the authors' / HF names) or the model's own init."""
+    `row` in `spec`'s dtype, from float32 `tensors` (the authors' / HF names) or the model's own init
+    (the authors' CoLA-M, --cola_repo, always its own)."""
     dtype = getattr(torch, spec["dtype"])
     if row == "llama" or cola_repo:
         net = llama_model(spec, attention) if row == "llama" else authors_model(cola_repo, row, spec, attention)
@@ -235,8 +237,8 @@ def parse(argv):
     args, rest = p.parse_known_args(argv)
     if any(not item.startswith("--config.") for item in rest):
         p.error(f"unrecognized arguments {' '.join(rest)}")
-    if args.weights and args.cola_repo and args.row != "llama":
-        p.error("--weights: the authors' models (--cola_repo) take their own init")
+    if args.weights and args.cola_repo and args.row == "cola_m":
+        p.error("--weights: the authors' CoLA-M (--cola_repo) takes its own init")
     return args, rest
 
 
