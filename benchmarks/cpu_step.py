@@ -1,70 +1,89 @@
-"""colax's training step against PyTorch's on the CPU: forward + backward + AdamW, tokens/s side by side.
+"""colax's training step against PyTorch's on the CPU: forward + backward + AdamW, each side in a
+process of its own, as its users run it; tokens/s side by side.
 
     python benchmarks/cpu_step.py [--size 60m] [--batch 8] [--seq_len 256] [--warmup 2] [--steps 5]
-        [--rounds 2] [--rows cola,llama,cola_m] [--dtypes float32,bfloat16] [--threads 2]
-        [--config.a.b=v ...]
+        [--rounds 2] [--rows llama,cola,cola_m] [--dtypes float32,bfloat16] [--no_torch]
+        [--torch_threads N] [--torch_malloc system|colax] [--torch_attention sdpa|eager]
+        [--cola_repo PATH] [--same_process] [--config.a.b=v ...]
 
 Per row (model x dtype) colax's step is the jitted step `train.py` runs (`colax.trainer.Trainer` on
 the state of `colax.state.init_state`, built from the preset `config.preset(kind, size)` with the
-batch set to one micro-batch of --batch x --seq_len); PyTorch's is the same model at the same sizes:
+batch set to one micro-batch of --batch x --seq_len), in a process that sets glibc's malloc as
+train.py does (`colax.host`; COLAX_MALLOC=system leaves it). PyTorch's is benchmarks/torch_step.py
+on the same model at the same sizes, in a process that imports no jax and leaves malloc alone:
+transformers' LlamaForCausalLM (llama), the authors' CoLA forward transcribed in tests/official/cola.py
+(cola) and cut into their CoLA-M checkpoint segments (cola_m), both with the sdpa attention the
+authors' models get by default; with --cola_repo, the authors' own model classes. Both start from
+colax's initial weights (the authors' CoLA-M from its own init), take the same uniform random
+tokens, the summed-then-averaged token cross-entropy, global-norm clipping at the preset's
+`optim.grad_clip` and AdamW at the preset's lr, betas, eps and weight decay. float32: parameters and
+compute in fp32; bfloat16: pure bf16 (colax param_dtype and dtype bfloat16, torch
+`model.to(bfloat16)`), the paper's mode.
 
-- llama: `transformers.LlamaForCausalLM` (its default attention), untied, same vocab, RoPE theta, eps;
-- cola: the authors' CoLA forward as transcribed in tests/official/cola.py (silu(x @ A) @ B in all
-  seven projections, eager attention);
-- cola_m: that forward split into the authors' CoLA-M checkpoint segments (torch.utils.checkpoint,
-  CoLA@91ff0d1:cola/modeling_colam.py:911-1004): it keeps the block input, the residual and the
-  r-wide silu(x @ A) of every projection; colax's `model.remat=cola_m` keeps x @ A instead.
+Default: per dtype and row, --rounds rounds; each round runs a colax process and a torch process one
+after the other (colax first in even rounds, torch first in odd ones); each process compiles / warms
+up (--warmup steps) then times --steps steps. Printed: every timed step as a JSON line (step_common),
+each process's summary, the load average before and after each row and at the end, then the table:
+per side the median step over all rounds and the spread between rounds (max / min of the rounds'
+medians), colax / torch speed (torch's median step over colax's), CoLA (CoLA-M) / full-rank within
+colax, and one JSON line with all of it ({"table": [...]}).
 
-Both take uniform random tokens, the summed-then-averaged token cross-entropy, global-norm clipping at
-the preset's `optim.grad_clip` and AdamW at the preset's lr, betas, eps and weight decay. float32:
-parameters and compute in fp32; bfloat16: pure bf16 (colax param_dtype and dtype bfloat16, torch
-`model.to(bfloat16)`), the paper's mode. Per dtype every row's two steps are compiled/warmed up
-(--warmup steps, not timed), then timed in turn, colax and torch of each row (--steps steps of each
-per round, --rounds rounds); tok/s is batch x seq_len over the median step time. Ratios: colax /
-torch per row, and CoLA (and CoLA-M) / full-rank within colax at the same dtype, both from steps
-timed in the same rounds. glibc's malloc is set as train.py sets it (`colax.host`, for both sides:
-they share the process; COLAX_MALLOC=system leaves it). Needs torch and transformers (the
-`parity` extra); without them only colax's column is printed. Nothing here is asserted: CPU timing
-is in no test (docs/cpu_performance.md has the measured tables).
+Diagnostics, to take the differences apart: --torch_malloc colax (colax.host's malloc setting in the
+torch process), --torch_attention eager|sdpa, --torch_threads N, and --same_process: the old mode,
+both sides in this one process (colax.host's malloc for both, torch after XLA's threads have
+started), every row's two steps of a dtype warmed up, then timed in turn for --rounds rounds.
+
+Needs torch and transformers (the `parity` extra); without them only colax's column is printed.
+Nothing here is asserted: CPU timing is in no test (docs/cpu_performance.md has the measured tables).
 """
 
 import argparse
 import ast
+import importlib.metadata
 import importlib.util
-import math
+import json
 import os
-import platform
 import statistics
+import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
 
+import step_common
 from colax import config, convert, host, loop, sharding, state, trainer
 from colax import model as model_lib
 
 ROWS = {"llama": ("llama", "none"), "cola": ("cola", "none"), "cola_m": ("cola", "cola_m")}  # kind, remat
+HERE = Path(__file__).resolve().parent
 HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from official import cola as official_cola  # noqa: E402 (the authors' CoLA forward, transcribed; torch is passed in)
 
 
 def parse(argv):
-    """(args, [(dotted key, value)]): `--config.a.b=v` pairs are applied to every colax config last."""
+    """(args, [(dotted key, value)]): `--config.a.b=v` pairs are applied to every colax config last
+    (args.config keeps them as given, for the child processes)."""
     p = argparse.ArgumentParser(prog="python benchmarks/cpu_step.py", description=__doc__.split("\n")[0])
     p.add_argument("--size", default="60m", choices=list(config.SIZES))
     p.add_argument("--batch", type=int, default=8, help="sequences per step (one micro-batch)")
     p.add_argument("--seq_len", type=int, default=256)
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each side per row (after compiling)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each side per process (after compiling)")
     p.add_argument("--steps", type=int, default=5, help="timed steps of each side per round")
-    p.add_argument("--rounds", type=int, default=2, help="A B A B rounds per row")
+    p.add_argument("--rounds", type=int, default=2, help="A B / B A rounds per row")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated, of float32, bfloat16")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     p.add_argument("--no_torch", action="store_true", help="time colax only")
+    p.add_argument("--torch_threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
+    p.add_argument("--torch_malloc", default="system", choices=["system", "colax"],
+                   help="the torch process's glibc malloc: untouched, or colax.host's (a diagnostic)")
+    p.add_argument("--torch_attention", choices=step_common.ATTENTION, help="default: the model's (sdpa)")
+    p.add_argument("--cola_repo", help="a clone of alvin-zyl/CoLA: torch times the authors' model classes")
+    p.add_argument("--same_process", action="store_true", help="diagnostic: both sides in this process")
+    p.add_argument("--spec", action="store_true", help="print the first row's torch_step spec as JSON and exit")
+    p.add_argument("--child", action="store_true", help="(internal) time colax's first row in this process")
+    p.add_argument("--weights_out", help="(internal, --child) write the initial weights here as .npz")
     args, rest = p.parse_known_args(argv)
     overrides = []
     for item in rest:
@@ -76,6 +95,7 @@ def parse(argv):
         except (ValueError, SyntaxError):
             pass
         overrides.append((key, value))
+    args.config = rest
     return args, overrides
 
 
@@ -96,9 +116,13 @@ def colax_config(name, size, dtype, batch, seq_len, overrides):
     return cfg
 
 
-def random_tokens(vocab, batch, seq_len, seed=0):
-    """Uniform random int32 [batch, seq_len + 1] (inputs are [:, :-1], targets [:, 1:])."""
-    return np.random.default_rng(seed).integers(0, vocab, (batch, seq_len + 1), dtype=np.int32)
+def spec(cfg):
+    """The sizes and recipe torch_step builds its model and optimizer from (JSON-able)."""
+    m, o = cfg.model, cfg.optim
+    return dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                num_layers=m.num_layers, num_heads=m.num_heads, rank=m.rank, only_lr_act=m.only_lr_act,
+                norm_eps=m.norm_eps, rope_theta=m.rope_theta, dtype=m.dtype, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
+                weight_decay=o.weight_decay, grad_clip=o.grad_clip)
 
 
 def colax_step(cfg, tokens):
@@ -121,155 +145,189 @@ def colax_step(cfg, tokens):
     return run, initial
 
 
-def torch_forward(torch, name, m, tensors):
-    """(forward: int64 [B, T] -> logits [B, T, V], parameters) of row `name` in torch, with colax's
-    initial weights `tensors` (`convert.to_tensors`, the authors' / Hugging Face names)."""
-    if name == "llama":
-        import transformers
-
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-            num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads,
-            rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=False))
-        hf.load_state_dict(tensors, strict=False)  # the rotary inv_freq buffer is not a weight
-        return lambda tokens: hf(input_ids=tokens).logits, list(hf.parameters())
-    forward = official_cola.forward if name == "cola" else cola_m_forward
-    return (lambda tokens: forward(torch, tensors, tokens, m.num_layers, m.num_heads, m.only_lr_act,
-                                   eps=m.norm_eps, theta=m.rope_theta)), list(tensors.values())
+def torch_tensors(name, params):
+    """colax's `params` as the torch side's float32 state dict (the authors' / Hugging Face names)."""
+    fmt = "llama" if name == "llama" else "cola"
+    return {k: np.array(v, np.float32) for k, v in convert.to_tensors(params, fmt).items()}
 
 
-def cola_m_forward(torch, w, tokens, num_layers, num_heads, only_lr_act, eps, theta):
-    """CoLA-M as the authors run it (CoLA@91ff0d1:cola/modeling_colam.py:911-1004): each block in
-    torch.utils.checkpoint segments cut at the r-wide silu(x @ A) of its projections, so the backward
-    keeps those, the block input and the residual; the same logits as `official_cola.forward`."""
-    from torch.utils.checkpoint import checkpoint
-
-    down = lambda h, p, key: official_cola.cola_down(torch, h, w, f"{p}.{key}")
-    up = lambda h, p, key: official_cola.cola_up(torch, h, w, f"{p}.{key}")
-    attn, mlp = official_cola.ATTN, official_cola.MLP
-    segment = lambda fn, *args: checkpoint(fn, *args, preserve_rng_state=False, use_reentrant=True)
-    x, hd = w["model.embed_tokens.weight"][tokens], None
-    for i in range(num_layers):
-        p = f"model.layers.{i}"
-
-        def pre_attn(hd, residual, p=p, last=f"model.layers.{i - 1}"):  # :911-944
-            x = residual if hd is None else up(hd, last, mlp["down"]) + residual
-            h = official_cola.rms_norm(torch, x, w[f"{p}.input_layernorm.weight"], eps)
-            return (*(down(h, p, attn[k]) for k in "qkv"), x)
-
-        def self_attn(hq, hk, hv, p=p):  # :947-962 with the o projection's A (CoLAMSelfAttn)
-            q, k, v = up(hq, p, attn["q"]), up(hk, p, attn["k"]), up(hv, p, attn["v"])
-            return down(official_cola.causal_attention(torch, q, k, v, num_heads, theta), p, attn["o"])
-
-        def pre_mlp(ho, residual, p=p):  # :966-980
-            x = up(ho, p, attn["o"]) + residual
-            h = official_cola.rms_norm(torch, x, w[f"{p}.post_attention_layernorm.weight"], eps)
-            return down(h, p, mlp["gate"]), down(h, p, mlp["up"]), x
-
-        def self_mlp(hg, hu, p=p):  # :983-988 (CoLAMSelfMLP)
-            gate, val = up(hg, p, mlp["gate"]), up(hu, p, mlp["up"])
-            gate = gate if only_lr_act else torch.nn.functional.silu(gate)
-            return down(gate * val, p, mlp["down"])
-
-        hq, hk, hv, x = segment(pre_attn, hd, x)
-        hg, hu, x = segment(pre_mlp, segment(self_attn, hq, hk, hv), x)
-        hd = segment(self_mlp, hg, hu)
-    x = segment(lambda hd, residual: up(hd, f"model.layers.{num_layers - 1}", mlp["down"]) + residual, hd, x)  # :990-1004
-    x = official_cola.rms_norm(torch, x, w["model.norm.weight"], eps)
-    return x @ w["lm_head.weight"].T
+def colax_child(args, overrides):
+    """This process times colax's step of the first of --rows at the first of --dtypes (one side
+    of one round): step_common's JSON lines; --weights_out gets the initial weights first."""
+    kept = host.reuse_freed_memory()  # before the first step starts JAX's threads, as train.py
+    name, dtype = args.rows.split(",")[0], args.dtypes.split(",")[0]
+    cfg = colax_config(name, args.size, dtype, args.batch, args.seq_len, overrides)
+    tokens = step_common.random_tokens(cfg.model.vocab_size, args.batch, args.seq_len)
+    run, params = colax_step(cfg, tokens)
+    if args.weights_out and not os.path.exists(args.weights_out):
+        partial = f"{args.weights_out}.partial.npz"
+        np.savez(partial, **torch_tensors(name, params))
+        os.replace(partial, args.weights_out)
+    settings = dict(threads=os.cpu_count(), jax=jax.__version__, malloc="colax.host" if kept else "system",
+                    xla_flags=os.environ.get("XLA_FLAGS", ""))
+    step_common.report(run, args.warmup, args.steps, dict(side="colax", row=name, dtype=dtype), settings)
 
 
-def torch_step(name, cfg, tokens, params):
-    """A function running one PyTorch training step of row `name` at `cfg`'s sizes and recipe,
-    starting from colax's initial `params`."""
-    import torch
-
-    m, o = cfg.model, cfg.optim
-    dtype = getattr(torch, m.dtype)
-    tensors = {k: torch.from_numpy(np.array(v, np.float32)).to(dtype).requires_grad_()
-               for k, v in convert.to_tensors(params, "llama" if name == "llama" else "cola").items()}
-    forward, parameters = torch_forward(torch, name, m, tensors)
-    opt = torch.optim.AdamW(parameters, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
-    inputs, targets = (torch.from_numpy(t.astype(np.int64)) for t in (tokens[:, :-1], tokens[:, 1:]))
-
-    def run():
-        loss = torch.nn.functional.cross_entropy(forward(inputs).float().flatten(0, 1), targets.flatten())
-        loss.backward()
-        if o.grad_clip:
-            torch.nn.utils.clip_grad_norm_(parameters, o.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return run
+def run_child(cmd, label, extra):
+    """Runs one timing process; re-prints its JSON lines with `extra` ({"round": r}) added and returns
+    its summary. A process that fails stops the benchmark naming `label`."""
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{label}: the timing process exited with {proc.returncode}")
+    summary = None
+    for line in proc.stdout.splitlines():
+        record = dict(json.loads(line), **extra) if line.startswith("{") else None
+        if record is None:
+            continue
+        step_common.emit(record)
+        summary = record if record.get("summary") else summary
+    return summary
 
 
-def interleaved(sides, warmup, steps, rounds):
-    """{side: median seconds per step}: each side's `warmup` untimed steps, then `rounds` rounds of
-    `steps` timed steps of each side in turn."""
-    for run in sides.values():
-        for _ in range(warmup):
-            run()
-    times = {k: [] for k in sides}
-    for _ in range(rounds):
-        for k, run in sides.items():
-            for _ in range(steps):
-                start = time.perf_counter()
-                loss = run()
-                times[k].append(time.perf_counter() - start)
-                if not math.isfinite(loss):
-                    raise SystemExit(f"{' '.join(k) if isinstance(k, tuple) else k}: non-finite loss {loss}")
-    return {k: statistics.median(v) for k, v in times.items()}
+def child_commands(args, name, dtype, cfg, weights):
+    """{side: the command line of one process timing that side of row `name` at `dtype`}."""
+    common = ["--batch", str(args.batch), "--seq_len", str(args.seq_len), "--warmup", str(args.warmup),
+              "--steps", str(args.steps)]
+    colax = [sys.executable, str(HERE / "cpu_step.py"), "--child", "--rows", name, "--dtypes", dtype,
+             "--size", args.size, *common, *args.config]
+    if args.no_torch:
+        return {"colax": colax}
+    torch = [sys.executable, str(HERE / "torch_step.py"), "--row", name, "--dtype", dtype, *common,
+             "--threads", str(args.torch_threads), "--malloc", args.torch_malloc, "--spec", json.dumps(spec(cfg))]
+    torch += ["--attention", args.torch_attention] if args.torch_attention else []
+    torch += ["--cola_repo", args.cola_repo] if args.cola_repo else []
+    if not (args.cola_repo and name == "cola_m"):  # the authors' CoLA-M takes its own init
+        colax += ["--weights_out", weights]
+        torch += ["--weights", weights]
+    return {"colax": colax, "torch": torch}
 
 
-def cpu_name():
-    """The CPU's model name (/proc/cpuinfo), or the machine type where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
+def separate(args, overrides):
+    """The default mode: {(row, dtype): row record} of every row and dtype, each side timed in
+    processes of its own, in rounds of alternating order."""
+    table = {}
+    with tempfile.TemporaryDirectory(prefix="cpu_step-") as tmp:
+        for dtype in args.dtypes.split(","):
+            for name in args.rows.split(","):
+                cfg = colax_config(name, args.size, dtype, args.batch, args.seq_len, overrides)
+                commands = child_commands(args, name, dtype, cfg, os.path.join(tmp, f"{name}-{dtype}.npz"))
+                load_before = step_common.load_average()
+                step_common.emit(dict(row=name, dtype=dtype, load_before=load_before))
+                summaries = {side: [] for side in commands}
+                for r in range(args.rounds):
+                    for side in sorted(commands, reverse=r % 2 == 1):  # colax, torch; then torch, colax
+                        summary = run_child(commands[side], f"{name} {dtype} {side}", dict(round=r))
+                        summaries[side].append(summary)
+                table[name, dtype] = row_record(name, dtype, summaries, load_before, step_common.load_average())
+                step_common.emit(dict(row=name, dtype=dtype, load_after=table[name, dtype]["load_after"]))
+    return table
+
+
+def row_record(name, dtype, summaries, load_before, load_after):
+    """A row's figures from its processes' summaries ({side: [summary of each round]}): per side the
+    median step over all its samples, the rounds' medians and their spread (max / min), the first loss."""
+    record = dict(row=name, dtype=dtype, load_before=load_before, load_after=load_after)
+    for side, rounds in summaries.items():
+        medians = [s["median"] for s in rounds]
+        record[side] = dict(median=statistics.median(x for s in rounds for x in s["samples"]), round_medians=medians,
+                            spread=max(medians) / min(medians), first_loss=rounds[0]["first_loss"],
+                            settings={k: v for k, v in rounds[0].items() if k not in RECORD_KEYS})
+    return record
+
+
+RECORD_KEYS = {"side", "row", "dtype", "summary", "samples", "median", "first_loss", "round"}
+
+
+def same_process(args, overrides):
+    """The diagnostic mode: {(row, dtype): row record}, both sides' steps built in this process,
+    every row's of a dtype warmed up, then timed in turn for --rounds rounds."""
+    import torch_step  # torch, in this mode only: the colax processes of the default mode load none
+
+    use_torch = not args.no_torch
+    table = {}
+    for dtype in args.dtypes.split(","):
+        sides = {}  # every row's steps of this dtype, timed in turn (ratios between rows interleaved too)
+        for name in args.rows.split(","):
+            cfg = colax_config(name, args.size, dtype, args.batch, args.seq_len, overrides)
+            tokens = step_common.random_tokens(cfg.model.vocab_size, args.batch, args.seq_len)
+            sides[name, "colax"], params = colax_step(cfg, tokens)
+            if use_torch:
+                sides[name, "torch"], _ = torch_step.training_step(
+                    name, spec(cfg), tokens, torch_step.tensors(torch_tensors(name, params)), args.torch_attention)
+        load_before = step_common.load_average()
+        summaries = interleaved(sides, dtype, args.warmup, args.steps, args.rounds)
+        load_after = step_common.load_average()
+        for name in args.rows.split(","):
+            table[name, dtype] = row_record(name, dtype, {side: summaries[name, side] for side in ("colax", "torch")
+                                                          if (name, side) in summaries}, load_before, load_after)
+    return table
+
+
+def interleaved(sides, dtype, warmup, steps, rounds):
+    """{(row, side): [a summary per round]} of `sides` {(row, side): step function} at `dtype`: each
+    side's `warmup` untimed steps, then `rounds` rounds of `steps` timed steps of each side in turn;
+    every timed step printed."""
+    firsts = {k: step_common.timed_steps(run, warmup, 0, " ".join(k))[0] for k, run in sides.items()}
+    out = {k: [] for k in sides}
+    for r in range(rounds):
+        for (name, side), run in sides.items():
+            first, samples = step_common.timed_steps(run, 0, steps, f"{name} {side}")
+            for i, (seconds, loss) in enumerate(samples):
+                step_common.emit(dict(side=side, row=name, dtype=dtype, round=r, step=i, seconds=seconds, loss=loss))
+            times = [seconds for seconds, _ in samples]
+            out[name, side].append(dict(samples=times, median=statistics.median(times),
+                                        first_loss=firsts[name, side] if firsts[name, side] is not None else first))
+    return out
 
 
 def fmt(x, spec):
     return format(x, spec) if x is not None else "n/a"
 
 
+def print_table(table, tokens_per_step):
+    """The table of `table`'s rows: s/step and tok/s per side, the ratios, the spreads, the load."""
+    print(f"{'model':<8} {'dtype':<9} {'colax s':>8} {'torch s':>8} {'colax tok/s':>11} {'torch tok/s':>11} "
+          f"{'colax/torch':>11} {'x full-rank':>11} {'spread c/t':>11} {'load before/after':>18}")
+    out = []
+    for (name, dtype), rec in table.items():
+        colax, torch = rec["colax"], rec.get("torch")
+        full = table.get(("llama", dtype))
+        rec["colax_over_torch"] = torch["median"] / colax["median"] if torch else None
+        rec["over_full_rank"] = full["colax"]["median"] / colax["median"] if full and name != "llama" else None
+        torch_tps = torch and tokens_per_step / torch["median"]
+        print(f"{name:<8} {dtype:<9} {colax['median']:>8.3f} {fmt(torch and torch['median'], '>8.3f')} "
+              f"{tokens_per_step / colax['median']:>11.0f} {fmt(torch_tps, '>11.0f')} "
+              f"{fmt(rec['colax_over_torch'], '>11.2f')} {fmt(rec['over_full_rank'], '>11.2f')} "
+              f"{colax['spread']:>5.2f}/{fmt(torch and torch['spread'], '<5.2f')} "
+              f"{rec['load_before'][0]:>8.2f}/{rec['load_after'][0]:<8.2f}", flush=True)
+        out.append(rec)
+    step_common.emit(dict(table=out))
+
+
 def main(argv=None):
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
-    kept = host.reuse_freed_memory()  # before the first step starts JAX's threads; torch shares the process
-    use_torch = HAS_TORCH and not args.no_torch
+    if args.spec:
+        name, dtype = args.rows.split(",")[0], args.dtypes.split(",")[0]
+        return print(json.dumps(spec(colax_config(name, args.size, dtype, args.batch, args.seq_len, overrides))))
+    if args.child:
+        return colax_child(args, overrides)
     if not HAS_TORCH and not args.no_torch:
         print("torch/transformers not installed (pip install -e '.[parity]'): timing colax only")
-    if use_torch:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    tokens_per_step = args.batch * args.seq_len
-    load = os.getloadavg()
-    print(f"{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}"
-          + (f", torch {torch.__version__} ({args.threads} threads)" if use_torch else "")
+        args.no_torch = True
+    kept = host.reuse_freed_memory() if args.same_process else None  # before this process's first step
+    torch_version = "" if args.no_torch else importlib.metadata.version("torch")
+    load = step_common.load_average()
+    mode = (f"same process, malloc: {'colax.host' if kept else 'system'}" if args.same_process else
+            f"separate processes (colax's malloc: train.py's setting; torch's: {args.torch_malloc})")
+    print(f"{step_common.cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}"
+          + (f", torch {torch_version} ({args.torch_threads} threads, attention {args.torch_attention or 'default'}"
+             f"{', authors: ' + args.cola_repo if args.cola_repo else ''})" if not args.no_torch else "")
           + f"; {args.size}, {args.batch} x {args.seq_len} tokens, median of {args.steps} x {args.rounds} steps "
-          f"after {args.warmup}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; malloc: {'colax.host' if kept else 'system'}", flush=True)
-    print(f"{'model':<8} {'dtype':<9} {'colax tok/s':>11} {'torch tok/s':>11} {'colax/torch':>11} "
-          f"{'x full-rank':>11}", flush=True)
-    rows = args.rows.split(",")
-    for dtype in args.dtypes.split(","):
-        sides = {}  # every row's steps of this dtype, timed in turn (ratios between rows interleaved too)
-        for name in rows:
-            cfg = colax_config(name, args.size, dtype, args.batch, args.seq_len, overrides)
-            tokens = random_tokens(cfg.model.vocab_size, args.batch, args.seq_len)
-            sides[name, "colax"], params = colax_step(cfg, tokens)
-            if use_torch:
-                sides[name, "torch"] = torch_step(name, cfg, tokens, params)
-        tps = {k: tokens_per_step / s for k, s in interleaved(sides, args.warmup, args.steps, args.rounds).items()}
-        for name in rows:
-            ratio = tps[name, "colax"] / tps[name, "torch"] if use_torch else None
-            vs_full = tps[name, "colax"] / tps["llama", "colax"] if "llama" in rows and name != "llama" else None
-            print(f"{name:<8} {dtype:<9} {tps[name, 'colax']:>11.0f} {fmt(tps.get((name, 'torch')), '>11.0f')} "
-                  f"{fmt(ratio, '>11.2f')} {fmt(vs_full, '>11.2f')}", flush=True)
-    load = os.getloadavg()
+          f"after {args.warmup}; {mode}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+    table = (same_process if args.same_process else separate)(args, overrides)
+    print_table(table, args.batch * args.seq_len)
+    load = step_common.load_average()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 

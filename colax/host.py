@@ -9,8 +9,8 @@ trimmed, so the next step reuses the same pages: no faults, at the cost of a res
 at its peak (+1.7 GiB, 3.3 -> 5.1 GiB, for that step).
 
 It must run before the JAX backend starts its threads (a thread that already has its own malloc arena
-keeps it); train.py, `python -m colax.evaluate`, `python -m colax.generate`,
-benchmarks/cpu_step.py and the notebooks' setup cell call it first thing. It does nothing off
+keeps it); train.py, `python -m colax.evaluate`, `python -m colax.generate`, benchmarks/cpu_step.py
+(its colax processes) and the notebooks' setup cell call it first thing. It does nothing off
 Linux/glibc, where an accelerator plugin (CUDA, ROCm; libtpu only where a TPU chip is attached: the
 `tpu` extra installs it on CPU machines to compile for TPU topologies) is installed and JAX_PLATFORMS
 does not select the CPU, or where the environment variable COLAX_MALLOC is "system". Where libtpu is

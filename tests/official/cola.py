@@ -1,7 +1,7 @@
 """CoLA's LLaMA forward as the authors' code computes it, in torch (the `parity` extra).
 
 Transcribed from alvin-zyl/CoLA@91ff0d10809181c6ca430a596c18aea3590cbd24 (cited as `CoLA@91ff0d1:path:line`):
-`cola/cola_layer.py` (the projection) and `cola/modeling_cola.py` (the eager attention path, the
+`cola/cola_layer.py` (the projection) and `cola/modeling_cola.py` (the attention, eager or sdpa, the
 decoder layer and the causal LM). Weights are a dict keyed as the authors' state dict
 (`model.layers.{i}.self_attn.q_proj.cola_a` ...), which `colax.convert.to_tensors(params, "cola")`
 writes. No biases (`attention_bias = mlp_bias = False`, CoLA@91ff0d1:cola/configuration_cola.py:29-31),
@@ -64,19 +64,28 @@ def rope(torch, q, k, head_dim, seq_len, theta):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # :228-229
 
 
-def attention(torch, h, w, prefix, num_heads, theta):
-    """ColaAttention.forward, eager path (CoLA@91ff0d1:cola/modeling_cola.py:362-429), causal mask."""
+def attention(torch, h, w, prefix, num_heads, theta, kernel="eager"):
+    """ColaAttention.forward (CoLA@91ff0d1:cola/modeling_cola.py:362-429, eager; ColaSdpaAttention,
+    :571-679, sdpa), causal mask."""
     q, k, v = (cola_layer(torch, h, w, f"{prefix}.{ATTN[p]}") for p in ("q", "k", "v"))  # :367-369
-    return cola_layer(torch, causal_attention(torch, q, k, v, num_heads, theta), w, f"{prefix}.{ATTN['o']}")  # :429
+    heads = causal_attention(torch, q, k, v, num_heads, theta, kernel)
+    return cola_layer(torch, heads, w, f"{prefix}.{ATTN['o']}")  # :429
 
 
-def causal_attention(torch, q, k, v, num_heads, theta):
-    """The heads of ColaAttention.forward between its projections, eager path (CoLA@91ff0d1:
-    cola/modeling_cola.py:371-428): q, k, v [B, T, D] -> [B, T, D]."""
+def causal_attention(torch, q, k, v, num_heads, theta, kernel="eager"):
+    """The heads of ColaAttention.forward between its projections (CoLA@91ff0d1:cola/modeling_cola.py:
+    371-428): q, k, v [B, T, D] -> [B, T, D]. kernel "eager": the explicit softmax of ColaAttention;
+    "sdpa": ColaSdpaAttention's torch.nn.functional.scaled_dot_product_attention with is_causal
+    (:663-672; no mask reaches it, :1104-1115), the class the authors' models get by default:
+    `LLAMA_ATTENTION_CLASSES[config._attn_implementation]` (:682-694), which transformers'
+    PreTrainedModel sets to "sdpa" for a model with `_supports_sdpa = True` (:805)."""
     bsz, q_len, hidden = q.shape
     head_dim = hidden // num_heads  # :309
     q, k, v = (t.view(bsz, q_len, num_heads, head_dim).transpose(1, 2) for t in (q, k, v))  # :371-379
     q, k = rope(torch, q, k, head_dim, q_len, theta)  # :388-393
+    if kernel == "sdpa":
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # :665-672
+        return out.transpose(1, 2).reshape(bsz, q_len, -1)  # :674-675
     scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)  # :404-406
     mask = torch.full((q_len, q_len), float("-inf")).triu(1)  # the causal mask added at :408-410
     probs = torch.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)  # :413-415
@@ -92,17 +101,18 @@ def mlp(torch, h, w, prefix, only_lr_act):
     return cola_layer(torch, gate * up, w, f"{prefix}.{MLP['down']}")  # :269-273
 
 
-def forward(torch, w, tokens, num_layers, num_heads, only_lr_act, eps=1e-6, theta=10000.0):
+def forward(torch, w, tokens, num_layers, num_heads, only_lr_act, eps=1e-6, theta=10000.0, kernel="eager"):
     """ColaForCausalLM logits (CoLA@91ff0d1:cola/modeling_cola.py): tokens int64 [B, T] -> [B, T, V].
 
     Embedding (:978), decoder layers (:742-764: pre-norm attention and MLP, each added to the
     residual), final norm (:1060), untied lm_head (:1233, :1347; tie_word_embeddings=False,
-    configuration_cola.py:26). eps: rms_norm_eps of cola_configs/*.json (1e-06)."""
+    configuration_cola.py:26). eps: rms_norm_eps of cola_configs/*.json (1e-06). kernel: the
+    attention's, as `causal_attention`."""
     x = w["model.embed_tokens.weight"][tokens]
     for i in range(num_layers):
         p = f"model.layers.{i}"
         h = rms_norm(torch, x, w[f"{p}.input_layernorm.weight"], eps)  # :744
-        x = x + attention(torch, h, w, p, num_heads, theta)  # :747-758
+        x = x + attention(torch, h, w, p, num_heads, theta, kernel)  # :747-758
         h = rms_norm(torch, x, w[f"{p}.post_attention_layernorm.weight"], eps)  # :762
         x = x + mlp(torch, h, w, p, only_lr_act)  # :763-764
     x = rms_norm(torch, x, w["model.norm.weight"], eps)
