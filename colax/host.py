@@ -59,7 +59,9 @@ def _skip_idle_libtpu():
     2 s, and five lines of its warnings on stderr) before running on the CPU. Returns whether it did."""
     if os.environ.get("JAX_PLATFORMS") or _plugins() != {"libtpu"} or _tpu_attached():
         return False
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["JAX_PLATFORMS"] = "cpu"  # the processes this one starts
+    # this one: jax (imported by _tpu_attached) read the variable at its import; no backend started yet
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
     return True
 
 

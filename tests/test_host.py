@@ -15,6 +15,7 @@ import subprocess
 import sys
 import types
 
+import jax
 import pytest
 
 from colax import host
@@ -101,5 +102,22 @@ def test_an_idle_libtpu_is_not_started(monkeypatch, plugins, tpu_chips, platform
     monkeypatch.setattr(host.importlib.metadata, "distributions",
                         lambda: [types.SimpleNamespace(metadata={"Name": p}) for p in plugins])
     monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (tpu_chips, None))
-    assert host._skip_idle_libtpu() is (expected == "cpu" and platforms is None)
-    assert os.environ.get("JAX_PLATFORMS") == expected
+    before = jax.config.jax_platforms
+    try:
+        assert host._skip_idle_libtpu() is (expected == "cpu" and platforms is None)
+        assert os.environ.get("JAX_PLATFORMS") == expected
+        assert jax.config.jax_platforms == ("cpu" if expected == "cpu" and platforms is None else before)
+    finally:
+        jax.config.update("jax_platforms", before)
+
+
+def test_a_process_with_an_idle_libtpu_starts_on_the_cpu_quietly():
+    """A real process on this machine, JAX_PLATFORMS unset: after `reuse_freed_memory` (as train.py calls
+    it, before jax is imported) jax runs on the CPU without starting libtpu (no word of it on stderr)."""
+    if host._plugins() != {"libtpu"} or host._tpu_attached():
+        pytest.skip("needs libtpu (the tpu extra) as the only accelerator plugin and no TPU chip")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    code = "from colax import host; host.reuse_freed_memory(); import jax; print(jax.devices()[0].platform)"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "cpu", r.stderr
+    assert "tpu" not in r.stderr.lower(), r.stderr
