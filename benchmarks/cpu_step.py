@@ -241,9 +241,9 @@ RECORD_KEYS = {"side", "row", "dtype", "summary", "samples", "median", "first_lo
 def same_process(args, overrides):
     """The diagnostic mode: {(row, dtype): row record}, both sides' steps built in this process,
     every row's of a dtype warmed up, then timed in turn for --rounds rounds."""
-    import torch_step  # torch, in this mode only: the colax processes of the default mode load none
-
     use_torch = not args.no_torch
+    # torch, in this mode only and where it is timed: the colax processes of the default mode load none
+    torch_step = importlib.import_module("torch_step") if use_torch else None
     table = {}
     for dtype in args.dtypes.split(","):
         sides = {}  # every row's steps of this dtype, timed in turn (ratios between rows interleaved too)

@@ -131,6 +131,7 @@ def test_separate_processes_alternate_and_report(capsys, monkeypatch):
     """The default mode runs a colax and a torch process per round, colax first in even rounds and
     torch first in odd ones, and reports per side the median over all samples, the rounds' medians,
     their spread, colax / torch and x full-rank, and the load before and after every row."""
+    authors_package("torch")  # the children are fakes, but without torch the mode times colax only
     monkeypatch.setattr(cpu_step, "run_child", fake_summary)
     ORDER.clear()
     cpu_step.main([*TINY_ARGS, "--rows", "llama,cola", "--dtypes", "float32", "--rounds", "2"])
