@@ -84,6 +84,7 @@ def test_libtpu_counts_only_with_a_tpu_attached(monkeypatch, plugin, tpu_chips, 
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
     monkeypatch.setattr(host.importlib.metadata, "distributions",
                         lambda: [types.SimpleNamespace(metadata={"Name": plugin})])
+    host._plugins.cache_clear()  # listed once per process: list the patched ones
     monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (tpu_chips, None))
     assert host._cpu_backend() is expected
 
@@ -101,6 +102,7 @@ def test_an_idle_libtpu_is_not_started(monkeypatch, plugins, tpu_chips, platform
         monkeypatch.delenv("JAX_PLATFORMS")
     monkeypatch.setattr(host.importlib.metadata, "distributions",
                         lambda: [types.SimpleNamespace(metadata={"Name": p}) for p in plugins])
+    host._plugins.cache_clear()  # listed once per process: list the patched ones
     monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (tpu_chips, None))
     before = jax.config.jax_platforms
     try:
@@ -121,3 +123,10 @@ def test_a_process_with_an_idle_libtpu_starts_on_the_cpu_quietly():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "cpu", r.stderr
     assert "tpu" not in r.stderr.lower(), r.stderr
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugin_list():
+    """Each test lists the installed plugins anew, and leaves no patched list behind."""
+    yield
+    host._plugins.cache_clear()
