@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -114,12 +115,20 @@ def quiet_library_logs():
     """Unless the command line set -v/--verbosity: library logs (absl, jax's backend probing, orbax)
     at ERROR only, so a CLI prints colax's own lines. Call it in a CLI's main, after flag parsing.
     Always: the "Event loop is closed" and "exception was never retrieved" errors of a failed async
-    save are not printed (`_QuietUnraisable`; asyncio's logger), the save's own error is."""
+    save and the "coroutine ... was never awaited" warnings of its abandoned orbax writes (printed at
+    exit) are not printed (`_QuietUnraisable`; asyncio's logger; a warnings filter), the save's own
+    error is."""
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.ERROR)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message=_ABANDONED_WRITE, category=RuntimeWarning)
     if not isinstance(sys.unraisablehook, _QuietUnraisable):
         sys.unraisablehook = _QuietUnraisable(sys.unraisablehook)
+
+
+# orbax's serializer coroutines (`_src/serialization/serialization.py`: async_serialize,
+# async_serialize_from_host and its write_fragment) that a failed save leaves unawaited.
+_ABANDONED_WRITE = r"coroutine 'async_serialize[^']*' was never awaited"
 
 
 class _QuietUnraisable:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 from unittest import mock
 
 import etils.epath.gpath
@@ -645,8 +646,12 @@ def test_the_noise_of_a_failed_async_save_is_dropped_and_its_cause_reads_as_the_
     try:
         seen = []
         sys.unraisablehook = seen.append
-        errors.quiet_library_logs()
-        errors.quiet_library_logs()  # a second call does not stack another hook
+        with warnings.catch_warnings(record=True) as warned:
+            errors.quiet_library_logs()
+            errors.quiet_library_logs()  # a second call does not stack another hook
+            for name in ("async_serialize_from_host.<locals>.write_fragment", "async_serialize", "train_step"):
+                warnings.warn(f"coroutine '{name}' was never awaited", RuntimeWarning)
+        assert [str(w.message) for w in warned] == ["coroutine 'train_step' was never awaited"]
         for e in (RuntimeError("Event loop is closed"), RuntimeError("another"), ValueError("Event loop is closed")):
             sys.unraisablehook(types.SimpleNamespace(exc_value=e))
         assert [str(u.exc_value) for u in seen] == ["another", "Event loop is closed"]
