@@ -17,8 +17,12 @@ from conftest import authors_package
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+import cpu_gemm  # noqa: E402
 import cpu_step  # noqa: E402
+import gemm_side  # noqa: E402
 import step_common  # noqa: E402
+from colax import config  # noqa: E402
+from colax import model as model_lib  # noqa: E402
 
 TINY = dict(size="tiny", dtype="float32", batch=2, seq_len=16, overrides=[])
 TINY_ARGS = ["--size", "tiny", "--batch", "2", "--seq_len", "16", "--warmup", "1", "--steps", "1"]
@@ -166,3 +170,26 @@ def test_a_non_finite_loss_names_the_row_and_side():
     sides = {("cola", "colax"): lambda: 1.0, ("cola", "torch"): lambda: math.nan}
     with pytest.raises(SystemExit, match=r"^cola torch: non-finite loss nan$"):
         cpu_step.interleaved(sides, "float32", warmup=0, steps=1, rounds=1)
+
+
+@pytest.mark.parametrize("row", cpu_gemm.ROWS)
+def test_the_gemm_floor_counts_every_projection_and_lm_head_flop_once(row):
+    """benchmarks/cpu_gemm.py's products, three GEMMs of 2 FLOPs per weight entry and token each, are
+    the model's analytic training FLOPs less attention's (colax.model.flops_per_token at seq_len 0):
+    no product left out, none counted twice."""
+    spec = config.validate(config.preset(row, "60m"))
+    gemm = sum(3 * 2 * i * o * count for _, i, o, count in cpu_gemm.products(row, "60m"))
+    assert gemm == model_lib.flops_per_token(spec, 0)["train"]
+
+
+@pytest.mark.parametrize("side", ["xla", "torch"])
+def test_gemm_side_times_the_products_the_step_computes(side):
+    """Each side's three forms are x @ w, dy @ w^T and x^T @ dy (numpy's, float32 to 1e-5)."""
+    if side == "torch":
+        pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x, w, dy = (rng.standard_normal(s, np.float32) for s in ((5, 3), (3, 4), (5, 4)))
+    forms = getattr(gemm_side, f"{side}_forms")(x, w, dy)
+    expected = dict(forward=x @ w, input_grad=dy @ w.T, weight_grad=x.T @ dy)
+    for form in gemm_side.FORMS:
+        np.testing.assert_allclose(np.asarray(forms[form]()), expected[form], rtol=1e-5, atol=1e-5)
