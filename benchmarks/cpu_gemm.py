@@ -20,12 +20,12 @@ JSON line. Timing is in no test.
 import argparse
 import importlib.util
 import json
-import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import step_common
 from gemm_side import FORMS
 from colax import config, host
 from colax.projections.common import projection_shapes
@@ -63,7 +63,7 @@ def main(argv=None):
     host.reuse_freed_memory()  # here for its JAX_PLATFORMS=cpu where an idle libtpu is installed
     shapes = {row: products(row, args.size) for row in args.rows.split(",")}
     every = sorted({s for rows in shapes.values() for s in rows})
-    load_before = os.getloadavg()
+    load_before = step_common.load_average()
     runs = {"xla": [], "torch": []}
     for r in range(args.rounds):
         for side in (("xla", "torch") if r % 2 == 0 else ("torch", "xla")):
@@ -91,7 +91,7 @@ def main(argv=None):
         print(f"  GEMM floor ({flops / 1e9:.0f} GFLOP): xla {floor['xla']:.2f} s ({flops / floor['xla'] / 1e9:.0f} GFLOP/s), "
               f"torch {floor['torch']:.2f} s ({flops / floor['torch'] / 1e9:.0f} GFLOP/s)")
         summary[row] = dict(floor, gflop=flops / 1e9)
-    print(json.dumps({"floor": summary, "load_before": load_before, "load_after": os.getloadavg()}))
+    print(json.dumps({"floor": summary, "load_before": load_before, "load_after": step_common.load_average()}))
 
 
 if __name__ == "__main__":

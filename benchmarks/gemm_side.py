@@ -10,9 +10,10 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import numpy as np
+
+import step_common
 
 FORMS = ("forward", "input_grad", "weight_grad")
 
@@ -41,15 +42,10 @@ def torch_forms(x, w, dy, dtype="float32"):
     return dict(forward=lambda: x @ w, input_grad=lambda: dy @ w.t(), weight_grad=lambda: x.t() @ dy)
 
 
-def median_seconds(fn, repeats):
-    """The median of `repeats` timed calls of fn, after two untimed ones."""
-    fn(), fn()
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
+def median_seconds(fn, repeats, label):
+    """The median seconds of `repeats` timed calls of fn after two untimed ones (`step_common.timed_steps`)."""
+    _, samples = step_common.timed_steps(lambda: (fn(), 0.0)[1], 2, repeats, label)
+    return statistics.median(seconds for seconds, _ in samples)
 
 
 def time_side(side, tokens, shapes, repeats, dtype="float32"):
@@ -61,7 +57,7 @@ def time_side(side, tokens, shapes, repeats, dtype="float32"):
     for name, i, o, _ in shapes:
         forms = make(*(rng.standard_normal(s, np.float32) for s in ((tokens, i), (i, o), (tokens, o))), dtype)
         for form in FORMS:
-            out[f"{name} {form}"] = median_seconds(forms[form], repeats)
+            out[f"{name} {form}"] = median_seconds(forms[form], repeats, f"{side} {name} {form}")
     return out
 
 
